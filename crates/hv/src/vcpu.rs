@@ -1,0 +1,606 @@
+//! vCPUs: boot state, the run loop's exits and the kick that stops a running vCPU.
+
+use std::cell::Cell;
+use std::ptr::null_mut;
+use std::sync::Once;
+
+use kvm_bindings::{
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, Msrs, kvm_fpu,
+    kvm_msr_entry, kvm_regs, kvm_segment,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::cpuid::Cpuid;
+use crate::{Error, Result};
+
+thread_local! {
+    /// The `immediate_exit` byte of the vCPU this thread is running, for the kick signal handler.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(null_mut()) };
+}
+
+/// The signal used to kick a vCPU thread out of `KVM_RUN`.
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int) {
+    // Only async-signal-safe work: a const-initialised thread local and a volatile store.
+    let p = IMMEDIATE_EXIT.with(|c| c.get());
+    if !p.is_null() {
+        // SAFETY: the pointer is set by `Vcpu::run` on this very thread to the `immediate_exit`
+        // byte of the vCPU's `kvm_run` mapping, which lives as long as the `Vcpu`; `Vcpu::drop`
+        // clears it before that mapping goes away.
+        unsafe { std::ptr::write_volatile(p, 1) };
+    }
+}
+
+/// Installs the (process-wide) handler of the vCPU kick signal. [`Vm::create_vcpu`] users call
+/// this once before running vCPUs on their threads; calling it again is harmless.
+///
+/// [`Vm::create_vcpu`]: crate::Vm::create_vcpu
+pub fn install_kick_signal_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; the handler only does
+        // async-signal-safe work. No SA_RESTART, so a blocked KVM_RUN returns EINTR.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = handle_kick as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
+        }
+    });
+}
+
+/// A handle that forces a vCPU thread out of `KVM_RUN` (the run returns [`VmExit::Interrupted`]).
+#[derive(Debug, Clone, Copy)]
+pub struct VcpuKicker {
+    thread: libc::pthread_t,
+}
+
+impl VcpuKicker {
+    /// A kicker for the calling thread; the vCPU must be run on this thread.
+    pub fn for_current_thread() -> Self {
+        // SAFETY: pthread_self has no preconditions.
+        VcpuKicker {
+            thread: unsafe { libc::pthread_self() },
+        }
+    }
+
+    /// Kicks the thread. The thread must not have been joined yet (a finished but unjoined
+    /// thread is fine: its id stays valid).
+    pub fn kick(&self) {
+        // SAFETY: the id names a thread that has not been joined (the caller's contract); the
+        // signal's handler is installed by `install_kick_signal_handler`.
+        unsafe { libc::pthread_kill(self.thread, kick_signal()) };
+    }
+}
+
+/// Why `KVM_RUN` returned.
+#[derive(Debug)]
+pub enum VmExit<'a> {
+    /// The guest read I/O port(s): fill `data` (`count` elements of `size` bytes, one after the
+    /// other) before the next run.
+    IoIn {
+        /// The port.
+        port: u16,
+        /// Bytes per access (1, 2 or 4).
+        size: u8,
+        /// The buffer to fill.
+        data: &'a mut [u8],
+    },
+    /// The guest wrote I/O port(s): `data` holds elements of `size` bytes.
+    IoOut {
+        /// The port.
+        port: u16,
+        /// Bytes per access.
+        size: u8,
+        /// The written bytes.
+        data: &'a [u8],
+    },
+    /// The guest read unbacked memory: fill `data` before the next run.
+    MmioRead {
+        /// Guest-physical address.
+        addr: u64,
+        /// The buffer to fill (1-8 bytes).
+        data: &'a mut [u8],
+    },
+    /// The guest wrote unbacked memory.
+    MmioWrite {
+        /// Guest-physical address.
+        addr: u64,
+        /// The written bytes.
+        data: &'a [u8],
+    },
+    /// The guest executed HLT with no in-kernel LAPIC to wait on it.
+    Hlt,
+    /// Triple fault or similar: the guest is gone (a reset, for a PC).
+    Shutdown,
+    /// The guest asked for a reset through a system event.
+    Reset,
+    /// The guest powered off through a system event (e.g. PSCI/ACPI).
+    PowerOff,
+    /// The guest crashed (system event).
+    Crash,
+    /// KVM could not handle the guest (e.g. an instruction its emulator lacks).
+    InternalError(InternalError),
+    /// The run was interrupted by a signal or a kick; check why and run again or stop.
+    Interrupted,
+    /// VM entry failed.
+    FailEntry {
+        /// The hardware reason.
+        reason: u64,
+    },
+    /// Any other exit, by KVM exit number.
+    Other(u32),
+}
+
+/// The details of `KVM_EXIT_INTERNAL_ERROR`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InternalError {
+    /// `KVM_INTERNAL_ERROR_*` (1 = emulation failure).
+    pub suberror: u32,
+    /// The extra data words KVM gave.
+    pub data: Vec<u64>,
+}
+
+impl InternalError {
+    /// For an emulation failure (suberror 1) with instruction bytes (data[1] low byte = length,
+    /// following bytes = the instruction), those bytes.
+    pub fn insn_bytes(&self) -> Option<Vec<u8>> {
+        if self.suberror != 1 || self.data.len() < 3 {
+            return None;
+        }
+        // data[0] = flags, data[1] low byte = insn size, then up to 15 bytes in data[2..4].
+        let flags = self.data[0];
+        if flags & 1 == 0 {
+            return None; // KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES not set
+        }
+        let len = (self.data[1] & 0xff) as usize;
+        let bytes: Vec<u8> = self.data[2..].iter().flat_map(|w| w.to_le_bytes()).collect();
+        bytes.get(..len.min(15)).map(<[u8]>::to_vec)
+    }
+
+    /// A human description: the suberror's meaning and the instruction bytes if known.
+    pub fn describe(&self) -> String {
+        let kind = match self.suberror {
+            1 => "emulation failure",
+            2 => "simultaneous exceptions",
+            3 => "delivery event",
+            4 => "unexpected exit reason",
+            _ => "unknown suberror",
+        };
+        let mut s = format!("{kind} (suberror {})", self.suberror);
+        if let Some(b) = self.insn_bytes() {
+            let hex: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
+            s.push_str(&format!(", instruction bytes [{}]", hex.join(" ")));
+        } else if !self.data.is_empty() {
+            let hex: Vec<String> = self.data.iter().map(|x| format!("{x:#x}")).collect();
+            s.push_str(&format!(", data [{}]", hex.join(", ")));
+        }
+        s
+    }
+}
+
+/// General-purpose registers.
+#[allow(missing_docs)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Regs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rsp: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub rip: u64,
+    pub rflags: u64,
+}
+
+/// The CPU mode a boot protocol starts the vCPU in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuMode {
+    /// 64-bit long mode with paging (Linux 64-bit boot protocol).
+    Long64,
+    /// 32-bit protected mode, paging off (PVH).
+    Protected32,
+}
+
+/// The register state a boot protocol hands over on the boot vCPU. The GDT itself is written to
+/// guest memory by the loader; its descriptors are repeated here so the hidden segment state
+/// matches them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootCpuState {
+    /// The CPU mode.
+    pub mode: CpuMode,
+    /// Entry point.
+    pub rip: u64,
+    /// Stack pointer (0 if the protocol sets none).
+    pub rsp: u64,
+    /// RSI (boot_params for the Linux protocol).
+    pub rsi: u64,
+    /// RBX (start_info for PVH).
+    pub rbx: u64,
+    /// Page-table root (long mode).
+    pub cr3: u64,
+    /// Guest-physical address of the GDT.
+    pub gdt_addr: u64,
+    /// The GDT's descriptors.
+    pub gdt: Vec<u64>,
+    /// Guest-physical address of the (empty) IDT.
+    pub idt_addr: u64,
+    /// GDT index of the code segment.
+    pub code_index: u16,
+    /// GDT index of the data segment.
+    pub data_index: u16,
+    /// GDT index of the TSS.
+    pub tss_index: u16,
+}
+
+// MSR numbers set at boot.
+const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
+    let g = ((entry >> 55) & 1) as u8;
+    let raw_limit = ((entry & 0xffff) | (((entry >> 48) & 0xf) << 16)) as u32;
+    let present = ((entry >> 47) & 1) as u8;
+    kvm_segment {
+        base: ((entry >> 16) & 0xff_ffff) | (((entry >> 56) & 0xff) << 24),
+        limit: if g == 1 {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        },
+        selector: index * 8,
+        type_: ((entry >> 40) & 0xf) as u8,
+        present,
+        dpl: ((entry >> 45) & 3) as u8,
+        db: ((entry >> 54) & 1) as u8,
+        s: ((entry >> 44) & 1) as u8,
+        l: ((entry >> 53) & 1) as u8,
+        g,
+        avl: ((entry >> 52) & 1) as u8,
+        unusable: u8::from(present == 0),
+        padding: 0,
+    }
+}
+
+/// A KVM vCPU.
+pub struct Vcpu {
+    fd: VcpuFd,
+    id: u32,
+}
+
+impl Vcpu {
+    pub(crate) fn new(fd: VcpuFd, id: u32) -> Self {
+        Vcpu { fd, id }
+    }
+
+    /// The vCPU's index (also its APIC ID).
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Sets the CPUID table the guest sees (`KVM_SET_CPUID2`).
+    pub fn set_cpuid(&self, cpuid: &Cpuid) -> Result<()> {
+        self.fd
+            .set_cpuid2(&cpuid.to_kvm()?)
+            .map_err(Error::ioctl("SET_CPUID2"))
+    }
+
+    /// Reads back the CPUID table KVM holds for this vCPU (`KVM_GET_CPUID2`).
+    pub fn cpuid(&self) -> Result<Cpuid> {
+        let c = self
+            .fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(Error::ioctl("GET_CPUID2"))?;
+        Ok(Cpuid::from_kvm(&c))
+    }
+
+    /// Reads the general-purpose registers.
+    pub fn regs(&self) -> Result<Regs> {
+        let r = self.fd.get_regs().map_err(Error::ioctl("GET_REGS"))?;
+        Ok(Regs {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            rflags: r.rflags,
+        })
+    }
+
+    /// Writes the general-purpose registers.
+    pub fn set_regs(&self, r: &Regs) -> Result<()> {
+        let k = kvm_regs {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            rflags: r.rflags,
+        };
+        self.fd.set_regs(&k).map_err(Error::ioctl("SET_REGS"))
+    }
+
+    /// Control registers CR0, CR3, CR4 and EFER, for diagnostics.
+    pub fn control_regs(&self) -> Result<[u64; 4]> {
+        let s = self.fd.get_sregs().map_err(Error::ioctl("GET_SREGS"))?;
+        Ok([s.cr0, s.cr3, s.cr4, s.efer])
+    }
+
+    /// Puts the vCPU in the state a boot protocol promises the entry point: segments from the
+    /// GDT, control registers for the mode, RIP/RSP/RSI/RBX, a clean FPU and the boot MSRs.
+    pub fn set_boot_state(&self, st: &BootCpuState) -> Result<()> {
+        let mut sregs = self.fd.get_sregs().map_err(Error::ioctl("GET_SREGS"))?;
+        let gdt_entry = |i: u16| st.gdt.get(usize::from(i)).copied().unwrap_or(0);
+        let code = segment_from_gdt(gdt_entry(st.code_index), st.code_index);
+        let data = segment_from_gdt(gdt_entry(st.data_index), st.data_index);
+        let tss = segment_from_gdt(gdt_entry(st.tss_index), st.tss_index);
+        sregs.gdt.base = st.gdt_addr;
+        sregs.gdt.limit = (st.gdt.len() * 8 - 1) as u16;
+        sregs.idt.base = st.idt_addr;
+        sregs.idt.limit = 7;
+        sregs.cs = code;
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.tr = tss;
+        const CR0_PE: u64 = 1;
+        const CR0_ET: u64 = 1 << 4;
+        const CR0_PG: u64 = 1 << 31;
+        const CR4_PAE: u64 = 1 << 5;
+        const EFER_LME: u64 = 1 << 8;
+        const EFER_LMA: u64 = 1 << 10;
+        match st.mode {
+            CpuMode::Long64 => {
+                sregs.cr0 = CR0_PE | CR0_ET | CR0_PG;
+                sregs.cr3 = st.cr3;
+                sregs.cr4 = CR4_PAE;
+                sregs.efer = EFER_LME | EFER_LMA;
+            }
+            CpuMode::Protected32 => {
+                sregs.cr0 = CR0_PE | CR0_ET;
+                sregs.cr3 = 0;
+                sregs.cr4 = 0;
+                sregs.efer = 0;
+            }
+        }
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(Error::ioctl("SET_SREGS"))?;
+
+        let regs = Regs {
+            rip: st.rip,
+            rsp: st.rsp,
+            rbp: st.rsp,
+            rsi: st.rsi,
+            rbx: st.rbx,
+            rflags: 0x2,
+            ..Default::default()
+        };
+        self.set_regs(&regs)?;
+        self.set_initial_fpu()?;
+        self.set_boot_msrs()
+    }
+
+    fn set_initial_fpu(&self) -> Result<()> {
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd.set_fpu(&fpu).map_err(Error::ioctl("SET_FPU"))
+    }
+
+    /// Sets the MSRs a freshly booted x86 CPU is expected to hold (fast strings on, write-back
+    /// default memory type, zeroed syscall MSRs).
+    pub fn set_boot_msrs(&self) -> Result<()> {
+        let entry = |index, data| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        };
+        let entries = [
+            entry(MSR_IA32_SYSENTER_CS, 0),
+            entry(MSR_IA32_SYSENTER_ESP, 0),
+            entry(MSR_IA32_SYSENTER_EIP, 0),
+            entry(MSR_STAR, 0),
+            entry(MSR_CSTAR, 0),
+            entry(MSR_KERNEL_GS_BASE, 0),
+            entry(MSR_SYSCALL_MASK, 0),
+            entry(MSR_LSTAR, 0),
+            entry(MSR_IA32_TSC, 0),
+            entry(MSR_IA32_MISC_ENABLE, 1), // fast string operations
+            entry(MSR_MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, default write-back
+        ];
+        let msrs =
+            Msrs::from_entries(&entries).map_err(|_| Error::TooManyEntries("the MSR list"))?;
+        let n = self.fd.set_msrs(&msrs).map_err(Error::ioctl("SET_MSRS"))?;
+        if n != entries.len() {
+            return Err(Error::Ioctl {
+                op: "SET_MSRS",
+                source: std::io::Error::other(format!(
+                    "KVM accepted {n} of {} boot MSRs (rejected MSR {:#x})",
+                    entries.len(),
+                    entries[n].index
+                )),
+            });
+        }
+        Ok(())
+    }
+
+    /// Programs the local APIC's LINT0 as ExtINT (the PIC's output) and LINT1 as NMI, as a PC
+    /// BIOS leaves them.
+    pub fn set_lapic_lint(&self) -> Result<()> {
+        let mut lapic = self.fd.get_lapic().map_err(Error::ioctl("GET_LAPIC"))?;
+        let rw = |regs: &mut [libc::c_char; 1024], off: usize, mode: u32| {
+            let mut b = [0u8; 4];
+            for (i, x) in b.iter_mut().enumerate() {
+                *x = regs[off + i] as u8;
+            }
+            let v = (u32::from_le_bytes(b) & !0x700) | (mode << 8);
+            for (i, x) in v.to_le_bytes().iter().enumerate() {
+                regs[off + i] = *x as libc::c_char;
+            }
+        };
+        rw(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
+        rw(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
+        self.fd.set_lapic(&lapic).map_err(Error::ioctl("SET_LAPIC"))
+    }
+
+    /// Runs the guest until the next exit that needs userspace.
+    pub fn run(&mut self) -> Result<VmExit<'_>> {
+        let run = self.fd.get_kvm_run();
+        let ie: *mut u8 = &mut run.immediate_exit;
+        IMMEDIATE_EXIT.with(|c| c.set(ie));
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                return Ok(VmExit::Interrupted);
+            }
+            Err(e) => return Err(Error::ioctl("RUN")(e)),
+        };
+        // Raw views of the data buffers, so the io size/count can be read from kvm_run below.
+        let (raw_ptr, raw_len, kind) = match exit {
+            VcpuExit::IoIn(port, data) => (data.as_mut_ptr(), data.len(), Pending::IoIn(port)),
+            VcpuExit::IoOut(port, data) => {
+                (data.as_ptr().cast_mut(), data.len(), Pending::IoOut(port))
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                (data.as_mut_ptr(), data.len(), Pending::MmioRead(addr))
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                (data.as_ptr().cast_mut(), data.len(), Pending::MmioWrite(addr))
+            }
+            VcpuExit::Hlt => return Ok(VmExit::Hlt),
+            VcpuExit::Shutdown => return Ok(VmExit::Shutdown),
+            VcpuExit::Intr => return Ok(VmExit::Interrupted),
+            VcpuExit::FailEntry(reason, _) => return Ok(VmExit::FailEntry { reason }),
+            VcpuExit::SystemEvent(kind, _) => {
+                return Ok(match kind {
+                    KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
+                    KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
+                    KVM_SYSTEM_EVENT_CRASH => VmExit::Crash,
+                    _ => VmExit::Other(kvm_bindings::KVM_EXIT_SYSTEM_EVENT),
+                });
+            }
+            VcpuExit::InternalError => (null_mut(), 0, Pending::Internal),
+            VcpuExit::Unsupported(n) => return Ok(VmExit::Other(n)),
+            _ => {
+                let n = self.fd.get_kvm_run().exit_reason;
+                return Ok(VmExit::Other(n));
+            }
+        };
+        let run = self.fd.get_kvm_run();
+        match kind {
+            Pending::Internal => {
+                // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the live union
+                // member.
+                let internal = unsafe { run.__bindgen_anon_1.internal };
+                let n = (internal.ndata as usize).min(internal.data.len());
+                Ok(VmExit::InternalError(InternalError {
+                    suberror: internal.suberror,
+                    data: internal.data[..n].to_vec(),
+                }))
+            }
+            Pending::IoIn(port) | Pending::IoOut(port) => {
+                // SAFETY: exit_reason is KVM_EXIT_IO, so `io` is the live union member.
+                let size = unsafe { run.__bindgen_anon_1.io.size };
+                // SAFETY: the pointer and length come from the slice kvm-ioctls built over the
+                // vCPU's kvm_run mapping, which outlives `&mut self`; nothing else refers to it
+                // while the returned exit borrows `self` mutably.
+                let data = unsafe { std::slice::from_raw_parts_mut(raw_ptr, raw_len) };
+                Ok(if matches!(kind, Pending::IoIn(_)) {
+                    VmExit::IoIn { port, size, data }
+                } else {
+                    VmExit::IoOut { port, size, data }
+                })
+            }
+            Pending::MmioRead(addr) | Pending::MmioWrite(addr) => {
+                // SAFETY: as above, for the mmio data bytes inside kvm_run.
+                let data = unsafe { std::slice::from_raw_parts_mut(raw_ptr, raw_len) };
+                Ok(if matches!(kind, Pending::MmioRead(_)) {
+                    VmExit::MmioRead { addr, data }
+                } else {
+                    VmExit::MmioWrite { addr, data }
+                })
+            }
+        }
+    }
+}
+
+enum Pending {
+    IoIn(u16),
+    IoOut(u16),
+    MmioRead(u64),
+    MmioWrite(u64),
+    Internal,
+}
+
+impl Drop for Vcpu {
+    fn drop(&mut self) {
+        let run = self.fd.get_kvm_run();
+        let ie: *mut u8 = &mut run.immediate_exit;
+        IMMEDIATE_EXIT.with(|c| {
+            if c.get() == ie {
+                c.set(null_mut());
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+#[path = "vcpu_test.rs"]
+mod tests;

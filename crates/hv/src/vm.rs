@@ -1,0 +1,279 @@
+//! The VM: memory slots, ioeventfds, irqfds and interrupt routing.
+
+use kvm_bindings::{
+    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY, KvmIrqRouting,
+    kvm_irq_routing_entry, kvm_msi, kvm_pit_config, kvm_userspace_memory_region,
+};
+use kvm_ioctls::{NoDatamatch, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::vcpu::Vcpu;
+use crate::{Error, Result};
+
+/// Guest-physical address of the 3-page TSS region KVM needs on Intel hosts (just below the BIOS
+/// area at the top of the 32-bit space, outside any RAM or device window Alioth uses).
+const TSS_ADDR: usize = 0xfffb_d000;
+/// Guest-physical address of the identity-map page KVM needs on Intel hosts.
+const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+/// Where an ioeventfd listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoEventAddress {
+    /// An I/O port.
+    Pio(u16),
+    /// A guest-physical MMIO address.
+    Mmio(u64),
+}
+
+/// Which written value triggers an ioeventfd. The width of the match is the width of the access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataMatch {
+    /// Any write of any width triggers it.
+    Any,
+    /// Only a 1-byte write of this value.
+    U8(u8),
+    /// Only a 2-byte write of this value.
+    U16(u16),
+    /// Only a 4-byte write of this value.
+    U32(u32),
+    /// Only an 8-byte write of this value.
+    U64(u64),
+}
+
+/// An interrupt controller pin of the in-kernel irqchip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrqChip {
+    /// The master 8259 PIC (pins 0-7).
+    PicMaster,
+    /// The slave 8259 PIC (pins 0-7, IRQ 8-15).
+    PicSlave,
+    /// The IOAPIC (pins 0-23).
+    IoApic,
+}
+
+/// One entry of the GSI routing table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GsiRoute {
+    /// A GSI that drives a pin of the in-kernel irqchip.
+    Irqchip {
+        /// The GSI number.
+        gsi: u32,
+        /// The chip.
+        chip: IrqChip,
+        /// The pin on the chip.
+        pin: u32,
+    },
+    /// A GSI that sends an MSI message.
+    Msi {
+        /// The GSI number.
+        gsi: u32,
+        /// MSI address (e.g. 0xfee0_0000 | dest << 12).
+        addr: u64,
+        /// MSI data (vector and delivery mode).
+        data: u32,
+    },
+}
+
+impl GsiRoute {
+    /// The routes KVM installs by default with an in-kernel irqchip: GSI 0-15 to the PICs and the
+    /// IOAPIC, GSI 16-23 to the IOAPIC. A routing table set later replaces the whole table, so
+    /// users start from these and add their MSI routes.
+    pub fn default_irqchip_routes() -> Vec<GsiRoute> {
+        let mut routes = Vec::with_capacity(40);
+        for gsi in 0..24u32 {
+            if gsi < 16 {
+                let chip = if gsi < 8 {
+                    IrqChip::PicMaster
+                } else {
+                    IrqChip::PicSlave
+                };
+                routes.push(GsiRoute::Irqchip {
+                    gsi,
+                    chip,
+                    pin: gsi % 8,
+                });
+            }
+            routes.push(GsiRoute::Irqchip {
+                gsi,
+                chip: IrqChip::IoApic,
+                pin: gsi,
+            });
+        }
+        routes
+    }
+
+    fn to_kvm(self) -> kvm_irq_routing_entry {
+        let mut entry = kvm_irq_routing_entry::default();
+        match self {
+            GsiRoute::Irqchip { gsi, chip, pin } => {
+                entry.gsi = gsi;
+                entry.type_ = KVM_IRQ_ROUTING_IRQCHIP;
+                entry.u.irqchip.irqchip = match chip {
+                    IrqChip::PicMaster => KVM_IRQCHIP_PIC_MASTER,
+                    IrqChip::PicSlave => KVM_IRQCHIP_PIC_SLAVE,
+                    IrqChip::IoApic => KVM_IRQCHIP_IOAPIC,
+                };
+                entry.u.irqchip.pin = pin;
+            }
+            GsiRoute::Msi { gsi, addr, data } => {
+                entry.gsi = gsi;
+                entry.type_ = KVM_IRQ_ROUTING_MSI;
+                entry.u.msi.address_lo = addr as u32;
+                entry.u.msi.address_hi = (addr >> 32) as u32;
+                entry.u.msi.data = data;
+            }
+        }
+        entry
+    }
+}
+
+/// A KVM virtual machine with an in-kernel irqchip and PIT.
+pub struct Vm {
+    fd: VmFd,
+}
+
+impl Vm {
+    pub(crate) fn new(kvm: &kvm_ioctls::Kvm) -> Result<Self> {
+        let fd = kvm.create_vm().map_err(Error::ioctl("CREATE_VM"))?;
+        fd.set_tss_address(TSS_ADDR)
+            .map_err(Error::ioctl("SET_TSS_ADDR"))?;
+        fd.set_identity_map_address(IDENTITY_MAP_ADDR)
+            .map_err(Error::ioctl("SET_IDENTITY_MAP_ADDR"))?;
+        fd.create_irq_chip()
+            .map_err(Error::ioctl("CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(Error::ioctl("CREATE_PIT2"))?;
+        Ok(Vm { fd })
+    }
+
+    /// Maps `size` bytes of host memory at `host_addr` into the guest at `guest_addr` as memory
+    /// slot `slot`. A `size` of 0 deletes the slot.
+    ///
+    /// # Safety
+    /// `host_addr..host_addr + size` must be a mapping of this process that stays valid (not
+    /// unmapped or remapped) until the slot is deleted or the VM is dropped.
+    pub unsafe fn set_memory_slot(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: *mut u8,
+        read_only: bool,
+    ) -> Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: if read_only { KVM_MEM_READONLY } else { 0 },
+            guest_phys_addr: guest_addr,
+            memory_size: size,
+            userspace_addr: host_addr as u64,
+        };
+        // SAFETY: the caller guarantees the host range stays mapped for the slot's lifetime.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(Error::ioctl("SET_USER_MEMORY_REGION"))
+    }
+
+    /// Creates vCPU `id` (also its initial APIC ID).
+    pub fn create_vcpu(&self, id: u32) -> Result<Vcpu> {
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(Error::ioctl("CREATE_VCPU"))?;
+        Ok(Vcpu::new(fd, id))
+    }
+
+    /// Makes KVM signal `fd` (without a userspace exit) when the guest writes to `addr` and the
+    /// written value matches `datamatch`.
+    pub fn register_ioeventfd(
+        &self,
+        fd: &EventFd,
+        addr: IoEventAddress,
+        datamatch: DataMatch,
+    ) -> Result<()> {
+        let addr = to_kvm_addr(addr);
+        let r = match datamatch {
+            DataMatch::Any => self.fd.register_ioevent(fd, &addr, NoDatamatch),
+            DataMatch::U8(v) => self.fd.register_ioevent(fd, &addr, v),
+            DataMatch::U16(v) => self.fd.register_ioevent(fd, &addr, v),
+            DataMatch::U32(v) => self.fd.register_ioevent(fd, &addr, v),
+            DataMatch::U64(v) => self.fd.register_ioevent(fd, &addr, v),
+        };
+        r.map_err(Error::ioctl("IOEVENTFD (assign)"))
+    }
+
+    /// Removes an ioeventfd registered with the same `fd`, `addr` and `datamatch`.
+    pub fn deregister_ioeventfd(
+        &self,
+        fd: &EventFd,
+        addr: IoEventAddress,
+        datamatch: DataMatch,
+    ) -> Result<()> {
+        let addr = to_kvm_addr(addr);
+        let r = match datamatch {
+            DataMatch::Any => self.fd.unregister_ioevent(fd, &addr, NoDatamatch),
+            DataMatch::U8(v) => self.fd.unregister_ioevent(fd, &addr, v),
+            DataMatch::U16(v) => self.fd.unregister_ioevent(fd, &addr, v),
+            DataMatch::U32(v) => self.fd.unregister_ioevent(fd, &addr, v),
+            DataMatch::U64(v) => self.fd.unregister_ioevent(fd, &addr, v),
+        };
+        r.map_err(Error::ioctl("IOEVENTFD (deassign)"))
+    }
+
+    /// Makes a write to `fd` inject GSI `gsi` (as routed by [`Vm::set_gsi_routing`]).
+    pub fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        self.fd
+            .register_irqfd(fd, gsi)
+            .map_err(Error::ioctl("IRQFD (assign)"))
+    }
+
+    /// Detaches `fd` from `gsi`.
+    pub fn deregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        self.fd
+            .unregister_irqfd(fd, gsi)
+            .map_err(Error::ioctl("IRQFD (deassign)"))
+    }
+
+    /// Replaces the whole GSI routing table. Include [`GsiRoute::default_irqchip_routes`] to keep
+    /// legacy interrupts working.
+    pub fn set_gsi_routing(&self, routes: &[GsiRoute]) -> Result<()> {
+        let entries: Vec<_> = routes.iter().map(|r| r.to_kvm()).collect();
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|_| Error::TooManyEntries("the GSI routing table"))?;
+        self.fd
+            .set_gsi_routing(&table)
+            .map_err(Error::ioctl("SET_GSI_ROUTING"))
+    }
+
+    /// Raises (`true`) or lowers a legacy interrupt line (PIC/IOAPIC input `irq`).
+    pub fn set_irq_line(&self, irq: u32, level: bool) -> Result<()> {
+        self.fd
+            .set_irq_line(irq, level)
+            .map_err(Error::ioctl("IRQ_LINE"))
+    }
+
+    /// Sends one MSI message directly (a slow path; use an irqfd with an MSI route for devices).
+    pub fn signal_msi(&self, addr: u64, data: u32) -> Result<bool> {
+        let msi = kvm_msi {
+            address_lo: addr as u32,
+            address_hi: (addr >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        let delivered = self.fd.signal_msi(msi).map_err(Error::ioctl("SIGNAL_MSI"))?;
+        Ok(delivered > 0)
+    }
+}
+
+fn to_kvm_addr(addr: IoEventAddress) -> kvm_ioctls::IoEventAddress {
+    match addr {
+        IoEventAddress::Pio(port) => kvm_ioctls::IoEventAddress::Pio(u64::from(port)),
+        IoEventAddress::Mmio(a) => kvm_ioctls::IoEventAddress::Mmio(a),
+    }
+}
+
+#[cfg(test)]
+#[path = "vm_test.rs"]
+mod tests;
