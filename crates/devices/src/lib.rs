@@ -1,1 +1,53 @@
-//! x
+//! `alioth-devices`: the emulated devices of an Alioth VM.
+//!
+//! Legacy PC devices sit on the port-I/O [`alioth_mem::Bus`]: a 16550 [`serial::Serial`] (COM1,
+//! output to stdout or a file, input from stdin), the [`i8042::I8042`] controller (its reset line
+//! stops the VM), [`cmos::Cmos`] (RTC and memory size), the ACPI [`acpi_pm::AcpiPm`] device
+//! (soft-off and reset registers the FADT points at) and the test [`exit::ExitDevice`] whose
+//! written value becomes the exit status of `alioth`.
+//!
+//! Devices report machine-level requests (power off, reset, exit) through an [`EventSink`].
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//! use alioth_devices::{VmEvent, exit::ExitDevice};
+//! use alioth_mem::BusDevice;
+//!
+//! let events = Arc::new(Mutex::new(Vec::new()));
+//! let log = events.clone();
+//! let dev = ExitDevice::new(Arc::new(move |e| log.lock().unwrap().push(e)));
+//! dev.write(0, &[3]);
+//! assert_eq!(*events.lock().unwrap(), vec![VmEvent::Exit(3)]);
+//! ```
+
+pub mod acpi_pm;
+pub mod cmos;
+pub mod exit;
+pub mod i8042;
+pub mod serial;
+
+use std::sync::Arc;
+
+/// A machine-level request from a device or the console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// The guest asked for a reset (i8042 reset line, ACPI reset register).
+    Reset,
+    /// The guest wrote this status to the exit device.
+    Exit(u8),
+    /// The user typed the console escape sequence to quit.
+    UserQuit,
+}
+
+/// Where devices send [`VmEvent`]s.
+pub type EventSink = Arc<dyn Fn(VmEvent) + Send + Sync>;
+
+/// Assembles a little-endian value from an access of 1-8 bytes.
+pub(crate) fn le_value(data: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = data.len().min(8);
+    b[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(b)
+}

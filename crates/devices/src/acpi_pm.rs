@@ -1,0 +1,70 @@
+//! The ACPI power-management registers of a hardware-reduced platform: sleep control/status and
+//! the reset register, at the I/O ports the FADT names.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use alioth_mem::BusDevice;
+
+use crate::{EventSink, VmEvent};
+
+/// Base port: sleep control at +0, sleep status at +1, reset at +2.
+pub const BASE_PORT: u16 = 0x3c0;
+/// Number of ports.
+pub const LEN: u16 = 3;
+/// The value the guest writes to the reset register.
+pub const RESET_VALUE: u8 = 1;
+/// The SLP_TYP the DSDT's `_S5` object names.
+pub const S5_SLP_TYP: u8 = 5;
+
+const SLP_EN: u8 = 1 << 5;
+
+/// The ACPI PM device.
+pub struct AcpiPm {
+    sink: EventSink,
+    status: AtomicU8,
+}
+
+impl AcpiPm {
+    /// A device that reports power-off and reset to `sink`.
+    pub fn new(sink: EventSink) -> Self {
+        AcpiPm {
+            sink,
+            status: AtomicU8::new(0),
+        }
+    }
+}
+
+impl BusDevice for AcpiPm {
+    fn name(&self) -> &str {
+        "acpi-pm"
+    }
+
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if offset == 1
+            && let Some(b) = data.first_mut()
+        {
+            *b = self.status.load(Ordering::Relaxed);
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        let Some(&v) = data.first() else { return };
+        match offset {
+            0 if v & SLP_EN != 0 => {
+                let typ = (v >> 2) & 0x7;
+                if typ == S5_SLP_TYP {
+                    (self.sink)(VmEvent::PowerOff);
+                } else {
+                    log::warn!("acpi-pm: sleep type {typ} is not supported; ignoring");
+                }
+            }
+            1 => {
+                // Write-one-to-clear.
+                self.status.fetch_and(!v, Ordering::Relaxed);
+            }
+            2 if v == RESET_VALUE => (self.sink)(VmEvent::Reset),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! A 16550A UART (vm-superio) with its interrupt on an irqfd and an input pump.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use alioth_mem::BusDevice;
+use vm_superio::Trigger;
+use vm_superio::serial::SerialEvents;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{EventSink, VmEvent};
+
+/// COM1's base port.
+pub const COM1_PORT: u16 = 0x3f8;
+/// COM1's ISA IRQ.
+pub const COM1_IRQ: u32 = 4;
+/// Ports per UART.
+pub const LEN: u16 = 8;
+
+/// The console escape character (Ctrl-A); Ctrl-A then `x` quits, Ctrl-A twice sends one Ctrl-A.
+pub const ESCAPE: u8 = 0x01;
+
+/// Raises the UART's interrupt by writing its irqfd.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Signals the input pump when the guest has drained the receive FIFO.
+struct InputSpace(Arc<EventFd>);
+
+impl SerialEvents for InputSpace {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {
+        log::debug!("serial: output byte lost");
+    }
+    fn in_buffer_empty(&self) {
+        let _ = self.0.write(1);
+    }
+}
+
+type Uart = vm_superio::Serial<IrqTrigger, InputSpace, Box<dyn Write + Send>>;
+
+/// A 16550A UART.
+pub struct Serial {
+    name: String,
+    uart: Mutex<Uart>,
+    space: Arc<EventFd>,
+}
+
+impl Serial {
+    /// A UART named `name` (for logs) that raises `irq` and writes what the guest sends to `out`.
+    pub fn new(name: &str, irq: EventFd, out: Box<dyn Write + Send>) -> std::io::Result<Self> {
+        let space = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        Ok(Serial {
+            name: name.to_string(),
+            uart: Mutex::new(vm_superio::Serial::with_events(
+                IrqTrigger(irq),
+                InputSpace(space.clone()),
+                out,
+            )),
+            space,
+        })
+    }
+
+    /// Queues as many of `bytes` as the receive FIFO takes; returns how many.
+    pub fn enqueue(&self, bytes: &[u8]) -> usize {
+        let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+        if uart.fifo_capacity() == 0 {
+            return 0;
+        }
+        match uart.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("{}: cannot queue input: {e:?}", self.name);
+                0
+            }
+        }
+    }
+
+    /// Starts a thread that feeds `input` to the guest until `stop` is signalled or the input
+    /// ends. With `escape`, Ctrl-A `x` reports [`VmEvent::UserQuit`] to `sink` instead.
+    pub fn spawn_input<R>(
+        self: &Arc<Self>,
+        input: R,
+        escape: bool,
+        sink: EventSink,
+        stop: Arc<EventFd>,
+    ) -> std::io::Result<JoinHandle<()>>
+    where
+        R: Read + AsFd + Send + 'static,
+    {
+        let serial = self.clone();
+        std::thread::Builder::new()
+            .name(format!("{}-input", self.name))
+            .spawn(move || serial.pump(input, escape, sink, &stop))
+    }
+
+    fn pump<R: Read + AsFd>(&self, mut input: R, escape: bool, sink: EventSink, stop: &EventFd) {
+        let mut pending: Vec<u8> = Vec::new();
+        let mut saw_escape = false;
+        let mut buf = [0u8; 64];
+        loop {
+            while !pending.is_empty() {
+                let n = self.enqueue(&pending);
+                pending.drain(..n);
+                if pending.is_empty() {
+                    break;
+                }
+                // Wait for the guest to drain the FIFO (or for the VM to stop).
+                match wait_readable(&[self.space.as_raw_fd(), stop.as_raw_fd()]) {
+                    Some(0) => {
+                        let _ = self.space.read();
+                    }
+                    _ => return,
+                }
+            }
+            match wait_readable(&[input.as_fd().as_raw_fd(), stop.as_raw_fd()]) {
+                Some(0) => {}
+                _ => return,
+            }
+            let n = match input.read(&mut buf) {
+                Ok(0) => return, // end of input: the guest simply gets no more
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("{}: input read failed: {e}", self.name);
+                    return;
+                }
+            };
+            for &b in &buf[..n] {
+                if !escape {
+                    pending.push(b);
+                } else if saw_escape {
+                    saw_escape = false;
+                    match b {
+                        b'x' | b'X' => {
+                            // Hand over what was typed before the escape, then quit.
+                            self.enqueue(&pending);
+                            sink(VmEvent::UserQuit);
+                            return;
+                        }
+                        ESCAPE => pending.push(ESCAPE),
+                        other => pending.extend_from_slice(&[ESCAPE, other]),
+                    }
+                } else if b == ESCAPE {
+                    saw_escape = true;
+                } else {
+                    pending.push(b);
+                }
+            }
+        }
+    }
+}
+
+/// Polls `fds` for input; returns the index of the first readable one, None on error or hangup
+/// of every descriptor.
+fn wait_readable(fds: &[i32]) -> Option<usize> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs.
+        let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+        if r < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return None;
+        }
+        return pfds
+            .iter()
+            .position(|p| p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0);
+    }
+}
+
+impl BusDevice for Serial {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+        let v = uart.read(offset as u8);
+        data.fill(0);
+        if let Some(b) = data.first_mut() {
+            *b = v;
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        let Some(&v) = data.first() else { return };
+        let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = uart.write(offset as u8, v) {
+            log::debug!("{}: write to register {offset}: {e:?}", self.name);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "serial_test.rs"]
+mod tests;
