@@ -1,1 +1,132 @@
-fn main(){}
+//! `alioth`: boot a Linux VM under KVM from a TOML file and command-line flags.
+
+mod config;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use alioth_vmm::{ExitReason, Machine, MachineOptions};
+
+/// Exit status when the VM ran into a runtime failure.
+const EXIT_RUNTIME: u8 = 1;
+/// Exit status for a bad command line or configuration.
+const EXIT_USAGE: u8 = 2;
+
+/// Alioth: a KVM virtual machine monitor.
+///
+/// Exit status: 0 when the guest stopped normally (power-off, reset, Ctrl-A x, a termination
+/// signal), the guest's own status when it wrote the exit device, 1 on a runtime failure (for
+/// example a KVM internal error), 2 on a usage or configuration error.
+#[derive(Parser, Debug)]
+#[command(name = "alioth", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log verbosity: -v for info, -vv for debug, -vvv for trace (RUST_LOG overrides it).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a VM. Flags override the values of the --config file.
+    Boot(BootArgs),
+}
+
+/// Options of `alioth boot`.
+#[derive(Args, Debug, Default)]
+pub struct BootArgs {
+    /// TOML file describing the VM (see docs/config.md). Relative paths in it are relative to
+    /// the file's own directory.
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+    /// Kernel image: a bzImage or an ELF vmlinux.
+    #[arg(short, long, value_name = "PATH")]
+    pub kernel: Option<std::path::PathBuf>,
+    /// Initramfs (cpio, optionally compressed) handed to the kernel.
+    #[arg(short, long, value_name = "PATH")]
+    pub initramfs: Option<std::path::PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING", allow_hyphen_values = true)]
+    pub cmdline: Option<String>,
+    /// Number of vCPUs (1-255).
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
+    /// Guest RAM: bytes or a size with a K, M, G or T suffix (e.g. 512M, 2G). Default 512M.
+    #[arg(short, long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// Where COM1 goes: `stdio` (stdin/stdout; raw terminal, Ctrl-A x quits), `off`, or
+    /// `file:PATH` (output appended to PATH).
+    #[arg(long, value_name = "MODE")]
+    pub serial: Option<String>,
+    /// CPU features to hide from the guest, e.g. `-xsave,-cx16` (like QEMU's -cpu host,-feat).
+    #[arg(long, value_name = "LIST", allow_hyphen_values = true)]
+    pub cpu_features: Option<String>,
+    /// Boot protocol: `auto` (PVH when the ELF has the note, else the 64-bit Linux protocol),
+    /// `linux64` or `pvh`.
+    #[arg(long, value_name = "PROTOCOL")]
+    pub boot_protocol: Option<String>,
+    /// Enable the test exit device: `on` (port 0xf4) or a port number. The value the guest writes
+    /// there becomes alioth's exit status.
+    #[arg(long, value_name = "on|PORT")]
+    pub exit_device: Option<String>,
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp_millis()
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match cli.command {
+        Command::Boot(args) => boot(args),
+    }
+}
+
+fn boot(args: BootArgs) -> ExitCode {
+    let config = match config::build(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("alioth: {e:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let options = MachineOptions {
+        handle_signals: true,
+        ..Default::default()
+    };
+    let machine = match Machine::new(&config, options) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("alioth: {e}");
+            return ExitCode::from(if e.is_user_error() {
+                EXIT_USAGE
+            } else {
+                EXIT_RUNTIME
+            });
+        }
+    };
+    match machine.run() {
+        Ok(reason) => {
+            log::info!("{reason}");
+            match reason {
+                ExitReason::GuestExit(status) => ExitCode::from(status),
+                _ => ExitCode::SUCCESS,
+            }
+        }
+        Err(e) => {
+            eprintln!("alioth: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}

@@ -1,1 +1,82 @@
-fn main(){}
+//! `cargo xtask`: Alioth's developer tasks.
+//!
+//! - `cargo xtask guest`: fetch Debian's cloud kernel and busybox-static with `apt-get download`
+//!   and build the test guest artifacts under `target/guest/`.
+//! - `cargo xtask ci`: what CI runs: guest artifacts, `cargo fmt --check`, clippy with
+//!   `-D warnings`, and every test.
+
+mod cpio;
+mod guest;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Runs a command, failing with its name if it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{:?} failed with {status}", cmd.get_program());
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn ci() -> Result<()> {
+    let root = workspace_root();
+    let guest_dir = guest::build(&root)?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo()
+        .args(["test", "--workspace", "--all-targets"])
+        .env("ALIOTH_GUEST_DIR", &guest_dir)
+        .env("ALIOTH_REQUIRE_GUEST", "1"))?;
+    run(cargo()
+        .args(["test", "--workspace", "--doc"])
+        .env("ALIOTH_GUEST_DIR", &guest_dir))?;
+    Ok(())
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: cargo xtask <task>\n\n\
+         tasks:\n  \
+         guest   fetch Debian's cloud kernel + busybox and build target/guest/\n  \
+         ci      guest artifacts, fmt check, clippy -D warnings, all tests"
+    );
+    std::process::exit(2);
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("guest") => guest::build(&workspace_root()).map(|dir| {
+            eprintln!("xtask: guest artifacts in {}", dir.display());
+        }),
+        Some("ci") => ci(),
+        _ => usage(),
+    }
+}

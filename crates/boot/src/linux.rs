@@ -7,13 +7,13 @@ use std::path::Path;
 use alioth_hv::{BootCpuState, CpuMode};
 use alioth_mem::layout::HIGH_RAM_START;
 use alioth_mem::{E820Kind, RamBus};
+use linux_loader::loader::KernelLoader;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
-use linux_loader::loader::KernelLoader;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::acpi::{AcpiConfig, write_acpi_tables};

@@ -100,10 +100,18 @@ impl Serial {
         let serial = self.clone();
         std::thread::Builder::new()
             .name(format!("{}-input", self.name))
-            .spawn(move || serial.pump(input, escape, sink, &stop))
+            .spawn(move || serial.run_input(input, escape, sink, &stop))
     }
 
-    fn pump<R: Read + AsFd>(&self, mut input: R, escape: bool, sink: EventSink, stop: &EventFd) {
+    /// Feeds `input` to the guest on the calling thread until `stop` is signalled or the input
+    /// ends; see [`Serial::spawn_input`].
+    pub fn run_input<R: Read + AsFd>(
+        &self,
+        mut input: R,
+        escape: bool,
+        sink: EventSink,
+        stop: &EventFd,
+    ) {
         let mut pending: Vec<u8> = Vec::new();
         let mut saw_escape = false;
         let mut buf = [0u8; 64];

@@ -78,7 +78,8 @@ fn escape_x_quits_and_double_escape_sends_one() {
     let log = events.clone();
     let sink: EventSink = Arc::new(move |e| log.lock().unwrap().push(e));
     let h = s.spawn_input(rx, true, sink, stop).unwrap();
-    tx.write_all(&[b'a', ESCAPE, ESCAPE, b'b', ESCAPE, b'x']).unwrap();
+    tx.write_all(&[b'a', ESCAPE, ESCAPE, b'b', ESCAPE, b'x'])
+        .unwrap();
     h.join().unwrap();
     assert_eq!(read_all(&s, 3), vec![b'a', ESCAPE, b'b']);
     assert_eq!(*events.lock().unwrap(), vec![VmEvent::UserQuit]);

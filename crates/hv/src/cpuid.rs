@@ -74,8 +74,17 @@ const fn feat(
 }
 
 const AVX_FAMILY: &[&str] = &[
-    "avx", "avx2", "fma", "f16c", "avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl",
-    "vaes", "vpclmulqdq",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512dq",
+    "avx512cd",
+    "avx512bw",
+    "avx512vl",
+    "vaes",
+    "vpclmulqdq",
 ];
 
 /// The features a user can remove, by Linux `/proc/cpuinfo` name.

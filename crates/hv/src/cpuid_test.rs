@@ -38,7 +38,11 @@ fn removing_xsave_also_removes_avx_and_state_leaf() {
     assert_eq!(l1.ecx & (1 << 26), 0);
     assert_eq!(l1.ecx & (1 << 28), 0, "avx must go with xsave");
     assert_ne!(l1.ecx & (1 << 13), 0, "cx16 untouched");
-    assert_eq!(t.get(7, 0).unwrap().ebx & (1 << 5), 0, "avx2 must go with xsave");
+    assert_eq!(
+        t.get(7, 0).unwrap().ebx & (1 << 5),
+        0,
+        "avx2 must go with xsave"
+    );
     assert_eq!(t.get(0xd, 0).unwrap().eax, 0);
 }
 

@@ -67,6 +67,14 @@ impl VcpuKicker {
         }
     }
 
+    /// A kicker for the thread behind `handle`, which must run the vCPU.
+    pub fn for_thread<T>(handle: &std::thread::JoinHandle<T>) -> Self {
+        use std::os::unix::thread::JoinHandleExt;
+        VcpuKicker {
+            thread: handle.as_pthread_t(),
+        }
+    }
+
     /// Kicks the thread. The thread must not have been joined yet (a finished but unjoined
     /// thread is fine: its id stays valid).
     pub fn kick(&self) {
@@ -145,20 +153,23 @@ pub struct InternalError {
 }
 
 impl InternalError {
-    /// For an emulation failure (suberror 1) with instruction bytes (data[1] low byte = length,
-    /// following bytes = the instruction), those bytes.
+    /// For an emulation failure (suberror 1) that carries the instruction: its bytes. KVM lays
+    /// the data out as `flags` (data[0]) then `insn_size` (1 byte) and up to 15 instruction
+    /// bytes (data[1..3]).
     pub fn insn_bytes(&self) -> Option<Vec<u8>> {
+        const FLAG_INSTRUCTION_BYTES: u64 = 1;
         if self.suberror != 1 || self.data.len() < 3 {
             return None;
         }
-        // data[0] = flags, data[1] low byte = insn size, then up to 15 bytes in data[2..4].
-        let flags = self.data[0];
-        if flags & 1 == 0 {
-            return None; // KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES not set
+        if self.data[0] & FLAG_INSTRUCTION_BYTES == 0 {
+            return None;
         }
-        let len = (self.data[1] & 0xff) as usize;
-        let bytes: Vec<u8> = self.data[2..].iter().flat_map(|w| w.to_le_bytes()).collect();
-        bytes.get(..len.min(15)).map(<[u8]>::to_vec)
+        let raw: Vec<u8> = self.data[1..3]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        let len = usize::from(raw[0]).min(15);
+        raw.get(1..1 + len).map(<[u8]>::to_vec)
     }
 
     /// A human description: the suberror's meaning and the instruction bytes if known.
@@ -499,11 +510,18 @@ impl Vcpu {
         self.fd.set_lapic(&lapic).map_err(Error::ioctl("SET_LAPIC"))
     }
 
-    /// Runs the guest until the next exit that needs userspace.
-    pub fn run(&mut self) -> Result<VmExit<'_>> {
+    /// Makes kicks of the calling thread stop this vCPU: a kick that arrives while the vCPU is
+    /// not in `KVM_RUN` makes the next [`Vcpu::run`] return [`VmExit::Interrupted`] at once.
+    /// Call it on the vCPU's thread before checking any stop condition, so no kick is lost.
+    pub fn bind_kick_to_current_thread(&mut self) {
         let run = self.fd.get_kvm_run();
         let ie: *mut u8 = &mut run.immediate_exit;
         IMMEDIATE_EXIT.with(|c| c.set(ie));
+    }
+
+    /// Runs the guest until the next exit that needs userspace.
+    pub fn run(&mut self) -> Result<VmExit<'_>> {
+        self.bind_kick_to_current_thread();
         let exit = match self.fd.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -521,9 +539,11 @@ impl Vcpu {
             VcpuExit::MmioRead(addr, data) => {
                 (data.as_mut_ptr(), data.len(), Pending::MmioRead(addr))
             }
-            VcpuExit::MmioWrite(addr, data) => {
-                (data.as_ptr().cast_mut(), data.len(), Pending::MmioWrite(addr))
-            }
+            VcpuExit::MmioWrite(addr, data) => (
+                data.as_ptr().cast_mut(),
+                data.len(),
+                Pending::MmioWrite(addr),
+            ),
             VcpuExit::Hlt => return Ok(VmExit::Hlt),
             VcpuExit::Shutdown => return Ok(VmExit::Shutdown),
             VcpuExit::Intr => return Ok(VmExit::Interrupted),

@@ -132,13 +132,17 @@ fn cpuid_table_set_is_what_kvm_holds_and_guest_reads_kvm_signature() {
 
     let mut words = Vec::new();
     run_to_done(&mut g, |exit| match exit {
-        VmExit::IoOut { port: 0x80, data, .. } => {
-            words.push(u32::from_le_bytes((*data).try_into().unwrap()))
-        }
+        VmExit::IoOut {
+            port: 0x80, data, ..
+        } => words.push(u32::from_le_bytes((*data).try_into().unwrap())),
         other => panic!("unexpected exit {other:?}"),
     });
     assert_eq!(words.len(), 4);
-    assert!(words[0] >= 0x4000_0001, "max hypervisor leaf {:#x}", words[0]);
+    assert!(
+        words[0] >= 0x4000_0001,
+        "max hypervisor leaf {:#x}",
+        words[0]
+    );
     let sig: Vec<u8> = words[1..].iter().flat_map(|w| w.to_le_bytes()).collect();
     assert_eq!(&sig, b"KVMKVMKVM\0\0\0");
 }
@@ -161,5 +165,29 @@ fn kick_interrupts_a_spinning_vcpu() {
     assert!(matches!(exit, VmExit::Interrupted), "{exit:?}");
     t.join().unwrap();
     let regs = g.vcpu.regs().unwrap();
-    assert!(regs.rip >= CODE && regs.rip < CODE + 16, "rip {:#x}", regs.rip);
+    assert!(
+        regs.rip >= CODE && regs.rip < CODE + 16,
+        "rip {:#x}",
+        regs.rip
+    );
+}
+
+#[test]
+fn emulation_failure_bytes_follow_the_size_byte() {
+    // flags = 1 (instruction bytes present); size 3; bytes 0f c7 0f (cmpxchg16b [rdi]).
+    let e = crate::InternalError {
+        suberror: 1,
+        data: vec![
+            1,
+            u64::from_le_bytes([3, 0x48, 0x0f, 0xc7, 0x0f, 0x90, 0x90, 0x90]),
+            0,
+        ],
+    };
+    assert_eq!(e.insn_bytes().unwrap(), vec![0x48, 0x0f, 0xc7]);
+    assert!(e.describe().contains("[48 0f c7]"), "{}", e.describe());
+    let no_bytes = crate::InternalError {
+        suberror: 1,
+        data: vec![0, 0, 0],
+    };
+    assert_eq!(no_bytes.insn_bytes(), None);
 }

@@ -262,7 +262,10 @@ impl Vm {
             data,
             ..Default::default()
         };
-        let delivered = self.fd.signal_msi(msi).map_err(Error::ioctl("SIGNAL_MSI"))?;
+        let delivered = self
+            .fd
+            .signal_msi(msi)
+            .map_err(Error::ioctl("SIGNAL_MSI"))?;
         Ok(delivered > 0)
     }
 }

@@ -32,7 +32,11 @@ fn ioeventfd_fires_on_guest_write_without_exit() {
             other => panic!("unexpected exit {other:?}"),
         }
     }
-    assert_eq!(exits, vec![(0x500, vec![8])], "only the unmatched write exits");
+    assert_eq!(
+        exits,
+        vec![(0x500, vec![8])],
+        "only the unmatched write exits"
+    );
     assert_eq!(pio.read().unwrap(), 1);
     assert_eq!(mmio.read().unwrap(), 1);
 
@@ -89,10 +93,7 @@ fn irqfd_msi_reaches_guest_idt_handler() {
     h.mov(dword_ptr(rbx + 0xb0), 0u32).unwrap(); // EOI
     h.iretq().unwrap();
     g.write(HANDLER, &h.assemble(HANDLER).unwrap());
-    let gate = (HANDLER & 0xffff)
-        | (8 << 16)
-        | (0x8e << 40)
-        | (((HANDLER >> 16) & 0xffff) << 48);
+    let gate = (HANDLER & 0xffff) | (8 << 16) | (0x8e << 40) | (((HANDLER >> 16) & 0xffff) << 48);
     g.write(IDT + VECTOR * 16, &gate.to_le_bytes());
     g.write(IDT + VECTOR * 16 + 8, &(HANDLER >> 32).to_le_bytes());
 
@@ -110,7 +111,9 @@ fn irqfd_msi_reaches_guest_idt_handler() {
     for _ in 0..100 {
         match g.vcpu.run().unwrap() {
             VmExit::IoOut { port: 0x10, .. } => irq.write(1).unwrap(),
-            VmExit::IoOut { port: 0x11, data, .. } => {
+            VmExit::IoOut {
+                port: 0x11, data, ..
+            } => {
                 assert_eq!(data, &[VECTOR as u8]);
                 handled += 1;
                 if handled == 2 {

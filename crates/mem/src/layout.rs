@@ -100,9 +100,11 @@ impl MemoryMap {
                 size: LOW_RAM_END,
                 kind: E820Kind::Ram,
             },
+            // The VGA window and the BIOS area, where the ACPI tables live. PCs (and the PVH
+            // entry of Linux) reserve this whole range.
             E820Entry {
-                addr: BIOS_START,
-                size: HIGH_RAM_START - BIOS_START,
+                addr: LOW_RAM_END,
+                size: HIGH_RAM_START - LOW_RAM_END,
                 kind: E820Kind::Reserved,
             },
             E820Entry {

@@ -6,8 +6,14 @@ fn small_guest_has_one_region_and_three_e820_entries() {
     assert_eq!(m.ram_regions(), vec![(0, 256 << 20)]);
     let e = m.e820();
     assert_eq!(e.len(), 3);
-    assert_eq!((e[0].addr, e[0].size, e[0].kind), (0, 0xa_0000, E820Kind::Ram));
-    assert_eq!(e[1].kind, E820Kind::Reserved);
+    assert_eq!(
+        (e[0].addr, e[0].size, e[0].kind),
+        (0, 0xa_0000, E820Kind::Ram)
+    );
+    assert_eq!(
+        (e[1].addr, e[1].size, e[1].kind),
+        (0xa_0000, 0x6_0000, E820Kind::Reserved)
+    );
     assert_eq!((e[2].addr, e[2].addr + e[2].size), (0x10_0000, 256 << 20));
 }
 
@@ -24,9 +30,24 @@ fn large_guest_continues_above_4g() {
 
 #[test]
 fn bad_sizes_are_rejected_with_reason() {
-    assert!(MemoryMap::new(0).unwrap_err().to_string().contains("at least"));
-    assert!(MemoryMap::new((64 << 20) + 1).unwrap_err().to_string().contains("4 KiB"));
-    assert!(MemoryMap::new(1 << 60).unwrap_err().to_string().contains("address space"));
+    assert!(
+        MemoryMap::new(0)
+            .unwrap_err()
+            .to_string()
+            .contains("at least")
+    );
+    assert!(
+        MemoryMap::new((64 << 20) + 1)
+            .unwrap_err()
+            .to_string()
+            .contains("4 KiB")
+    );
+    assert!(
+        MemoryMap::new(1 << 60)
+            .unwrap_err()
+            .to_string()
+            .contains("address space")
+    );
 }
 
 #[test]

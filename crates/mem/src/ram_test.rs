@@ -28,7 +28,14 @@ fn ram_above_and_below_the_hole_shares_one_memfd() {
 fn nix_pread(fd: std::os::fd::BorrowedFd<'_>, buf: &mut [u8], off: u64) -> isize {
     use std::os::fd::AsRawFd;
     // SAFETY: buf is a valid writable buffer of buf.len() bytes.
-    unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), off as i64) }
+    unsafe {
+        libc::pread(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            off as i64,
+        )
+    }
 }
 
 #[test]

@@ -1,1 +1,85 @@
-//! x
+//! `alioth-vmm`: assembles a VM from a typed [`VmConfig`] and runs it.
+//!
+//! A [`Machine`] owns the KVM VM, guest RAM, the port-I/O and MMIO buses with their devices,
+//! and one thread per vCPU. [`Machine::run`] blocks until the guest powers off, resets, writes
+//! the exit device, the user quits, a signal arrives, or something fails; every vCPU and device
+//! thread is then stopped (kicked out of `KVM_RUN`) and the reason returned as an [`ExitReason`].
+//!
+//! ```no_run
+//! use alioth_vmm::{Machine, MachineOptions, VmConfig};
+//!
+//! let mut config = VmConfig::new("vmlinux");
+//! config.kernel.cmdline = "console=ttyS0".into();
+//! config.cpus = 2;
+//! config.memory = 512 << 20;
+//! let machine = Machine::new(&config, MachineOptions::default())?;
+//! let reason = machine.run()?;
+//! println!("guest stopped: {reason}");
+//! # Ok::<(), alioth_vmm::Error>(())
+//! ```
+
+mod config;
+mod machine;
+mod signals;
+mod terminal;
+
+pub use alioth_boot::{BootProtocol, KernelSpec};
+pub use config::{SerialConfig, VmConfig};
+pub use machine::{ExitReason, Machine, MachineOptions};
+
+/// Errors of building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] alioth_mem::Error),
+    /// The kernel, initramfs or boot tables could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] alioth_boot::Error),
+    /// KVM refused an operation.
+    #[error(transparent)]
+    Hv(#[from] alioth_hv::Error),
+    /// A host resource (file, thread, eventfd) failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A vCPU stopped with an error.
+    #[error("vcpu{vcpu}: {reason}")]
+    Vcpu {
+        /// The vCPU index.
+        vcpu: u32,
+        /// What happened.
+        reason: String,
+    },
+    /// A device or helper thread died.
+    #[error("{thread} thread failed: {reason}")]
+    Thread {
+        /// The thread.
+        thread: String,
+        /// What happened.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// Whether the error comes from what the user asked for (a bad config, a missing or invalid
+    /// kernel, memory that cannot be had), as opposed to a failure while running.
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            Error::Config(_) | Error::Memory(_) => true,
+            Error::Boot(e) => !matches!(e, alioth_boot::Error::GuestMemory { .. }),
+            _ => false,
+        }
+    }
+}
+
+/// Result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,178 @@
+//! The TOML file schema and the merge of file and flags into a [`VmConfig`].
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+use alioth_vmm::{BootProtocol, SerialConfig, VmConfig};
+
+use crate::BootArgs;
+
+/// The TOML schema (docs/config.md). Unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub kernel: Option<PathBuf>,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub cpus: Option<u32>,
+    pub memory: Option<Size>,
+    pub serial: Option<String>,
+    pub cpu_features: Option<String>,
+    pub boot_protocol: Option<String>,
+    pub exit_device: Option<ExitDevice>,
+}
+
+/// A size: an integer number of bytes or a string with a unit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+/// `exit_device = true | false | PORT`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ExitDevice {
+    Enabled(bool),
+    Port(u16),
+}
+
+/// The default exit device port.
+const EXIT_PORT: u16 = 0xf4;
+
+/// Parses `512M`, `2G`, `1GiB`, `4096`, ... into bytes.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits_end);
+    if num.is_empty() {
+        bail!("`{s}` is not a size (expected e.g. 512M or 2G)");
+    }
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("`{s}` is not a size"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => bail!("`{s}`: unknown size unit `{other}` (use K, M, G or T)"),
+    };
+    n.checked_mul(1u64 << shift)
+        .with_context(|| format!("`{s}` is too large"))
+}
+
+fn parse_serial(s: &str, base: &Path) -> Result<SerialConfig> {
+    Ok(match s {
+        "stdio" => SerialConfig::Stdio,
+        "off" | "none" => SerialConfig::Off,
+        _ => match s.strip_prefix("file:") {
+            Some(p) if !p.is_empty() => SerialConfig::File(base.join(p)),
+            _ => bail!("serial `{s}`: expected `stdio`, `off` or `file:PATH`"),
+        },
+    })
+}
+
+fn parse_protocol(s: &str) -> Result<BootProtocol> {
+    Ok(match s {
+        "auto" => BootProtocol::Auto,
+        "linux64" => BootProtocol::Linux64,
+        "pvh" => BootProtocol::Pvh,
+        _ => bail!("boot protocol `{s}`: expected `auto`, `linux64` or `pvh`"),
+    })
+}
+
+fn parse_exit_flag(s: &str) -> Result<Option<u16>> {
+    Ok(match s {
+        "on" | "true" => Some(EXIT_PORT),
+        "off" | "false" => None,
+        _ => {
+            let port = if let Some(h) = s.strip_prefix("0x") {
+                u16::from_str_radix(h, 16)
+            } else {
+                s.parse()
+            };
+            Some(port.with_context(|| {
+                format!("exit device `{s}`: expected `on`, `off` or a port number")
+            })?)
+        }
+    })
+}
+
+/// Reads and parses the TOML file; errors name the file, line and column.
+pub fn read_file(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Merges the file named by `--config` (if any) with the flags, which win.
+pub fn build(args: &BootArgs) -> Result<VmConfig> {
+    let (file, base) = match &args.config {
+        Some(p) => {
+            let base = p
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
+            (read_file(p)?, base)
+        }
+        None => (FileConfig::default(), PathBuf::from(".")),
+    };
+    let cwd = PathBuf::from(".");
+    let kernel = match (&args.kernel, &file.kernel) {
+        (Some(k), _) => k.clone(),
+        (None, Some(k)) => base.join(k),
+        (None, None) => bail!("no kernel given: pass --kernel PATH or set `kernel` in the config"),
+    };
+    let mut config = VmConfig::new(kernel);
+    config.kernel.initramfs = match (&args.initramfs, &file.initramfs) {
+        (Some(i), _) => Some(i.clone()),
+        (None, Some(i)) => Some(base.join(i)),
+        _ => None,
+    };
+    if let Some(c) = args.cmdline.as_ref().or(file.cmdline.as_ref()) {
+        config.kernel.cmdline = c.clone();
+    }
+    if let Some(n) = args.cpus.or(file.cpus) {
+        config.cpus = n;
+    }
+    let memory = match (&args.memory, &file.memory) {
+        (Some(m), _) => Some(parse_size(m).context("--memory")?),
+        (None, Some(Size::Bytes(b))) => Some(*b),
+        (None, Some(Size::Text(t))) => Some(parse_size(t).context("memory")?),
+        _ => None,
+    };
+    if let Some(m) = memory {
+        if m == 0 {
+            bail!("memory must be larger than 0");
+        }
+        config.memory = m;
+    }
+    config.serial = match (&args.serial, &file.serial) {
+        (Some(s), _) => parse_serial(s, &cwd)?,
+        (None, Some(s)) => parse_serial(s, &base)?,
+        _ => SerialConfig::Stdio,
+    };
+    if let Some(f) = args.cpu_features.as_ref().or(file.cpu_features.as_ref()) {
+        config.cpu_features = alioth_hv::parse_cpu_features(f)?;
+    }
+    if let Some(p) = args.boot_protocol.as_ref().or(file.boot_protocol.as_ref()) {
+        config.kernel.protocol = parse_protocol(p)?;
+    }
+    config.exit_device = match (&args.exit_device, &file.exit_device) {
+        (Some(s), _) => parse_exit_flag(s)?,
+        (None, Some(ExitDevice::Enabled(true))) => Some(EXIT_PORT),
+        (None, Some(ExitDevice::Enabled(false))) | (None, None) => None,
+        (None, Some(ExitDevice::Port(p))) => Some(*p),
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+#[cfg(test)]
+#[path = "config_test.rs"]
+mod tests;

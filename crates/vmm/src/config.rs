@@ -1,0 +1,107 @@
+//! The typed VM configuration.
+
+use std::path::PathBuf;
+
+use alioth_boot::{BootProtocol, KernelSpec};
+use alioth_hv::CpuFeatureEdit;
+
+use crate::{Error, Result};
+
+/// Where COM1 goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SerialConfig {
+    /// Output to stdout; input from stdin (raw mode when it is a terminal).
+    #[default]
+    Stdio,
+    /// Output appended to a file; no input.
+    File(PathBuf),
+    /// No COM1.
+    Off,
+}
+
+/// A complete VM description.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Kernel, initramfs, command line and protocol.
+    pub kernel: KernelSpec,
+    /// Number of vCPUs.
+    pub cpus: u32,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// CPU features hidden from the guest.
+    pub cpu_features: Vec<CpuFeatureEdit>,
+    /// COM1.
+    pub serial: SerialConfig,
+    /// The I/O port of the test exit device, if enabled.
+    pub exit_device: Option<u16>,
+}
+
+/// The most vCPUs Alioth describes (xAPIC IDs in the MADT).
+pub const MAX_CPUS: u32 = 255;
+
+impl VmConfig {
+    /// A 1-vCPU, 512 MiB VM booting `kernel` with an empty command line.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            kernel: KernelSpec {
+                kernel: kernel.into(),
+                initramfs: None,
+                cmdline: String::new(),
+                protocol: BootProtocol::Auto,
+            },
+            cpus: 1,
+            memory: 512 << 20,
+            cpu_features: Vec::new(),
+            serial: SerialConfig::Stdio,
+            exit_device: None,
+        }
+    }
+
+    /// Checks what can be checked without touching KVM or guest memory.
+    pub fn validate(&self) -> Result<()> {
+        if self.cpus == 0 {
+            return Err(Error::Config("cpus must be at least 1".into()));
+        }
+        if self.cpus > MAX_CPUS {
+            return Err(Error::Config(format!(
+                "cpus = {} is more than the {MAX_CPUS} Alioth supports",
+                self.cpus
+            )));
+        }
+        alioth_mem::MemoryMap::new(self.memory)?;
+        let k = &self.kernel.kernel;
+        if !k.is_file() {
+            return Err(Error::Config(format!(
+                "kernel {} does not exist or is not a file",
+                k.display()
+            )));
+        }
+        if let Some(i) = &self.kernel.initramfs
+            && !i.is_file()
+        {
+            return Err(Error::Config(format!(
+                "initramfs {} does not exist or is not a file",
+                i.display()
+            )));
+        }
+        if let Some(port) = self.exit_device {
+            let reserved: &[(u16, u16, &str)] = &[
+                (0x3f8, 8, "COM1"),
+                (0x60, 5, "i8042"),
+                (0x70, 2, "CMOS"),
+                (0x3c0, 3, "ACPI PM"),
+                (0x20, 2, "PIC"),
+                (0xa0, 2, "PIC"),
+                (0x40, 4, "PIT"),
+                (0xcf8, 8, "PCI config"),
+            ];
+            if let Some((_, _, who)) = reserved.iter().find(|(b, l, _)| port >= *b && port < b + l)
+            {
+                return Err(Error::Config(format!(
+                    "exit device port {port:#x} collides with {who}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,548 @@
+//! The machine: KVM VM + RAM + buses + devices + vCPU threads.
+
+use std::fmt;
+use std::io::Write;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use alioth_boot::acpi::{AcpiConfig, LegacySerial, PmPorts};
+use alioth_boot::load_kernel;
+use alioth_devices::serial::{COM1_IRQ, COM1_PORT, Serial};
+use alioth_devices::{EventSink, VmEvent, acpi_pm, cmos, exit, i8042};
+use alioth_hv::{
+    BootCpuState, EventFd, Kvm, Vcpu, VcpuKicker, Vm, VmExit, install_kick_signal_handler,
+};
+use alioth_mem::layout::MMIO32_START;
+use alioth_mem::{Bus, BusDevice, MemoryMap, RamBus};
+
+use crate::config::{SerialConfig, VmConfig};
+use crate::signals::forward_termination_signals;
+use crate::terminal::RawTerminal;
+use crate::{Error, Result};
+
+/// How long [`Machine::run`] waits for threads to finish after asking them to stop.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the VM stopped (without an error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest reset (i8042, ACPI reset register, or a triple fault). Alioth stops on reset.
+    Reset,
+    /// The guest wrote this status to the exit device.
+    GuestExit(u8),
+    /// The user typed the console escape (Ctrl-A x).
+    UserQuit,
+    /// A termination signal (SIGINT, SIGTERM, SIGHUP) arrived.
+    Signal(i32),
+    /// The embedder called [`MachineHandle::stop`].
+    Stopped,
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitReason::PowerOff => write!(f, "guest powered off"),
+            ExitReason::Reset => write!(f, "guest reset"),
+            ExitReason::GuestExit(s) => write!(f, "guest wrote exit status {s}"),
+            ExitReason::UserQuit => write!(f, "quit from the console"),
+            ExitReason::Signal(s) => write!(f, "stopped by signal {s}"),
+            ExitReason::Stopped => write!(f, "stopped"),
+        }
+    }
+}
+
+enum Event {
+    Device(VmEvent),
+    Signal(i32),
+    Stop,
+    VcpuFailed(u32, String),
+    ThreadFailed(String, String),
+}
+
+/// Options that are not part of the VM's description.
+#[derive(Default)]
+pub struct MachineOptions {
+    /// Send COM1 output here instead of where the config says (tests, embedders).
+    pub serial_output: Option<Box<dyn Write + Send>>,
+    /// Turn SIGINT/SIGTERM/SIGHUP into a clean stop while running (what a CLI wants).
+    pub handle_signals: bool,
+}
+
+/// Stops a running machine from another thread.
+#[derive(Clone)]
+pub struct MachineHandle {
+    tx: Sender<Event>,
+}
+
+impl MachineHandle {
+    /// Asks the machine to stop; [`Machine::run`] returns [`ExitReason::Stopped`].
+    pub fn stop(&self) {
+        let _ = self.tx.send(Event::Stop);
+    }
+}
+
+/// A VM ready to run.
+pub struct Machine {
+    vcpus: Vec<Vcpu>,
+    boot: BootCpuState,
+    vm: Arc<Vm>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    serial: Option<Arc<Serial>>,
+    serial_stdin: bool,
+    handle_signals: bool,
+    tx: Sender<Event>,
+    rx: Receiver<Event>,
+    // Dropped last: the VM's memory slots point into it.
+    ram: Arc<RamBus>,
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+impl Machine {
+    /// Builds the VM: RAM and memory slots, devices, kernel, ACPI tables and vCPUs.
+    pub fn new(config: &VmConfig, options: MachineOptions) -> Result<Machine> {
+        config.validate()?;
+        let kvm = Kvm::new()?;
+        if config.cpus as usize > kvm.max_vcpus() {
+            return Err(Error::Config(format!(
+                "cpus = {} exceeds what KVM allows here ({})",
+                config.cpus,
+                kvm.max_vcpus()
+            )));
+        }
+        let vm = Arc::new(kvm.create_vm()?);
+        let ram = Arc::new(RamBus::new(MemoryMap::new(config.memory)?)?);
+        for (slot, r) in ram.regions().iter().enumerate() {
+            // SAFETY: the regions stay mapped as long as `ram`, which the machine drops after
+            // the VM and its vCPUs (field order), and which is never remapped.
+            unsafe {
+                vm.set_memory_slot(slot as u32, r.gpa, r.size, r.host_addr, false)?;
+            }
+        }
+
+        let (tx, rx) = channel();
+        let sink: EventSink = {
+            let tx = Mutex::new(tx.clone());
+            Arc::new(move |e| {
+                let _ = tx
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .send(Event::Device(e));
+            })
+        };
+        let pio = Arc::new(Bus::new("pio"));
+        let mmio = Arc::new(Bus::new("mmio"));
+
+        let mut serials = Vec::new();
+        let serial_out: Option<Box<dyn Write + Send>> =
+            match (options.serial_output, &config.serial) {
+                (Some(w), _) => Some(w),
+                (None, SerialConfig::Stdio) => Some(Box::new(std::io::stdout())),
+                (None, SerialConfig::File(p)) => {
+                    let f = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(p)
+                        .map_err(|e| Error::Config(format!("serial file {}: {e}", p.display())))?;
+                    Some(Box::new(f))
+                }
+                (None, SerialConfig::Off) => None,
+            };
+        let serial = match serial_out {
+            Some(out) => {
+                let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("serial irqfd"))?;
+                vm.register_irqfd(&irq, COM1_IRQ)?;
+                let s = Arc::new(Serial::new("serial0", irq, out).map_err(io_err("serial0"))?);
+                pio.insert(
+                    u64::from(COM1_PORT),
+                    u64::from(alioth_devices::serial::LEN),
+                    s.clone(),
+                )?;
+                serials.push(LegacySerial {
+                    port: COM1_PORT,
+                    irq: COM1_IRQ,
+                });
+                Some(s)
+            }
+            None => None,
+        };
+        let map = ram.map();
+        let regions = map.ram_regions();
+        let below = regions.first().map(|r| r.1).unwrap_or(0).min(MMIO32_START);
+        let above = regions.get(1).map(|r| r.1).unwrap_or(0);
+        let legacy: Vec<(u16, u16, Arc<dyn BusDevice>)> = vec![
+            (
+                i8042::BASE_PORT,
+                i8042::LEN,
+                Arc::new(i8042::I8042::new(sink.clone())),
+            ),
+            (
+                cmos::BASE_PORT,
+                cmos::LEN,
+                Arc::new(cmos::Cmos::new(below, above)),
+            ),
+            (
+                acpi_pm::BASE_PORT,
+                acpi_pm::LEN,
+                Arc::new(acpi_pm::AcpiPm::new(sink.clone())),
+            ),
+        ];
+        for (port, len, dev) in legacy {
+            pio.insert(u64::from(port), u64::from(len), dev)?;
+        }
+        if let Some(port) = config.exit_device {
+            pio.insert(
+                u64::from(port),
+                1,
+                Arc::new(exit::ExitDevice::new(sink.clone())),
+            )?;
+        }
+
+        let acpi = AcpiConfig {
+            nr_vcpus: config.cpus,
+            serials,
+            pm: PmPorts {
+                sleep_control: acpi_pm::BASE_PORT,
+                sleep_status: acpi_pm::BASE_PORT + 1,
+                reset: acpi_pm::BASE_PORT + 2,
+                reset_value: acpi_pm::RESET_VALUE,
+            },
+            ecam: None,
+        };
+        debug_assert_eq!(alioth_boot::acpi::S5_SLP_TYP, acpi_pm::S5_SLP_TYP);
+        let booted = load_kernel(&ram, &config.kernel, &acpi)?;
+        log::info!(
+            "loaded {:?} kernel at {:#x}-{:#x}, entry {:#x} via {:?}",
+            booted.format,
+            booted.kernel_range.0,
+            booted.kernel_range.1,
+            booted.cpu.rip,
+            booted.protocol
+        );
+
+        let mut cpuid = kvm.supported_cpuid()?;
+        cpuid.apply_edits(&config.cpu_features);
+        install_kick_signal_handler();
+        let mut vcpus = Vec::with_capacity(config.cpus as usize);
+        for id in 0..config.cpus {
+            let vcpu = vm.create_vcpu(id)?;
+            vcpu.set_cpuid(&cpuid.for_vcpu(id, config.cpus))?;
+            vcpu.set_boot_msrs()?;
+            vcpu.set_lapic_lint()?;
+            vcpus.push(vcpu);
+        }
+        if let Some(bsp) = vcpus.first() {
+            bsp.set_boot_state(&booted.cpu)?;
+        }
+
+        Ok(Machine {
+            vcpus,
+            boot: booted.cpu,
+            vm,
+            pio,
+            mmio,
+            serial,
+            serial_stdin: config.serial == SerialConfig::Stdio,
+            handle_signals: options.handle_signals,
+            tx,
+            rx,
+            ram,
+        })
+    }
+
+    /// The boot vCPU's initial state (for diagnostics and tests).
+    pub fn boot_state(&self) -> &BootCpuState {
+        &self.boot
+    }
+
+    /// A handle that can stop the machine while [`Machine::run`] blocks.
+    pub fn handle(&self) -> MachineHandle {
+        MachineHandle {
+            tx: self.tx.clone(),
+        }
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &RamBus {
+        &self.ram
+    }
+
+    /// Runs the VM until it stops; see [`ExitReason`]. A vCPU or device failure is an error,
+    /// after every thread has been stopped.
+    pub fn run(self) -> Result<ExitReason> {
+        let Machine {
+            vcpus,
+            vm,
+            pio,
+            mmio,
+            serial,
+            serial_stdin,
+            handle_signals,
+            tx,
+            rx,
+            ram,
+            ..
+        } = self;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (done_tx, done_rx) = channel::<String>();
+
+        if handle_signals {
+            let tx = Mutex::new(tx.clone());
+            forward_termination_signals(move |sig| {
+                let _ = tx
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .send(Event::Signal(sig));
+            })
+            .map_err(io_err("signal handling"))?;
+        }
+
+        // Console input: stdin, raw when it is a terminal (restored when `_raw` drops).
+        let input_stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?);
+        let mut _raw = None;
+        let mut input_thread = None;
+        if let (Some(s), true) = (&serial, serial_stdin) {
+            let stdin = std::io::stdin();
+            _raw = RawTerminal::enter(std::os::fd::AsFd::as_fd(&stdin));
+            let escape = _raw.is_some();
+            if escape {
+                eprintln!("alioth: console in raw mode; press Ctrl-A x to quit");
+            }
+            let sink_tx = Mutex::new(tx.clone());
+            let sink: EventSink = Arc::new(move |e| {
+                let _ = sink_tx
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .send(Event::Device(e));
+            });
+            let stdin_fd = std::io::stdin().as_fd_owned().map_err(io_err("stdin"))?;
+            let (s, stop, fail_tx) = (s.clone(), input_stop.clone(), Mutex::new(tx.clone()));
+            input_thread = Some(
+                std::thread::Builder::new()
+                    .name("serial0-input".into())
+                    .spawn(move || {
+                        let input = std::fs::File::from(stdin_fd);
+                        let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            s.run_input(input, escape, sink, &stop)
+                        }));
+                        if let Err(p) = r {
+                            let _ = fail_tx.lock().unwrap_or_else(|e| e.into_inner()).send(
+                                Event::ThreadFailed(
+                                    "serial0-input".into(),
+                                    format!("panicked: {}", panic_message(&p)),
+                                ),
+                            );
+                        }
+                    })
+                    .map_err(io_err("serial input thread"))?,
+            );
+        }
+
+        let mut threads: Vec<(String, JoinHandle<()>, Option<VcpuKicker>)> = Vec::new();
+        for vcpu in vcpus {
+            let id = vcpu.id();
+            let name = format!("vcpu{id}");
+            let ctx = VcpuContext {
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                stop: stop.clone(),
+                tx: tx.clone(),
+            };
+            let done = done_tx.clone();
+            let thread_name = name.clone();
+            let h = std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || {
+                    let r = std::panic::catch_unwind(AssertUnwindSafe(|| ctx.run_vcpu(vcpu)));
+                    if let Err(p) = r {
+                        let msg = panic_message(&p);
+                        let _ = ctx
+                            .tx
+                            .send(Event::VcpuFailed(id, format!("panicked: {msg}")));
+                    }
+                    let _ = done.send(thread_name);
+                })
+                .map_err(io_err(format!("spawning {name}")))?;
+            let kicker = VcpuKicker::for_thread(&h);
+            threads.push((name, h, Some(kicker)));
+        }
+        drop(done_tx);
+
+        let outcome = loop {
+            let Ok(ev) = rx.recv() else {
+                break Err(Error::Thread {
+                    thread: "machine".into(),
+                    reason: "every event source is gone".into(),
+                });
+            };
+            match ev {
+                Event::Device(VmEvent::PowerOff) => break Ok(ExitReason::PowerOff),
+                Event::Device(VmEvent::Reset) => break Ok(ExitReason::Reset),
+                Event::Device(VmEvent::Exit(s)) => break Ok(ExitReason::GuestExit(s)),
+                Event::Device(VmEvent::UserQuit) => break Ok(ExitReason::UserQuit),
+                Event::Signal(s) => break Ok(ExitReason::Signal(s)),
+                Event::Stop => break Ok(ExitReason::Stopped),
+                Event::VcpuFailed(vcpu, reason) => break Err(Error::Vcpu { vcpu, reason }),
+                Event::ThreadFailed(thread, reason) => break Err(Error::Thread { thread, reason }),
+            }
+        };
+
+        // Stop everything: flag first, then kick, so no vCPU can miss it.
+        stop.store(true, Ordering::SeqCst);
+        let _ = input_stop.write(1);
+        for (_, _, kicker) in &threads {
+            if let Some(k) = kicker {
+                k.kick();
+            }
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        let mut pending: Vec<String> = threads.iter().map(|t| t.0.clone()).collect();
+        while !pending.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match done_rx.recv_timeout(left) {
+                Ok(name) => pending.retain(|n| *n != name),
+                Err(_) => break,
+            }
+            // Kick again in case a vCPU was between exits when the first kick landed.
+            for (name, _, kicker) in &threads {
+                if pending.contains(name)
+                    && let Some(k) = kicker
+                {
+                    k.kick();
+                }
+            }
+        }
+        if pending.is_empty() {
+            for (_, h, _) in threads {
+                let _ = h.join();
+            }
+        } else {
+            log::error!(
+                "{} did not stop within {STOP_GRACE:?}; leaving them behind",
+                pending.join(", ")
+            );
+            // The threads still hold the RAM and VM; keep them alive for the process's life.
+            std::mem::forget(ram);
+            std::mem::forget(vm);
+        }
+        if let Some(h) = input_thread {
+            // The input thread polls the stop eventfd and ends promptly.
+            let _ = h.join();
+        }
+        drop(_raw);
+        outcome
+    }
+}
+
+trait AsFdOwned {
+    fn as_fd_owned(&self) -> std::io::Result<std::os::fd::OwnedFd>;
+}
+
+impl AsFdOwned for std::io::Stdin {
+    fn as_fd_owned(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        std::os::fd::AsFd::as_fd(self).try_clone_to_owned()
+    }
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+struct VcpuContext {
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    stop: Arc<AtomicBool>,
+    tx: Sender<Event>,
+}
+
+impl VcpuContext {
+    fn fail(&self, id: u32, reason: String) {
+        let _ = self.tx.send(Event::VcpuFailed(id, reason));
+    }
+
+    fn run_vcpu(&self, mut vcpu: Vcpu) {
+        let id = vcpu.id();
+        vcpu.bind_kick_to_current_thread();
+        let mut unhandled_logged = 0u32;
+        while !self.stop.load(Ordering::SeqCst) {
+            let exit = match vcpu.run() {
+                Ok(e) => e,
+                Err(e) => return self.fail(id, e.to_string()),
+            };
+            match exit {
+                VmExit::IoIn { port, size, data } => {
+                    for chunk in data.chunks_mut(usize::from(size.max(1))) {
+                        if !self.pio.read(u64::from(port), chunk) {
+                            chunk.fill(0xff);
+                        }
+                    }
+                }
+                VmExit::IoOut { port, size, data } => {
+                    for chunk in data.chunks(usize::from(size.max(1))) {
+                        if !self.pio.write(u64::from(port), chunk) && unhandled_logged < 16 {
+                            unhandled_logged += 1;
+                            log::debug!("vcpu{id}: write to unhandled port {port:#x}");
+                        }
+                    }
+                }
+                VmExit::MmioRead { addr, data } => {
+                    if !self.mmio.read(addr, data) {
+                        data.fill(0xff);
+                    }
+                }
+                VmExit::MmioWrite { addr, data } => {
+                    if !self.mmio.write(addr, data) && unhandled_logged < 16 {
+                        unhandled_logged += 1;
+                        log::debug!("vcpu{id}: write to unhandled MMIO {addr:#x}");
+                    }
+                }
+                VmExit::Interrupted | VmExit::Hlt => {}
+                VmExit::Shutdown => {
+                    log::info!("vcpu{id}: triple fault (shutdown); treating it as a reset");
+                    let _ = self.tx.send(Event::Device(VmEvent::Reset));
+                    return;
+                }
+                VmExit::Reset => {
+                    let _ = self.tx.send(Event::Device(VmEvent::Reset));
+                    return;
+                }
+                VmExit::PowerOff => {
+                    let _ = self.tx.send(Event::Device(VmEvent::PowerOff));
+                    return;
+                }
+                VmExit::Crash => return self.fail(id, "guest reported a crash".into()),
+                VmExit::InternalError(e) => {
+                    let desc = e.describe();
+                    let regs = vcpu
+                        .regs()
+                        .map(|r| format!("RIP {:#x}, RSP {:#x}", r.rip, r.rsp))
+                        .unwrap_or_else(|e| format!("registers unavailable: {e}"));
+                    return self.fail(id, format!("KVM internal error: {desc} at {regs}"));
+                }
+                VmExit::FailEntry { reason } => {
+                    return self.fail(id, format!("VM entry failed, hardware reason {reason:#x}"));
+                }
+                VmExit::Other(n) => {
+                    return self.fail(id, format!("unhandled KVM exit reason {n}"));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "machine_test.rs"]
+mod tests;

@@ -1,0 +1,53 @@
+//! SIGINT/SIGTERM/SIGHUP turned into machine events through a self-pipe.
+
+use std::io::Read;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+static WRITE_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    let fd = WRITE_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let b = sig as u8;
+        // SAFETY: write(2) is async-signal-safe; the buffer is one valid byte.
+        unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
+    }
+}
+
+/// Handles termination signals: each one received is passed to `f` (on a helper thread).
+pub fn forward_termination_signals(f: impl Fn(i32) + Send + 'static) -> std::io::Result<()> {
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 returned two fresh descriptors we now own.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // The write end lives for the rest of the process: the handler may fire at any time.
+    let old = WRITE_FD.swap(std::os::fd::IntoRawFd::into_raw_fd(wr), Ordering::SeqCst);
+    if old >= 0 {
+        // SAFETY: the previous write end was ours and nothing else uses it now.
+        unsafe { libc::close(old) };
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: a zeroed sigaction is valid; the handler is async-signal-safe.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+    let mut rd = std::fs::File::from(rd);
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut b = [0u8; 1];
+            while let Ok(1) = rd.read(&mut b) {
+                f(i32::from(b[0]));
+            }
+        })?;
+    Ok(())
+}
