@@ -135,8 +135,7 @@ fn load_image(mem: &GuestMemoryMmap, spec: &KernelSpec, low_end: u64) -> Result<
             if hdr.xloadflags & XLF_KERNEL_64 == 0 {
                 return Err(bad_kernel(path, "bzImage has no 64-bit entry point"));
             }
-            let load = u64::from(hdr.code32_start);
-            let needed = load + u64::from(hdr.init_size);
+            let needed = decompress_end(&hdr);
             if needed > low_end {
                 return Err(too_large(needed));
             }
@@ -188,6 +187,30 @@ fn load_image(mem: &GuestMemoryMmap, spec: &KernelSpec, low_end: u64) -> Result<
             })
         }
     }
+}
+
+/// The end of the memory a bzImage's decompressor uses: a relocatable kernel runs (and
+/// decompresses) at its load address rounded up to `kernel_alignment`, but never below
+/// `pref_address`; it needs `init_size` bytes from there.
+fn decompress_end(hdr: &linux_loader::loader::bootparam::setup_header) -> u64 {
+    let load = u64::from(hdr.code32_start);
+    let init_size = u64::from(hdr.init_size);
+    let relocatable = hdr.relocatable_kernel != 0;
+    let version = hdr.version;
+    let base = if relocatable {
+        let align = u64::from(hdr.kernel_alignment).max(1);
+        let aligned = load.div_ceil(align).saturating_mul(align);
+        // pref_address exists from protocol 2.10 on.
+        let pref = if version >= 0x020a {
+            hdr.pref_address
+        } else {
+            0
+        };
+        aligned.max(pref)
+    } else {
+        load
+    };
+    base.saturating_add(init_size)
 }
 
 fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, max: u32) -> Result<()> {

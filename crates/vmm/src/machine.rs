@@ -10,12 +10,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use alioth_boot::acpi::{AcpiConfig, LegacySerial, PmPorts};
-use alioth_boot::load_kernel;
+use alioth_boot::{BootedKernel, load_kernel};
 use alioth_devices::serial::{COM1_IRQ, COM1_PORT, Serial};
 use alioth_devices::{EventSink, VmEvent, acpi_pm, cmos, exit, i8042};
-use alioth_hv::{
-    BootCpuState, EventFd, Kvm, Vcpu, VcpuKicker, Vm, VmExit, install_kick_signal_handler,
-};
+use alioth_hv::{EventFd, Kvm, Vcpu, VcpuKicker, Vm, VmExit, install_kick_signal_handler};
 use alioth_mem::layout::MMIO32_START;
 use alioth_mem::{Bus, BusDevice, MemoryMap, RamBus};
 
@@ -90,7 +88,7 @@ impl MachineHandle {
 /// A VM ready to run.
 pub struct Machine {
     vcpus: Vec<Vcpu>,
-    boot: BootCpuState,
+    booted: BootedKernel,
     vm: Arc<Vm>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
@@ -247,7 +245,7 @@ impl Machine {
 
         Ok(Machine {
             vcpus,
-            boot: booted.cpu,
+            booted,
             vm,
             pio,
             mmio,
@@ -260,9 +258,9 @@ impl Machine {
         })
     }
 
-    /// The boot vCPU's initial state (for diagnostics and tests).
-    pub fn boot_state(&self) -> &BootCpuState {
-        &self.boot
+    /// What the loader did: the boot vCPU's initial state, where the kernel and initramfs went.
+    pub fn booted(&self) -> &BootedKernel {
+        &self.booted
     }
 
     /// A handle that can stop the machine while [`Machine::run`] blocks.
