@@ -1,1 +1,143 @@
+use std::io::Write;
 
+use super::*;
+
+fn file_with(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f
+}
+
+#[test]
+fn sizes_parse_with_units_and_reject_nonsense() {
+    assert_eq!(parse_size("4096").unwrap(), 4096);
+    assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+    assert_eq!(parse_size("2g").unwrap(), 2 << 30);
+    assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+    assert!(parse_size("").is_err());
+    assert!(parse_size("M").is_err());
+    assert!(parse_size("12Q").unwrap_err().to_string().contains("unit"));
+    assert!(
+        parse_size("99999999999T")
+            .unwrap_err()
+            .to_string()
+            .contains("too large")
+    );
+}
+
+#[test]
+fn malformed_toml_names_line_and_column() {
+    let f = file_with("kernel = \"a\"\ncpus = = 2\n");
+    let err = read_file(f.path()).unwrap_err().to_string();
+    assert!(err.contains("line 2"), "{err}");
+    assert!(err.contains("column"), "{err}");
+}
+
+#[test]
+fn unknown_keys_are_rejected_by_name() {
+    let f = file_with("kernel = \"a\"\nmemroy = \"1G\"\n");
+    let err = read_file(f.path()).unwrap_err().to_string();
+    assert!(err.contains("memroy"), "{err}");
+}
+
+#[test]
+fn flags_override_the_file_and_file_paths_are_relative_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("kernel.bin"), b"x").unwrap();
+    std::fs::write(dir.path().join("other.bin"), b"x").unwrap();
+    let cfg = dir.path().join("vm.toml");
+    std::fs::write(
+        &cfg,
+        "kernel = \"kernel.bin\"\ncpus = 2\nmemory = \"256M\"\ncmdline = \"a\"\nexit_device = true\n\
+         serial = \"off\"\ncpu_features = \"-xsave\"\nboot_protocol = \"linux64\"\n",
+    )
+    .unwrap();
+    let args = BootArgs {
+        config: Some(cfg.clone()),
+        cpus: Some(3),
+        ..Default::default()
+    };
+    let c = build(&args).unwrap();
+    assert_eq!(c.kernel.kernel, dir.path().join("kernel.bin"));
+    assert_eq!(c.cpus, 3);
+    assert_eq!(c.memory, 256 << 20);
+    assert_eq!(c.kernel.cmdline, "a");
+    assert_eq!(c.exit_device, Some(0xf4));
+    assert_eq!(c.serial, SerialConfig::Off);
+    assert_eq!(c.cpu_features.len(), 1);
+    assert_eq!(c.kernel.protocol, BootProtocol::Linux64);
+
+    let args = BootArgs {
+        config: Some(cfg),
+        kernel: Some(dir.path().join("other.bin")),
+        memory: Some("1G".into()),
+        exit_device: Some("0x501".into()),
+        ..Default::default()
+    };
+    let c = build(&args).unwrap();
+    assert_eq!(c.kernel.kernel, dir.path().join("other.bin"));
+    assert_eq!(c.memory, 1 << 30);
+    assert_eq!(c.exit_device, Some(0x501));
+}
+
+#[test]
+fn zero_memory_zero_cpus_and_bad_values_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = dir.path().join("k");
+    std::fs::write(&k, b"x").unwrap();
+    let base = || BootArgs {
+        kernel: Some(k.clone()),
+        ..Default::default()
+    };
+    let err = |a: BootArgs| format!("{:#}", build(&a).unwrap_err());
+    assert!(
+        err(BootArgs {
+            memory: Some("0".into()),
+            ..base()
+        })
+        .contains("memory")
+    );
+    assert!(
+        err(BootArgs {
+            cpus: Some(0),
+            ..base()
+        })
+        .contains("cpus")
+    );
+    assert!(
+        err(BootArgs {
+            serial: Some("tcp".into()),
+            ..base()
+        })
+        .contains("serial")
+    );
+    assert!(
+        err(BootArgs {
+            boot_protocol: Some("uefi".into()),
+            ..base()
+        })
+        .contains("protocol")
+    );
+    assert!(
+        err(BootArgs {
+            exit_device: Some("x".into()),
+            ..base()
+        })
+        .contains("exit device")
+    );
+    assert!(
+        err(BootArgs {
+            exit_device: Some("0x3f8".into()),
+            ..base()
+        })
+        .contains("COM1")
+    );
+    assert!(
+        err(BootArgs {
+            cpu_features: Some("-nope".into()),
+            ..base()
+        })
+        .contains("nope")
+    );
+    assert!(err(BootArgs::default()).contains("no kernel"));
+}

@@ -1,0 +1,129 @@
+//! Bad input to `alioth` ends with a clear message and exit status 2, never a panic.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use alioth_test_util::guest_artifact;
+
+fn alioth(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_alioth"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run alioth")
+}
+
+#[track_caller]
+fn assert_usage_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+}
+
+#[test]
+fn missing_kernel_is_a_usage_error() {
+    let out = alioth(&["boot", "--kernel", "/nonexistent/bzImage"]);
+    assert_usage_error(&out, "/nonexistent/bzImage");
+    assert_usage_error(&alioth(&["boot"]), "no kernel");
+}
+
+#[test]
+fn a_file_that_is_not_a_kernel_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = dir.path().join("notes.txt");
+    std::fs::write(&k, "hello").unwrap();
+    let out = alioth(&["boot", "--kernel", k.to_str().unwrap(), "--serial", "off"]);
+    assert_usage_error(&out, "is not a kernel image");
+}
+
+#[test]
+fn malformed_toml_and_unknown_keys_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("vm.toml");
+    std::fs::write(&cfg, "kernel = \"k\"\ncpus = [\n").unwrap();
+    let out = alioth(&["boot", "--config", cfg.to_str().unwrap()]);
+    assert_usage_error(&out, "line 2");
+    std::fs::write(&cfg, "kernel = \"k\"\nvcpus = 2\n").unwrap();
+    let out = alioth(&["boot", "--config", cfg.to_str().unwrap()]);
+    assert_usage_error(&out, "unknown field `vcpus`");
+}
+
+#[test]
+fn memory_zero_or_beyond_the_host_and_zero_cpus_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = dir.path().join("k");
+    std::fs::write(&k, "x").unwrap();
+    let k = k.to_str().unwrap();
+    assert_usage_error(&alioth(&["boot", "--kernel", k, "--memory", "0"]), "memory");
+    assert_usage_error(&alioth(&["boot", "--kernel", k, "--cpus", "0"]), "cpus");
+    assert_usage_error(
+        &alioth(&["boot", "--kernel", k, "--memory", "lots"]),
+        "size",
+    );
+    let Some(vmlinux) = guest_artifact("vmlinux") else {
+        return;
+    };
+    // 1 PiB is a valid guest-physical size but no host process can map it.
+    let out = alioth(&[
+        "boot",
+        "--kernel",
+        vmlinux.to_str().unwrap(),
+        "--memory",
+        "1024T",
+        "--serial",
+        "off",
+    ]);
+    assert_usage_error(&out, "cannot map");
+}
+
+#[test]
+fn initramfs_that_does_not_fit_is_a_usage_error() {
+    let Some(vmlinux) = guest_artifact("vmlinux") else {
+        return;
+    };
+    let big = tempfile::NamedTempFile::new().unwrap();
+    big.as_file().set_len(64 << 20).unwrap();
+    let out = alioth(&[
+        "boot",
+        "--kernel",
+        vmlinux.to_str().unwrap(),
+        "--initramfs",
+        big.path().to_str().unwrap(),
+        "--memory",
+        "96M",
+        "--serial",
+        "off",
+    ]);
+    assert_usage_error(&out, "does not fit");
+}
+
+#[test]
+fn help_explains_every_option() {
+    let out = alioth(&["--help"]);
+    assert!(out.status.success());
+    let top = String::from_utf8_lossy(&out.stdout);
+    assert!(top.contains("boot") && top.contains("Exit status"), "{top}");
+    let out = alioth(&["boot", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--config",
+        "--kernel",
+        "--initramfs",
+        "--cmdline",
+        "--cpus",
+        "--memory",
+        "--serial",
+        "--cpu-features",
+        "--boot-protocol",
+        "--exit-device",
+    ] {
+        assert!(
+            help.contains(flag),
+            "`{flag}` missing from boot --help:\n{help}"
+        );
+    }
+    assert_eq!(alioth(&["boot", "--bogus"]).status.code(), Some(2));
+    assert!(Path::new(env!("CARGO_BIN_EXE_alioth")).exists());
+}
