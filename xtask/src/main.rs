@@ -51,7 +51,7 @@ fn ci() -> Result<()> {
         "warnings",
     ]))?;
     run(cargo()
-        .args(["test", "--workspace", "--all-targets"])
+        .args(["test", "--workspace", "--all-targets", "--", "--show-output"])
         .env("ALIOTH_GUEST_DIR", &guest_dir)
         .env("ALIOTH_REQUIRE_GUEST", "1"))?;
     run(cargo()

@@ -61,8 +61,8 @@ pub struct VcpuKicker {
 impl VcpuKicker {
     /// A kicker for the calling thread; the vCPU must be run on this thread.
     pub fn for_current_thread() -> Self {
-        // SAFETY: pthread_self has no preconditions.
         VcpuKicker {
+            // SAFETY: pthread_self has no preconditions.
             thread: unsafe { libc::pthread_self() },
         }
     }

@@ -346,7 +346,7 @@ impl Machine {
             );
         }
 
-        let mut threads: Vec<(String, JoinHandle<()>, Option<VcpuKicker>)> = Vec::new();
+        let mut threads: Vec<(String, JoinHandle<()>, VcpuKicker)> = Vec::new();
         for vcpu in vcpus {
             let id = vcpu.id();
             let name = format!("vcpu{id}");
@@ -372,36 +372,31 @@ impl Machine {
                 })
                 .map_err(io_err(format!("spawning {name}")))?;
             let kicker = VcpuKicker::for_thread(&h);
-            threads.push((name, h, Some(kicker)));
+            threads.push((name, h, kicker));
         }
         drop(done_tx);
 
-        let outcome = loop {
-            let Ok(ev) = rx.recv() else {
-                break Err(Error::Thread {
-                    thread: "machine".into(),
-                    reason: "every event source is gone".into(),
-                });
-            };
-            match ev {
-                Event::Device(VmEvent::PowerOff) => break Ok(ExitReason::PowerOff),
-                Event::Device(VmEvent::Reset) => break Ok(ExitReason::Reset),
-                Event::Device(VmEvent::Exit(s)) => break Ok(ExitReason::GuestExit(s)),
-                Event::Device(VmEvent::UserQuit) => break Ok(ExitReason::UserQuit),
-                Event::Signal(s) => break Ok(ExitReason::Signal(s)),
-                Event::Stop => break Ok(ExitReason::Stopped),
-                Event::VcpuFailed(vcpu, reason) => break Err(Error::Vcpu { vcpu, reason }),
-                Event::ThreadFailed(thread, reason) => break Err(Error::Thread { thread, reason }),
-            }
+        // The first event decides how the machine stops.
+        let outcome = match rx.recv() {
+            Err(_) => Err(Error::Thread {
+                thread: "machine".into(),
+                reason: "every event source is gone".into(),
+            }),
+            Ok(Event::Device(VmEvent::PowerOff)) => Ok(ExitReason::PowerOff),
+            Ok(Event::Device(VmEvent::Reset)) => Ok(ExitReason::Reset),
+            Ok(Event::Device(VmEvent::Exit(s))) => Ok(ExitReason::GuestExit(s)),
+            Ok(Event::Device(VmEvent::UserQuit)) => Ok(ExitReason::UserQuit),
+            Ok(Event::Signal(s)) => Ok(ExitReason::Signal(s)),
+            Ok(Event::Stop) => Ok(ExitReason::Stopped),
+            Ok(Event::VcpuFailed(vcpu, reason)) => Err(Error::Vcpu { vcpu, reason }),
+            Ok(Event::ThreadFailed(thread, reason)) => Err(Error::Thread { thread, reason }),
         };
 
         // Stop everything: flag first, then kick, so no vCPU can miss it.
         stop.store(true, Ordering::SeqCst);
         let _ = input_stop.write(1);
         for (_, _, kicker) in &threads {
-            if let Some(k) = kicker {
-                k.kick();
-            }
+            kicker.kick();
         }
         let deadline = Instant::now() + STOP_GRACE;
         let mut pending: Vec<String> = threads.iter().map(|t| t.0.clone()).collect();
@@ -413,10 +408,8 @@ impl Machine {
             }
             // Kick again in case a vCPU was between exits when the first kick landed.
             for (name, _, kicker) in &threads {
-                if pending.contains(name)
-                    && let Some(k) = kicker
-                {
-                    k.kick();
+                if pending.contains(name) {
+                    kicker.kick();
                 }
             }
         }
