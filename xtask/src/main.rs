@@ -39,9 +39,8 @@ fn cargo() -> Command {
 }
 
 fn ci() -> Result<()> {
-    let root = workspace_root();
-    let guest_dir = guest::build(&root)?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    let guest_dir = guest::build(&workspace_root())?;
     run(cargo().args([
         "clippy",
         "--workspace",
@@ -51,7 +50,13 @@ fn ci() -> Result<()> {
         "warnings",
     ]))?;
     run(cargo()
-        .args(["test", "--workspace", "--all-targets", "--", "--show-output"])
+        .args([
+            "test",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "--show-output",
+        ])
         .env("ALIOTH_GUEST_DIR", &guest_dir)
         .env("ALIOTH_REQUIRE_GUEST", "1"))?;
     run(cargo()

@@ -55,3 +55,36 @@ pub fn require_hardware_kvm(test: &str) -> bool {
     );
     false
 }
+
+/// A minimal ELF64 x86-64 executable whose single PT_LOAD segment holds `code` at physical (and
+/// virtual) address `load`, with the entry point at its start. Alioth boots it like a vmlinux
+/// without a PVH note: the Linux 64-bit protocol, long mode, identity-mapped low 4 GiB.
+pub fn tiny_elf(code: &[u8], load: u64) -> Vec<u8> {
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    const OFFSET: usize = 0x1000;
+    let mut f = vec![0u8; OFFSET];
+    f[..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2; // 64-bit
+    f[5] = 1; // little endian
+    f[6] = 1; // version
+    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    f[20..24].copy_from_slice(&1u32.to_le_bytes());
+    f[24..32].copy_from_slice(&load.to_le_bytes()); // entry
+    f[32..40].copy_from_slice(&(EHDR as u64).to_le_bytes()); // phoff
+    f[52..54].copy_from_slice(&(EHDR as u16).to_le_bytes());
+    f[54..56].copy_from_slice(&(PHDR as u16).to_le_bytes());
+    f[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
+    let p = &mut f[EHDR..EHDR + PHDR];
+    p[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    p[4..8].copy_from_slice(&7u32.to_le_bytes()); // RWX
+    p[8..16].copy_from_slice(&(OFFSET as u64).to_le_bytes());
+    p[16..24].copy_from_slice(&load.to_le_bytes());
+    p[24..32].copy_from_slice(&load.to_le_bytes());
+    p[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    p[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    p[48..56].copy_from_slice(&0x1000u64.to_le_bytes());
+    f.extend_from_slice(code);
+    f
+}
