@@ -294,46 +294,33 @@ pub fn load_kernel(ram: &RamBus, spec: &KernelSpec, acpi: &AcpiConfig) -> Result
     };
     let rsdp_addr = write_acpi_tables(mem, acpi)?;
 
-    let cpu = match img.protocol {
+    // Protocol-specific structures, and (mode, rsp, rsi, rbx, cr3) for the entry.
+    let (mode, rsp, rsi, rbx, cr3) = match img.protocol {
         BootProtocol::Pvh => {
             write_pvh_info(ram, initramfs, rsdp_addr)?;
-            let gdt = gdt(CpuMode::Protected32);
-            write_gdt(mem, &gdt)?;
-            BootCpuState {
-                mode: CpuMode::Protected32,
-                rip: img.entry,
-                rsp: 0,
-                rsi: 0,
-                rbx: PVH_INFO_ADDR,
-                cr3: 0,
-                gdt_addr: GDT_ADDR,
-                gdt,
-                idt_addr: IDT_ADDR,
-                code_index: CODE_INDEX,
-                data_index: DATA_INDEX,
-                tss_index: TSS_INDEX,
-            }
+            (CpuMode::Protected32, 0, 0, PVH_INFO_ADDR, 0)
         }
         _ => {
             write_zero_page(ram, img.header, initramfs, rsdp_addr)?;
             write_identity_page_tables(mem)?;
-            let gdt = gdt(CpuMode::Long64);
-            write_gdt(mem, &gdt)?;
-            BootCpuState {
-                mode: CpuMode::Long64,
-                rip: img.entry,
-                rsp: BOOT_STACK,
-                rsi: ZERO_PAGE_ADDR,
-                rbx: 0,
-                cr3: PML4_ADDR,
-                gdt_addr: GDT_ADDR,
-                gdt,
-                idt_addr: IDT_ADDR,
-                code_index: CODE_INDEX,
-                data_index: DATA_INDEX,
-                tss_index: TSS_INDEX,
-            }
+            (CpuMode::Long64, BOOT_STACK, ZERO_PAGE_ADDR, 0, PML4_ADDR)
         }
+    };
+    let gdt = gdt(mode);
+    write_gdt(mem, &gdt)?;
+    let cpu = BootCpuState {
+        mode,
+        rip: img.entry,
+        rsp,
+        rsi,
+        rbx,
+        cr3,
+        gdt_addr: GDT_ADDR,
+        gdt,
+        idt_addr: IDT_ADDR,
+        code_index: CODE_INDEX,
+        data_index: DATA_INDEX,
+        tss_index: TSS_INDEX,
     };
     Ok(BootedKernel {
         cpu,

@@ -40,12 +40,11 @@ impl BusDevice for AcpiPm {
     }
 
     fn read(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        if offset == 1
-            && let Some(b) = data.first_mut()
-        {
-            *b = self.status.load(Ordering::Relaxed);
-        }
+        let v = match offset {
+            1 => self.status.load(Ordering::Relaxed),
+            _ => 0,
+        };
+        crate::put_byte(data, v);
     }
 
     fn write(&self, offset: u64, data: &[u8]) {

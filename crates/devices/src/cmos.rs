@@ -107,13 +107,12 @@ impl BusDevice for Cmos {
     }
 
     fn read(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Some(b) = data.first_mut() else { return };
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        *b = match offset {
+        let v = match offset {
             0 => st.index,
             _ => Self::clock(st.index).unwrap_or(st.ram[usize::from(st.index & 0x7f)]),
         };
+        crate::put_byte(data, v);
     }
 
     fn write(&self, offset: u64, data: &[u8]) {

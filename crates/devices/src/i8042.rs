@@ -43,11 +43,7 @@ impl BusDevice for I8042 {
 
     fn read(&self, offset: u64, data: &mut [u8]) {
         let mut dev = self.dev.lock().unwrap_or_else(|e| e.into_inner());
-        let v = dev.read(offset as u8);
-        data.fill(0);
-        if let Some(b) = data.first_mut() {
-            *b = v;
-        }
+        crate::put_byte(data, dev.read(offset as u8));
     }
 
     fn write(&self, offset: u64, data: &[u8]) {

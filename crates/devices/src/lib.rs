@@ -44,6 +44,14 @@ pub enum VmEvent {
 /// Where devices send [`VmEvent`]s.
 pub type EventSink = Arc<dyn Fn(VmEvent) + Send + Sync>;
 
+/// Answers a read of a byte-wide register: `v` in the first byte, zeros in the rest.
+pub(crate) fn put_byte(data: &mut [u8], v: u8) {
+    data.fill(0);
+    if let Some(b) = data.first_mut() {
+        *b = v;
+    }
+}
+
 /// Assembles a little-endian value from an access of 1-8 bytes.
 pub(crate) fn le_value(data: &[u8]) -> u64 {
     let mut b = [0u8; 8];

@@ -201,11 +201,7 @@ impl BusDevice for Serial {
 
     fn read(&self, offset: u64, data: &mut [u8]) {
         let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
-        let v = uart.read(offset as u8);
-        data.fill(0);
-        if let Some(b) = data.first_mut() {
-            *b = v;
-        }
+        crate::put_byte(data, uart.read(offset as u8));
     }
 
     fn write(&self, offset: u64, data: &[u8]) {

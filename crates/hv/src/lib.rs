@@ -22,7 +22,8 @@ mod vm;
 
 pub use cpuid::{CpuFeature, CpuFeatureEdit, Cpuid, CpuidEntry, parse_cpu_features};
 pub use vcpu::{
-    BootCpuState, CpuMode, InternalError, Vcpu, VcpuKicker, VmExit, install_kick_signal_handler,
+    BootCpuState, CpuMode, InternalError, Regs, Vcpu, VcpuKicker, VmExit,
+    install_kick_signal_handler,
 };
 pub use vm::{DataMatch, GsiRoute, IoEventAddress, IrqChip, Vm};
 pub use vmm_sys_util::eventfd::EventFd;

@@ -217,6 +217,24 @@ pub struct Regs {
     pub rflags: u64,
 }
 
+/// Field-for-field conversions between [`Regs`] and `kvm_regs`, with the field list written once.
+macro_rules! regs_conversions {
+    ($($f:ident),*) => {
+        impl Regs {
+            fn from_kvm(r: &kvm_regs) -> Regs {
+                Regs { $($f: r.$f),* }
+            }
+            fn to_kvm(self) -> kvm_regs {
+                kvm_regs { $($f: self.$f),* }
+            }
+        }
+    };
+}
+
+regs_conversions!(
+    rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8, r9, r10, r11, r12, r13, r14, r15, rip, rflags
+);
+
 /// The CPU mode a boot protocol starts the vCPU in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CpuMode {
@@ -335,51 +353,14 @@ impl Vcpu {
     /// Reads the general-purpose registers.
     pub fn regs(&self) -> Result<Regs> {
         let r = self.fd.get_regs().map_err(Error::ioctl("GET_REGS"))?;
-        Ok(Regs {
-            rax: r.rax,
-            rbx: r.rbx,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            rsp: r.rsp,
-            rbp: r.rbp,
-            r8: r.r8,
-            r9: r.r9,
-            r10: r.r10,
-            r11: r.r11,
-            r12: r.r12,
-            r13: r.r13,
-            r14: r.r14,
-            r15: r.r15,
-            rip: r.rip,
-            rflags: r.rflags,
-        })
+        Ok(Regs::from_kvm(&r))
     }
 
     /// Writes the general-purpose registers.
     pub fn set_regs(&self, r: &Regs) -> Result<()> {
-        let k = kvm_regs {
-            rax: r.rax,
-            rbx: r.rbx,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            rsp: r.rsp,
-            rbp: r.rbp,
-            r8: r.r8,
-            r9: r.r9,
-            r10: r.r10,
-            r11: r.r11,
-            r12: r.r12,
-            r13: r.r13,
-            r14: r.r14,
-            r15: r.r15,
-            rip: r.rip,
-            rflags: r.rflags,
-        };
-        self.fd.set_regs(&k).map_err(Error::ioctl("SET_REGS"))
+        self.fd
+            .set_regs(&r.to_kvm())
+            .map_err(Error::ioctl("SET_REGS"))
     }
 
     /// Control registers CR0, CR3, CR4 and EFER, for diagnostics.

@@ -36,12 +36,7 @@ pub fn guest_artifact(name: &str) -> Option<PathBuf> {
     None
 }
 
-/// Whether KVM is backed by hardware (VMX/SVM). On a software KVM such as PVM, guest ring 0 is
-/// emulated at about a million instructions per second, so a full Linux boot does not finish in
-/// useful time.
-pub fn kvm_is_hardware_backed() -> bool {
-    Path::new("/sys/module/kvm_intel").exists() || Path::new("/sys/module/kvm_amd").exists()
-}
+pub use alioth_hv::kvm_is_hardware_backed;
 
 /// For full-boot tests: true on hardware KVM; otherwise prints why the test is skipped.
 pub fn require_hardware_kvm(test: &str) -> bool {
