@@ -1,0 +1,221 @@
+//! Descriptor chains: validated lists of guest buffers.
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::{QueueError, Result};
+
+/// One guest buffer of a chain: its guest-physical range and where it is mapped in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Iov {
+    /// Guest-physical address.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u32,
+    host: *mut u8,
+}
+
+// SAFETY: an Iov is an address into guest RAM, which is shared with the guest and every device
+// thread anyway; the pointer is only dereferenced by I/O submitted on behalf of the chain.
+unsafe impl Send for Iov {}
+// SAFETY: as above; the type has no interior state.
+unsafe impl Sync for Iov {}
+
+impl Iov {
+    /// The buffer's address in this process. Valid while the guest RAM mapping lives (Alioth
+    /// never unmaps RAM while devices run).
+    pub fn host_ptr(&self) -> *mut u8 {
+        self.host
+    }
+
+    /// The buffer as an `iovec` for readv/writev/io_uring.
+    pub fn as_iovec(&self) -> libc::iovec {
+        libc::iovec {
+            iov_base: self.host.cast(),
+            iov_len: self.len as usize,
+        }
+    }
+}
+
+/// What a device needs to return a chain: its ID and how many descriptors it used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChainToken {
+    /// Head index (split) or buffer ID (packed).
+    pub id: u16,
+    /// Ring descriptors the chain took (packed rings advance by this much).
+    pub(crate) ndesc: u16,
+}
+
+/// A popped descriptor chain: readable buffers, then writable ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DescChain {
+    /// Buffers the device reads (driver -> device).
+    pub readable: Vec<Iov>,
+    /// Buffers the device writes (device -> driver).
+    pub writable: Vec<Iov>,
+    token: ChainToken,
+}
+
+impl DescChain {
+    /// The chain's ID (head index or buffer ID).
+    pub fn id(&self) -> u16 {
+        self.token.id
+    }
+
+    /// The token that returns this chain.
+    pub fn token(&self) -> ChainToken {
+        self.token
+    }
+
+    /// Total bytes of the readable buffers.
+    pub fn readable_len(&self) -> u64 {
+        self.readable.iter().map(|i| u64::from(i.len)).sum()
+    }
+
+    /// Total bytes of the writable buffers.
+    pub fn writable_len(&self) -> u64 {
+        self.writable.iter().map(|i| u64::from(i.len)).sum()
+    }
+
+    /// Copies readable bytes starting `offset` bytes into the chain into `buf`; returns how many
+    /// (fewer than `buf.len()` when the chain ends first).
+    pub fn read_at(&self, mem: &GuestMemoryMmap, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let mut done = 0;
+        for (iov, skip) in span(&self.readable, offset) {
+            let n = (iov.len as usize - skip).min(buf.len() - done);
+            let at = iov.gpa + skip as u64;
+            mem.read_slice(&mut buf[done..done + n], GuestAddress(at))
+                .map_err(|_| QueueError::Memory(at))?;
+            done += n;
+            if done == buf.len() {
+                break;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Copies `data` into the writable buffers starting `offset` bytes in; returns how many
+    /// bytes fit.
+    pub fn write_at(&self, mem: &GuestMemoryMmap, offset: u64, data: &[u8]) -> Result<usize> {
+        let mut done = 0;
+        for (iov, skip) in span(&self.writable, offset) {
+            let n = (iov.len as usize - skip).min(data.len() - done);
+            let at = iov.gpa + skip as u64;
+            mem.write_slice(&data[done..done + n], GuestAddress(at))
+                .map_err(|_| QueueError::Memory(at))?;
+            done += n;
+            if done == data.len() {
+                break;
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// The buffers of `iovs` from byte `offset` on, each with the bytes to skip at its start.
+fn span(iovs: &[Iov], mut offset: u64) -> impl Iterator<Item = (&Iov, usize)> {
+    iovs.iter().filter_map(move |iov| {
+        if offset >= u64::from(iov.len) {
+            offset -= u64::from(iov.len);
+            None
+        } else {
+            let skip = offset as usize;
+            offset = 0;
+            Some((iov, skip))
+        }
+    })
+}
+
+/// Accumulates a chain's descriptors, enforcing the rules every ring format shares.
+pub(crate) struct ChainBuilder {
+    head: u16,
+    limit: u16,
+    count: u16,
+    total: u32,
+    readable: Vec<Iov>,
+    writable: Vec<Iov>,
+}
+
+impl ChainBuilder {
+    /// A chain starting at `head` that may hold at most `limit` descriptors.
+    pub fn new(head: u16, limit: u16) -> Self {
+        ChainBuilder {
+            head,
+            limit,
+            count: 0,
+            total: 0,
+            readable: Vec::new(),
+            writable: Vec::new(),
+        }
+    }
+
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+
+    /// Adds one buffer.
+    pub fn push(&mut self, mem: &GuestMemoryMmap, addr: u64, len: u32, write: bool) -> Result<()> {
+        let head = self.head;
+        self.count += 1;
+        if self.count > self.limit {
+            return Err(QueueError::TooLong { head });
+        }
+        self.total = self
+            .total
+            .checked_add(len)
+            .ok_or(QueueError::LengthOverflow { head })?;
+        if !write && !self.writable.is_empty() {
+            return Err(QueueError::ReadableAfterWritable { head });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let outside = QueueError::OutsideRam { head, addr, len };
+        let slice = mem
+            .get_slice(GuestAddress(addr), len as usize)
+            .map_err(|_| outside.clone())?;
+        let host = slice.ptr_guard_mut().as_ptr();
+        let iov = Iov {
+            gpa: addr,
+            len,
+            host,
+        };
+        if write {
+            self.writable.push(iov);
+        } else {
+            self.readable.push(iov);
+        }
+        Ok(())
+    }
+
+    /// The finished chain with buffer `id`, which took `ndesc` ring descriptors.
+    pub fn finish(self, id: u16, ndesc: u16) -> DescChain {
+        DescChain {
+            readable: self.readable,
+            writable: self.writable,
+            token: ChainToken { id, ndesc },
+        }
+    }
+}
+
+/// Checks that a ring area is aligned and inside guest RAM.
+pub(crate) fn check_area(
+    mem: &GuestMemoryMmap,
+    area: &'static str,
+    addr: u64,
+    len: u64,
+    align: u64,
+) -> Result<()> {
+    let ok = addr % align == 0
+        && addr.checked_add(len).is_some()
+        && vm_memory::GuestMemory::check_range(
+            mem,
+            GuestAddress(addr),
+            len as usize,
+            vm_memory::Permissions::ReadWrite,
+        );
+    if ok {
+        Ok(())
+    } else {
+        Err(QueueError::BadRing { area, addr })
+    }
+}

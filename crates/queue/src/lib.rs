@@ -1,0 +1,201 @@
+//! `alioth-queue`: virtqueues as a device sees them.
+//!
+//! [`SplitQueue`] drives the split ring through the rust-vmm `virtio-queue` crate; [`PackedQueue`]
+//! is Alioth's own packed ring (virtio 1.2 §2.8). Both implement [`VirtQueue`] and both hand out
+//! [`DescChain`]s whose walk is bounded and validated: a cycle, a chain longer than the queue, a
+//! nested indirect table, a buffer outside guest RAM, a readable buffer after a writable one or a
+//! total length beyond 4 GiB is an error ([`QueueError`]), never a hang or a panic. A device
+//! that gets one should fail the request or set NEEDS_RESET.
+//!
+//! Chains are independent of the ring once popped, so an asynchronous backend can keep one
+//! in flight (its slot stays owned by the device) and return it later with
+//! [`VirtQueue::push_used`].
+//!
+//! ```
+//! use alioth_mem::{MemoryMap, RamBus};
+//! use alioth_queue::testing::TestDriver;
+//! use alioth_queue::{QueueFormat, new_queue};
+//!
+//! let ram = RamBus::new(MemoryMap::new(16 << 20)?)?;
+//! let mem = ram.memory();
+//! let mut driver = TestDriver::new(mem, QueueFormat::Split, 8, 0x10_0000, 0);
+//! let id = driver.add(&[b"ping"], &[16]).unwrap();
+//! let mut q = new_queue(8, driver.config(), driver.features(), mem).unwrap();
+//! let chain = q.pop(mem).unwrap().unwrap();
+//! assert_eq!(chain.readable_len(), 4);
+//! chain.write_at(mem, 0, b"pong").unwrap();
+//! q.push_used(mem, chain.token(), 4).unwrap();
+//! assert_eq!(driver.used(), Some((id, 4)));
+//! assert_eq!(driver.written(id), b"pong");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod chain;
+mod packed;
+mod split;
+#[cfg(any(test, feature = "test-driver"))]
+pub mod testing;
+
+pub use chain::{ChainToken, DescChain, Iov};
+pub use packed::PackedQueue;
+pub use split::SplitQueue;
+
+use vm_memory::GuestMemoryMmap;
+
+/// Feature bit: indirect descriptors.
+pub const VIRTIO_F_INDIRECT_DESC: u32 = 28;
+/// Feature bit: used/avail event indices.
+pub const VIRTIO_F_EVENT_IDX: u32 = 29;
+/// Feature bit: virtio 1.0+.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+/// Feature bit: packed ring.
+pub const VIRTIO_F_RING_PACKED: u32 = 34;
+
+/// Descriptor flag: the chain continues.
+pub const DESC_F_NEXT: u16 = 1;
+/// Descriptor flag: device-writable buffer.
+pub const DESC_F_WRITE: u16 = 2;
+/// Descriptor flag: the buffer is an indirect descriptor table.
+pub const DESC_F_INDIRECT: u16 = 4;
+
+/// The ring format of a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueFormat {
+    /// Split virtqueue (descriptor table, available ring, used ring).
+    Split,
+    /// Packed virtqueue (one descriptor ring plus two event-suppression structures).
+    Packed,
+}
+
+/// The guest-physical addresses and size a driver programmed for a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueConfig {
+    /// Queue size (number of descriptors).
+    pub size: u16,
+    /// Descriptor table / descriptor ring.
+    pub desc: u64,
+    /// Driver area: available ring (split) or driver event suppression (packed).
+    pub driver: u64,
+    /// Device area: used ring (split) or device event suppression (packed).
+    pub device: u64,
+}
+
+/// What can be wrong with a queue or a chain the driver gave us.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    /// The queue size is 0, above the maximum, or (split) not a power of two.
+    #[error("invalid queue size {size} (max {max}{})", if *.split { ", power of two" } else { "" })]
+    BadSize {
+        /// Size asked for.
+        size: u16,
+        /// Maximum.
+        max: u16,
+        /// Whether the ring is split (needs a power of two).
+        split: bool,
+    },
+    /// A ring area is misaligned or not inside guest RAM.
+    #[error("{area} at {addr:#x} is misaligned or outside guest RAM")]
+    BadRing {
+        /// Which area.
+        area: &'static str,
+        /// Its address.
+        addr: u64,
+    },
+    /// The driver published more chains than the queue holds.
+    #[error("available index moved by {0}, more than the queue size")]
+    BadAvailIndex(u16),
+    /// A chain head or next index is outside the table.
+    #[error("chain {head}: descriptor index out of range")]
+    BadIndex {
+        /// Head of the chain.
+        head: u16,
+    },
+    /// The chain loops or is longer than the queue.
+    #[error("chain {head}: longer than the queue size or cyclic")]
+    TooLong {
+        /// Head of the chain.
+        head: u16,
+    },
+    /// An indirect descriptor inside an indirect table, or a malformed table.
+    #[error("chain {head}: bad indirect descriptor table")]
+    BadIndirect {
+        /// Head of the chain.
+        head: u16,
+    },
+    /// A buffer is not (entirely) in guest RAM.
+    #[error("chain {head}: buffer {addr:#x}+{len:#x} is outside guest RAM")]
+    OutsideRam {
+        /// Head of the chain.
+        head: u16,
+        /// Buffer address.
+        addr: u64,
+        /// Buffer length.
+        len: u32,
+    },
+    /// The buffers add up to more than 4 GiB.
+    #[error("chain {head}: total length overflows 32 bits")]
+    LengthOverflow {
+        /// Head of the chain.
+        head: u16,
+    },
+    /// A device-readable buffer follows a device-writable one.
+    #[error("chain {head}: readable buffer after a writable one")]
+    ReadableAfterWritable {
+        /// Head of the chain.
+        head: u16,
+    },
+    /// A token does not name a chain the device holds.
+    #[error("returned chain {0} is not in flight")]
+    NotInFlight(u16),
+    /// Guest memory could not be accessed.
+    #[error("guest memory access at {0:#x} failed")]
+    Memory(u64),
+}
+
+/// Result type of this crate.
+pub type Result<T, E = QueueError> = std::result::Result<T, E>;
+
+/// A virtqueue from the device's side.
+pub trait VirtQueue: Send {
+    /// The ring format.
+    fn format(&self) -> QueueFormat;
+    /// The queue size.
+    fn size(&self) -> u16;
+    /// The next available chain, `None` if there is none. An error means the driver broke the
+    /// ring's rules; the queue should not be used further until reset.
+    fn pop(&mut self, mem: &GuestMemoryMmap) -> Result<Option<DescChain>>;
+    /// Returns a chain to the driver with `len` bytes written to its writable buffers.
+    fn push_used(&mut self, mem: &GuestMemoryMmap, token: ChainToken, len: u32) -> Result<()>;
+    /// After one or more [`VirtQueue::push_used`]: whether the driver wants an interrupt
+    /// (EVENT_IDX or the "no interrupt" flag decide).
+    fn needs_interrupt(&mut self, mem: &GuestMemoryMmap) -> Result<bool>;
+    /// Asks the driver to notify on new chains; returns whether chains are already waiting.
+    fn enable_notification(&mut self, mem: &GuestMemoryMmap) -> Result<bool>;
+    /// Asks the driver not to notify (the device is polling).
+    fn disable_notification(&mut self, mem: &GuestMemoryMmap) -> Result<()>;
+}
+
+/// Builds the queue the driver configured: packed if VIRTIO_F_RING_PACKED is in the negotiated
+/// `features`, split otherwise; indirect descriptors and EVENT_IDX as negotiated. The size must
+/// be at most `max_size`, and the rings must be aligned and inside guest RAM.
+pub fn new_queue(
+    max_size: u16,
+    config: QueueConfig,
+    features: u64,
+    mem: &GuestMemoryMmap,
+) -> Result<Box<dyn VirtQueue>> {
+    let has = |bit: u32| features & (1 << bit) != 0;
+    let indirect = has(VIRTIO_F_INDIRECT_DESC);
+    let event_idx = has(VIRTIO_F_EVENT_IDX);
+    Ok(if has(VIRTIO_F_RING_PACKED) {
+        Box::new(PackedQueue::new(
+            max_size, config, indirect, event_idx, mem,
+        )?)
+    } else {
+        Box::new(SplitQueue::new(max_size, config, indirect, event_idx, mem)?)
+    })
+}
+
+#[cfg(test)]
+#[path = "queue_test.rs"]
+mod tests;

@@ -1,0 +1,341 @@
+use alioth_mem::{MemoryMap, RamBus};
+
+use crate::testing::TestDriver;
+use crate::*;
+
+const BASE: u64 = 0x10_0000;
+
+fn ram(size: u64) -> RamBus {
+    RamBus::new(MemoryMap::new(size).unwrap()).unwrap()
+}
+
+fn combos() -> Vec<(QueueFormat, u64)> {
+    let mut v = Vec::new();
+    for f in [QueueFormat::Split, QueueFormat::Packed] {
+        for feats in [
+            0,
+            1 << VIRTIO_F_EVENT_IDX,
+            1 << VIRTIO_F_INDIRECT_DESC,
+            (1 << VIRTIO_F_EVENT_IDX) | (1 << VIRTIO_F_INDIRECT_DESC),
+        ] {
+            v.push((f, feats));
+        }
+    }
+    v
+}
+
+#[test]
+fn chains_round_trip_in_every_format() {
+    let ram = ram(16 << 20);
+    let mem = ram.memory();
+    for (format, feats) in combos() {
+        let mut d = TestDriver::new(mem, format, 8, BASE, feats);
+        let mut q = new_queue(8, d.config(), d.features(), mem).unwrap();
+        assert_eq!(q.format(), format);
+        let id = d.add(&[b"hello ", b"world"], &[4, 60]).unwrap();
+        let c = q.pop(mem).unwrap().expect("a chain");
+        assert_eq!(c.id(), id);
+        assert_eq!((c.readable_len(), c.writable_len()), (11, 64));
+        let mut buf = [0u8; 11];
+        assert_eq!(c.read_at(mem, 0, &mut buf).unwrap(), 11);
+        assert_eq!(&buf, b"hello world");
+        let mut tail = [0u8; 8];
+        assert_eq!(c.read_at(mem, 8, &mut tail).unwrap(), 3, "short at the end");
+        let msg: Vec<u8> = (0..10u8).collect();
+        assert_eq!(
+            c.write_at(mem, 0, &msg).unwrap(),
+            10,
+            "spans both writable buffers"
+        );
+        q.push_used(mem, c.token(), 10).unwrap();
+        assert!(q.pop(mem).unwrap().is_none());
+        assert_eq!(d.used(), Some((id, 10)), "{format:?} {feats:#x}");
+        assert_eq!(d.written(id), msg);
+    }
+}
+
+#[test]
+fn many_laps_with_out_of_order_completion() {
+    let ram = ram(16 << 20);
+    let mem = ram.memory();
+    for (format, feats) in combos() {
+        let mut d = TestDriver::new(mem, format, 4, BASE, feats);
+        let mut q = new_queue(4, d.config(), d.features(), mem).unwrap();
+        for round in 0..25u32 {
+            let mut ids = Vec::new();
+            while let Some(id) = d.add(&[&round.to_le_bytes()], &[8]) {
+                ids.push(id);
+            }
+            assert!(!ids.is_empty());
+            let mut chains = Vec::new();
+            while let Some(c) = q.pop(mem).unwrap() {
+                chains.push(c);
+            }
+            assert_eq!(chains.len(), ids.len(), "{format:?} round {round}");
+            // Complete newest first: the device may return chains in any order.
+            for c in chains.iter().rev() {
+                let mut b = [0u8; 4];
+                c.read_at(mem, 0, &mut b).unwrap();
+                c.write_at(mem, 0, &b).unwrap();
+                q.push_used(mem, c.token(), 4).unwrap();
+            }
+            let mut got = Vec::new();
+            while let Some((id, len)) = d.used() {
+                assert_eq!(len, 4);
+                assert_eq!(d.written(id), round.to_le_bytes());
+                got.push(id);
+            }
+            got.sort();
+            ids.sort();
+            assert_eq!(got, ids, "{format:?} {feats:#x} round {round}");
+        }
+    }
+}
+
+#[test]
+fn event_idx_interrupts_only_when_the_driver_asked() {
+    let ram = ram(16 << 20);
+    let mem = ram.memory();
+    for format in [QueueFormat::Split, QueueFormat::Packed] {
+        let mut d = TestDriver::new(mem, format, 8, BASE, 1 << VIRTIO_F_EVENT_IDX);
+        let mut q = new_queue(8, d.config(), d.features(), mem).unwrap();
+        // Ask for an interrupt when the 3rd completion is written (used position 2).
+        d.set_used_event(2);
+        for _ in 0..4 {
+            d.add(&[b"x"], &[]).unwrap();
+        }
+        let mut wants = Vec::new();
+        for _ in 0..4 {
+            let c = q.pop(mem).unwrap().unwrap();
+            q.push_used(mem, c.token(), 0).unwrap();
+            wants.push(q.needs_interrupt(mem).unwrap());
+        }
+        assert_eq!(wants, vec![false, false, true, false], "{format:?}");
+    }
+    for format in [QueueFormat::Split, QueueFormat::Packed] {
+        let mut d = TestDriver::new(mem, format, 8, BASE, 0);
+        let mut q = new_queue(8, d.config(), d.features(), mem).unwrap();
+        d.set_interrupts(false);
+        d.add(&[b"x"], &[]).unwrap();
+        let c = q.pop(mem).unwrap().unwrap();
+        q.push_used(mem, c.token(), 0).unwrap();
+        assert!(!q.needs_interrupt(mem).unwrap(), "{format:?}: suppressed");
+        d.set_interrupts(true);
+        d.add(&[b"x"], &[]).unwrap();
+        let c = q.pop(mem).unwrap().unwrap();
+        q.push_used(mem, c.token(), 0).unwrap();
+        assert!(q.needs_interrupt(mem).unwrap(), "{format:?}: enabled");
+    }
+}
+
+#[test]
+fn notification_suppression_reaches_the_driver() {
+    let ram = ram(16 << 20);
+    let mem = ram.memory();
+    for (format, feats) in combos() {
+        let mut d = TestDriver::new(mem, format, 8, BASE, feats);
+        let mut q = new_queue(8, d.config(), d.features(), mem).unwrap();
+        q.disable_notification(mem).unwrap();
+        d.add(&[b"a"], &[]).unwrap();
+        assert!(!d.kick_needed(), "{format:?} {feats:#x}: disabled");
+        // Enabling reports the chain already waiting.
+        assert!(q.enable_notification(mem).unwrap());
+        while let Some(c) = q.pop(mem).unwrap() {
+            q.push_used(mem, c.token(), 0).unwrap();
+        }
+        assert!(!q.enable_notification(mem).unwrap());
+        d.add(&[b"b"], &[]).unwrap();
+        assert!(d.kick_needed(), "{format:?} {feats:#x}: enabled");
+    }
+}
+
+fn err(format: QueueFormat, feats: u64, setup: impl FnOnce(&mut TestDriver)) -> QueueError {
+    let ram = ram(16 << 20);
+    let mem = ram.memory();
+    let mut d = TestDriver::new(mem, format, 8, BASE, feats);
+    let mut q = new_queue(8, d.config(), d.features(), mem).unwrap();
+    setup(&mut d);
+    q.pop(mem).expect_err("the chain must be rejected")
+}
+
+#[test]
+fn hostile_split_chains_are_errors_not_hangs() {
+    use QueueFormat::Split;
+    let buf = BASE + 0x8_0000;
+    let e = err(Split, 0, |d| {
+        d.split_raw(
+            &[(0, buf, 8, DESC_F_NEXT, 1), (1, buf, 8, DESC_F_NEXT, 0)],
+            0,
+        )
+    });
+    assert_eq!(e, QueueError::TooLong { head: 0 });
+    let e = err(Split, 0, |d| d.split_raw(&[(0, buf, 8, DESC_F_NEXT, 9)], 0));
+    assert_eq!(e, QueueError::BadIndex { head: 0 });
+    let e = err(Split, 0, |d| d.split_raw(&[], 12));
+    assert_eq!(e, QueueError::BadIndex { head: 12 });
+    let e = err(Split, 0, |d| d.split_raw(&[(0, 0xd000_0000, 8, 0, 0)], 0));
+    assert!(matches!(e, QueueError::OutsideRam { .. }), "{e}");
+    let e = err(Split, 0, |d| {
+        d.split_raw(&[(0, (16 << 20) - 4, 8, 0, 0)], 0)
+    });
+    assert!(
+        matches!(e, QueueError::OutsideRam { .. }),
+        "straddles the end: {e}"
+    );
+    let e = err(Split, 0, |d| {
+        d.split_raw(
+            &[
+                (0, buf, 8, DESC_F_WRITE | DESC_F_NEXT, 1),
+                (1, buf, 8, 0, 0),
+            ],
+            0,
+        )
+    });
+    assert_eq!(e, QueueError::ReadableAfterWritable { head: 0 });
+    let e = err(Split, 0, |d| d.set_avail_idx(9));
+    assert_eq!(e, QueueError::BadAvailIndex(9));
+    // Indirect descriptors: not negotiated, nested, malformed, too long.
+    let e = err(Split, 0, |d| {
+        let t = d.indirect_table(&[(buf, 8, 0, 0)]);
+        d.split_raw(&[(0, t, 16, DESC_F_INDIRECT, 0)], 0)
+    });
+    assert_eq!(e, QueueError::BadIndirect { head: 0 });
+    let ind = 1 << VIRTIO_F_INDIRECT_DESC;
+    let e = err(Split, ind, |d| {
+        let inner = d.indirect_table(&[(buf, 8, 0, 0)]);
+        let t = d.indirect_table(&[(inner, 16, DESC_F_INDIRECT, 0)]);
+        d.split_raw(&[(0, t, 16, DESC_F_INDIRECT, 0)], 0)
+    });
+    assert_eq!(e, QueueError::BadIndirect { head: 0 });
+    let e = err(Split, ind, |d| {
+        let t = d.indirect_table(&[(buf, 8, 0, 0)]);
+        d.split_raw(&[(0, t, 15, DESC_F_INDIRECT, 0)], 0)
+    });
+    assert_eq!(e, QueueError::BadIndirect { head: 0 });
+    let e = err(Split, ind, |d| {
+        let entries: Vec<_> = (0..9u16).map(|i| (buf, 8, DESC_F_NEXT, i + 1)).collect();
+        let t = d.indirect_table(&entries);
+        d.split_raw(&[(0, t, 16 * 9, DESC_F_INDIRECT, 0)], 0)
+    });
+    assert!(
+        matches!(e, QueueError::TooLong { .. } | QueueError::BadIndex { .. }),
+        "{e}"
+    );
+    let e = err(Split, ind, |d| {
+        let t = d.indirect_table(&[(buf, 8, DESC_F_NEXT, 0)]);
+        d.split_raw(&[(0, t, 16, DESC_F_INDIRECT, 0)], 0)
+    });
+    assert_eq!(e, QueueError::TooLong { head: 0 }, "cycle inside a table");
+}
+
+#[test]
+fn hostile_packed_chains_are_errors_not_hangs() {
+    use QueueFormat::Packed;
+    let buf = BASE + 0x8_0000;
+    // Every slot chained to the next: the walk would wrap onto itself.
+    let e = err(Packed, 0, |d| {
+        let descs: Vec<_> = (0..8).map(|_| (buf, 8, 0, DESC_F_NEXT)).collect();
+        d.packed_raw(&descs)
+    });
+    assert_eq!(e, QueueError::TooLong { head: 0 });
+    let e = err(Packed, 0, |d| d.packed_raw(&[(0xd000_0000, 8, 0, 0)]));
+    assert!(matches!(e, QueueError::OutsideRam { .. }), "{e}");
+    let e = err(Packed, 0, |d| {
+        d.packed_raw(&[(buf, 8, 0, DESC_F_WRITE | DESC_F_NEXT), (buf, 8, 0, 0)])
+    });
+    assert_eq!(e, QueueError::ReadableAfterWritable { head: 0 });
+    let e = err(Packed, 0, |d| {
+        d.packed_raw(&[(buf, 16, 0, DESC_F_INDIRECT)])
+    });
+    assert_eq!(e, QueueError::BadIndirect { head: 0 }, "not negotiated");
+    let e = err(Packed, 1 << VIRTIO_F_INDIRECT_DESC, |d| {
+        let t = d.alloc(16);
+        let mut entry = [0u8; 16];
+        entry[0..8].copy_from_slice(&buf.to_le_bytes());
+        entry[8..12].copy_from_slice(&16u32.to_le_bytes());
+        entry[14..16].copy_from_slice(&DESC_F_INDIRECT.to_le_bytes());
+        d.write_mem(t, &entry);
+        d.packed_raw(&[(t, 16, 0, DESC_F_INDIRECT)])
+    });
+    assert_eq!(e, QueueError::BadIndirect { head: 0 }, "nested");
+}
+
+#[test]
+fn length_overflow_is_an_error() {
+    // 5 GiB of sparse RAM so that two 2 GiB buffers are both inside it.
+    let ram = ram(5 << 30);
+    let mem = ram.memory();
+    let mut d = TestDriver::new(mem, QueueFormat::Split, 8, BASE, 0);
+    let mut q = new_queue(8, d.config(), d.features(), mem).unwrap();
+    let big = 0x8000_0000u32;
+    d.split_raw(
+        &[
+            (0, 0x1000_0000, big, DESC_F_NEXT, 1),
+            (1, 0x1000_0000, big, 0, 0),
+        ],
+        0,
+    );
+    assert_eq!(
+        q.pop(mem).unwrap_err(),
+        QueueError::LengthOverflow { head: 0 }
+    );
+}
+
+#[test]
+fn bad_queue_configs_are_rejected() {
+    let ram = ram(16 << 20);
+    let mem = ram.memory();
+    let cfg = |size| QueueConfig {
+        size,
+        desc: BASE,
+        driver: BASE + 0x1000,
+        device: BASE + 0x2000,
+    };
+    let packed = 1 << VIRTIO_F_RING_PACKED;
+    for (size, feats) in [(0, 0), (6, 0), (512, 0), (0, packed), (512, packed)] {
+        let e = new_queue(256, cfg(size), feats, mem).err().unwrap();
+        assert!(
+            matches!(e, QueueError::BadSize { .. }),
+            "{size} {feats:#x}: {e}"
+        );
+    }
+    assert!(
+        new_queue(256, cfg(6), packed, mem).is_ok(),
+        "packed sizes need not be 2^n"
+    );
+    let mut c = cfg(8);
+    c.desc = BASE + 8;
+    assert!(matches!(
+        new_queue(256, c, 0, mem),
+        Err(QueueError::BadRing { .. })
+    ));
+    let mut c = cfg(8);
+    c.device = 0xd000_0000;
+    assert!(matches!(
+        new_queue(256, c, packed, mem),
+        Err(QueueError::BadRing { .. })
+    ));
+    let mut c = cfg(8);
+    c.driver = u64::MAX - 2;
+    assert!(matches!(
+        new_queue(256, c, 0, mem),
+        Err(QueueError::BadRing { .. })
+    ));
+}
+
+#[test]
+fn returning_a_chain_that_is_not_in_flight_is_an_error() {
+    let ram = ram(16 << 20);
+    let mem = ram.memory();
+    for format in [QueueFormat::Split, QueueFormat::Packed] {
+        let mut d = TestDriver::new(mem, format, 8, BASE, 0);
+        let mut q = new_queue(8, d.config(), d.features(), mem).unwrap();
+        d.add(&[b"x"], &[]).unwrap();
+        let c = q.pop(mem).unwrap().unwrap();
+        q.push_used(mem, c.token(), 0).unwrap();
+        assert!(matches!(
+            q.push_used(mem, c.token(), 0),
+            Err(QueueError::NotInFlight(_))
+        ));
+    }
+}

@@ -1,0 +1,219 @@
+//! The split virtqueue, on rust-vmm's `virtio-queue`.
+//!
+//! `virtio-queue` owns the available and used rings (indices, memory ordering, EVENT_IDX in both
+//! directions). The descriptor walk is Alioth's own: `virtio-queue`'s chain iterator stops
+//! silently on a cycle, an out-of-range index or a nested indirect table, which would turn a
+//! malformed chain into a shorter, valid-looking one. Here each of those is an error.
+
+use std::sync::atomic::Ordering;
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+
+use crate::chain::{ChainBuilder, check_area};
+use crate::{
+    ChainToken, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DescChain, QueueConfig, QueueError,
+    QueueFormat, Result, VirtQueue,
+};
+
+/// A split virtqueue.
+pub struct SplitQueue {
+    q: Queue,
+    size: u16,
+    event_idx: bool,
+    indirect: bool,
+    in_flight: u16,
+}
+
+impl SplitQueue {
+    /// A queue of the driver's `config`, at most `max_size` entries; `indirect` and `event_idx`
+    /// are the negotiated features.
+    pub fn new(
+        max_size: u16,
+        config: QueueConfig,
+        indirect: bool,
+        event_idx: bool,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Self> {
+        let size = config.size;
+        if size == 0 || size > max_size || !size.is_power_of_two() {
+            return Err(QueueError::BadSize {
+                size,
+                max: max_size,
+                split: true,
+            });
+        }
+        let n = u64::from(size);
+        check_area(mem, "descriptor table", config.desc, 16 * n, 16)?;
+        check_area(mem, "available ring", config.driver, 6 + 2 * n, 2)?;
+        check_area(mem, "used ring", config.device, 6 + 8 * n, 4)?;
+        let bad_size = QueueError::BadSize {
+            size,
+            max: max_size,
+            split: true,
+        };
+        let mut q = Queue::new(size).map_err(|_| bad_size.clone())?;
+        q.try_set_size(size).map_err(|_| bad_size)?;
+        q.set_desc_table_address(Some(config.desc as u32), Some((config.desc >> 32) as u32));
+        q.set_avail_ring_address(
+            Some(config.driver as u32),
+            Some((config.driver >> 32) as u32),
+        );
+        q.set_used_ring_address(
+            Some(config.device as u32),
+            Some((config.device >> 32) as u32),
+        );
+        q.set_event_idx(event_idx);
+        q.set_ready(true);
+        Ok(SplitQueue {
+            q,
+            size,
+            event_idx,
+            indirect,
+            in_flight: 0,
+        })
+    }
+
+    fn read_desc(mem: &GuestMemoryMmap, table: u64, idx: u16) -> Result<Descriptor> {
+        let at = table + u64::from(idx) * 16;
+        mem.read_obj(GuestAddress(at))
+            .map_err(|_| QueueError::Memory(at))
+    }
+
+    /// Walks from `start` in a table of `len` descriptors at `table`.
+    fn walk(
+        &self,
+        mem: &GuestMemoryMmap,
+        b: &mut ChainBuilder,
+        table: u64,
+        len: u16,
+        start: u16,
+        nested: bool,
+    ) -> Result<()> {
+        let head = b.head();
+        let mut idx = start;
+        loop {
+            if idx >= len {
+                return Err(QueueError::BadIndex { head });
+            }
+            let d = Self::read_desc(mem, table, idx)?;
+            let flags = d.flags();
+            if flags & DESC_F_INDIRECT != 0 {
+                if nested || !self.indirect || flags & DESC_F_NEXT != 0 {
+                    return Err(QueueError::BadIndirect { head });
+                }
+                let bytes = d.len();
+                let entries = bytes / 16;
+                if bytes % 16 != 0 || entries == 0 || entries > u32::from(u16::MAX) {
+                    return Err(QueueError::BadIndirect { head });
+                }
+                let addr = d.addr().0;
+                if !mem.check_range(
+                    GuestAddress(addr),
+                    bytes as usize,
+                    vm_memory::Permissions::Read,
+                ) {
+                    return Err(QueueError::OutsideRam {
+                        head,
+                        addr,
+                        len: bytes,
+                    });
+                }
+                return self.walk(mem, b, addr, entries as u16, 0, true);
+            }
+            b.push(mem, d.addr().0, d.len(), flags & DESC_F_WRITE != 0)?;
+            if flags & DESC_F_NEXT == 0 {
+                return Ok(());
+            }
+            idx = d.next();
+        }
+    }
+}
+
+impl VirtQueue for SplitQueue {
+    fn format(&self) -> QueueFormat {
+        QueueFormat::Split
+    }
+
+    fn size(&self) -> u16 {
+        self.size
+    }
+
+    fn pop(&mut self, mem: &GuestMemoryMmap) -> Result<Option<DescChain>> {
+        let avail = self
+            .q
+            .avail_idx(mem, Ordering::Acquire)
+            .map_err(|_| QueueError::Memory(self.q.avail_ring()))?;
+        let pending = avail - std::num::Wrapping(self.q.next_avail());
+        if pending.0 > self.size {
+            return Err(QueueError::BadAvailIndex(pending.0));
+        }
+        let head = {
+            let mut iter = self
+                .q
+                .iter(mem)
+                .map_err(|_| QueueError::BadAvailIndex(pending.0))?;
+            match iter.next() {
+                Some(chain) => chain.head_index(),
+                None => return Ok(None),
+            }
+        };
+        let mut b = ChainBuilder::new(head, self.size);
+        self.walk(mem, &mut b, self.q.desc_table(), self.size, head, false)?;
+        self.in_flight += 1;
+        Ok(Some(b.finish(head, 1)))
+    }
+
+    fn push_used(&mut self, mem: &GuestMemoryMmap, token: ChainToken, len: u32) -> Result<()> {
+        if self.in_flight == 0 || token.id >= self.size {
+            return Err(QueueError::NotInFlight(token.id));
+        }
+        self.q
+            .add_used(mem, token.id, len)
+            .map_err(|_| QueueError::Memory(self.q.used_ring()))?;
+        self.in_flight -= 1;
+        Ok(())
+    }
+
+    fn needs_interrupt(&mut self, mem: &GuestMemoryMmap) -> Result<bool> {
+        let avail = self.q.avail_ring();
+        // Fences, then decides by used_event when EVENT_IDX is on.
+        let wants = self
+            .q
+            .needs_notification(mem)
+            .map_err(|_| QueueError::Memory(avail))?;
+        if self.event_idx || !wants {
+            return Ok(wants);
+        }
+        // virtio-queue does not look at VRING_AVAIL_F_NO_INTERRUPT; without EVENT_IDX it is
+        // how the driver suppresses interrupts.
+        const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+        let flags: u16 = mem
+            .load(GuestAddress(avail), Ordering::Acquire)
+            .map(u16::from_le)
+            .map_err(|_| QueueError::Memory(avail))?;
+        Ok(flags & VRING_AVAIL_F_NO_INTERRUPT == 0)
+    }
+
+    fn enable_notification(&mut self, mem: &GuestMemoryMmap) -> Result<bool> {
+        self.q
+            .enable_notification(mem)
+            .map_err(|_| QueueError::Memory(self.q.used_ring()))
+    }
+
+    fn disable_notification(&mut self, mem: &GuestMemoryMmap) -> Result<()> {
+        if self.event_idx {
+            // With EVENT_IDX the driver ignores the flags; an avail_event just behind our
+            // position is one its index will not cross again (until 2^16 more chains).
+            let at = self.q.used_ring() + 4 + 8 * u64::from(self.size);
+            let behind = self.q.next_avail().wrapping_sub(1);
+            return mem
+                .store(behind.to_le(), GuestAddress(at), Ordering::Release)
+                .map_err(|_| QueueError::Memory(at));
+        }
+        self.q
+            .disable_notification(mem)
+            .map_err(|_| QueueError::Memory(self.q.used_ring()))
+    }
+}
