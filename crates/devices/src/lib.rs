@@ -25,6 +25,7 @@ pub mod cmos;
 pub mod exit;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;
 
 use std::sync::Arc;
 

@@ -1,0 +1,3 @@
+//! Virtio devices.
+
+pub mod rng;

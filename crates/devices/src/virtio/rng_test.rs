@@ -1,0 +1,155 @@
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use alioth_mem::{MemoryMap, RamBus};
+use alioth_queue::testing::TestDriver;
+use alioth_queue::{DESC_F_NEXT, QueueFormat, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1};
+use alioth_virtio::{EpollBackend, EventFdIrq, QueueSetup, WakeEvent, Worker};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::*;
+
+/// Waits for `fd` to be signalled; false on timeout.
+fn wait(fd: &EventFd, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let r = unsafe { libc::poll(&mut p, 1, ms) };
+    r == 1 && fd.read().is_ok()
+}
+
+struct Rig {
+    worker: Worker,
+    irq: Arc<EventFdIrq>,
+    kick: Arc<EventFd>,
+}
+
+fn start(ram: &RamBus, driver: &TestDriver) -> Rig {
+    let worker = Worker::spawn(
+        VirtioRng::new("virtio-rng0"),
+        EpollBackend,
+        ram.memory().clone(),
+    )
+    .unwrap();
+    let irq = Arc::new(EventFdIrq::new(1).unwrap());
+    let kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    worker.wake(WakeEvent::Start {
+        features: driver.features() | (1 << VIRTIO_F_VERSION_1),
+        queues: vec![Some(QueueSetup {
+            config: driver.config(),
+            ioeventfd: kick.clone(),
+        })],
+        irq: irq.clone(),
+    });
+    Rig { worker, irq, kick }
+}
+
+#[test]
+fn random_bytes_arrive_through_split_and_packed_rings() {
+    let ram = RamBus::new(MemoryMap::new(16 << 20).unwrap()).unwrap();
+    for format in [QueueFormat::Split, QueueFormat::Packed] {
+        for feats in [0, 1 << VIRTIO_F_EVENT_IDX] {
+            let mut d = TestDriver::new(ram.memory(), format, 16, 0x10_0000, feats);
+            let rig = start(&ram, &d);
+            let a = d.add(&[], &[64]).unwrap();
+            let b = d.add(&[], &[32, 32]).unwrap();
+            rig.kick.write(1).unwrap();
+            let mut got = Vec::new();
+            while got.len() < 2 {
+                assert!(wait(&rig.irq.queues[0], 5000), "{format:?}: no interrupt");
+                while let Some(u) = d.used() {
+                    got.push(u);
+                }
+            }
+            got.sort();
+            let mut want = vec![(a, 64), (b, 64)];
+            want.sort();
+            assert_eq!(got, want);
+            let (x, y) = (d.written(a), d.written(b));
+            assert_ne!(x, vec![0u8; 64], "entropy, not zeros");
+            assert_ne!(x, y, "two requests, two different answers");
+            rig.worker.shutdown();
+        }
+    }
+}
+
+#[test]
+fn hostile_chain_sets_needs_reset_and_reset_recovers() {
+    let ram = RamBus::new(MemoryMap::new(16 << 20).unwrap()).unwrap();
+    for format in [QueueFormat::Split, QueueFormat::Packed] {
+        let mut d = TestDriver::new(ram.memory(), format, 8, 0x10_0000, 0);
+        let rig = start(&ram, &d);
+        let buf = 0x20_0000;
+        match format {
+            QueueFormat::Split => d.split_raw(
+                &[(0, buf, 8, DESC_F_NEXT, 1), (1, buf, 8, DESC_F_NEXT, 0)],
+                0,
+            ),
+            QueueFormat::Packed => {
+                let descs: Vec<_> = (0..8).map(|_| (buf, 8, 0, DESC_F_NEXT)).collect();
+                d.packed_raw(&descs)
+            }
+        }
+        rig.kick.write(1).unwrap();
+        assert!(wait(&rig.irq.config, 5000), "{format:?}: config interrupt");
+        assert!(rig.worker.needs_reset());
+        assert!(d.used().is_none(), "nothing completed from a broken chain");
+        rig.worker.wake(WakeEvent::Reset);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while rig.worker.needs_reset() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "reset clears NEEDS_RESET"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // A fresh start on fresh rings works again.
+        let mut d = TestDriver::new(ram.memory(), format, 8, 0x30_0000, 0);
+        let rig2 = Rig {
+            worker: rig.worker,
+            irq: rig.irq,
+            kick: rig.kick,
+        };
+        rig2.worker.wake(WakeEvent::Start {
+            features: d.features() | (1 << VIRTIO_F_VERSION_1),
+            queues: vec![Some(QueueSetup {
+                config: d.config(),
+                ioeventfd: rig2.kick.clone(),
+            })],
+            irq: rig2.irq.clone(),
+        });
+        let id = d.add(&[], &[16]).unwrap();
+        rig2.kick.write(1).unwrap();
+        assert!(wait(&rig2.irq.queues[0], 5000));
+        assert_eq!(d.used(), Some((id, 16)));
+    }
+}
+
+#[test]
+fn bad_queue_size_at_start_sets_needs_reset() {
+    let ram = RamBus::new(MemoryMap::new(16 << 20).unwrap()).unwrap();
+    let d = TestDriver::new(ram.memory(), QueueFormat::Split, 8, 0x10_0000, 0);
+    let worker = Worker::spawn(
+        VirtioRng::new("virtio-rng0"),
+        EpollBackend,
+        ram.memory().clone(),
+    )
+    .unwrap();
+    let irq = Arc::new(EventFdIrq::new(1).unwrap());
+    let mut config = d.config();
+    config.size = 6; // not a power of two
+    worker.wake(WakeEvent::Start {
+        features: 1 << VIRTIO_F_VERSION_1,
+        queues: vec![Some(QueueSetup {
+            config,
+            ioeventfd: Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+        })],
+        irq: irq.clone(),
+    });
+    assert!(wait(&irq.config, 5000));
+    assert!(worker.needs_reset());
+}

@@ -1,0 +1,127 @@
+//! The device side of virtio: identity, features, config space, and per-chain work.
+
+use std::os::fd::RawFd;
+
+use alioth_queue::{DescChain, Iov};
+use vm_memory::GuestMemoryMmap;
+
+use crate::Result;
+
+/// Virtio device IDs (virtio 1.2 §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum DeviceId {
+    /// Network card.
+    Net = 1,
+    /// Block device.
+    Block = 2,
+    /// Console.
+    Console = 3,
+    /// Entropy source.
+    Entropy = 4,
+    /// Memory balloon.
+    Balloon = 5,
+    /// Socket device.
+    Vsock = 19,
+}
+
+/// What every virtio device tells the transport.
+pub trait Virtio: Send + 'static {
+    /// A name for logs (`virtio-blk0`).
+    fn name(&self) -> &str;
+    /// The device type.
+    fn device_id(&self) -> DeviceId;
+    /// Feature bits the device offers (VIRTIO_F_VERSION_1 included).
+    fn device_features(&self) -> u64;
+    /// The maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// The device-specific configuration space.
+    fn config(&self) -> &[u8];
+    /// Called when the driver sets DRIVER_OK, with the negotiated features.
+    fn activate(&mut self, features: u64) -> Result<()> {
+        let _ = features;
+        Ok(())
+    }
+    /// Called on a device reset, after in-flight requests have completed.
+    fn reset(&mut self) {}
+}
+
+/// Host I/O a chain needs, performed by the backend.
+#[derive(Debug)]
+pub enum IoOp {
+    /// Read into guest buffers at a file offset.
+    Readv {
+        /// File descriptor.
+        fd: RawFd,
+        /// Destination buffers (device-writable guest memory).
+        iovs: Vec<Iov>,
+        /// File offset.
+        offset: u64,
+    },
+    /// Write guest buffers at a file offset.
+    Writev {
+        /// File descriptor.
+        fd: RawFd,
+        /// Source buffers (device-readable guest memory).
+        iovs: Vec<Iov>,
+        /// File offset.
+        offset: u64,
+    },
+    /// Flush to stable storage.
+    Fsync {
+        /// File descriptor.
+        fd: RawFd,
+        /// `fdatasync` instead of `fsync`.
+        datasync: bool,
+    },
+    /// `fallocate(fd, mode, offset, len)`: punch holes, zero ranges.
+    Fallocate {
+        /// File descriptor.
+        fd: RawFd,
+        /// Mode flags (`FALLOC_FL_*`).
+        mode: i32,
+        /// Start.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+}
+
+impl IoOp {
+    /// Bytes the operation transfers when it completes fully (0 for flushes and fallocate).
+    pub fn transfer_len(&self) -> usize {
+        match self {
+            IoOp::Readv { iovs, .. } | IoOp::Writev { iovs, .. } => {
+                iovs.iter().map(|i| i.len as usize).sum()
+            }
+            _ => 0,
+        }
+    }
+}
+
+/// What a device decided for a chain.
+#[derive(Debug)]
+pub enum BufferAction {
+    /// Perform this I/O, then call [`ChainHandler::complete`].
+    Io(IoOp),
+    /// Done: this many bytes were written to the chain's writable buffers.
+    Written(u32),
+    /// The chain breaks the device's protocol so badly that no status can be reported (for
+    /// example, no room for the status byte): the device needs a reset.
+    Invalid(String),
+}
+
+/// Per-chain work of a device, shared by every backend.
+pub trait ChainHandler: Virtio {
+    /// Decides what chain `chain` popped from queue `queue` needs.
+    fn handle(&mut self, queue: u16, chain: &DescChain, mem: &GuestMemoryMmap) -> BufferAction;
+    /// Finishes a chain whose [`IoOp`] completed with `result` (bytes transferred); returns the
+    /// bytes written to the chain's writable buffers.
+    fn complete(
+        &mut self,
+        queue: u16,
+        chain: &DescChain,
+        mem: &GuestMemoryMmap,
+        result: std::io::Result<usize>,
+    ) -> u32;
+}

@@ -1,0 +1,220 @@
+//! The epoll backend: ioeventfds in an epoll set, I/O performed synchronously on the worker
+//! thread. The fallback where io_uring is unavailable (e.g. blocked by a seccomp profile).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::{ChainHandler, IoOp};
+use crate::irq::IrqSender;
+use crate::worker::{ActiveBackend, ActiveQueue, Backend, process_queue};
+use crate::{Error, Result};
+
+const NOTIFIER: u64 = u64::MAX;
+
+/// The epoll backend.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EpollBackend;
+
+/// A running epoll loop.
+pub struct ActiveEpoll {
+    epfd: OwnedFd,
+    queues: Vec<ActiveQueue>,
+    irq: Arc<dyn IrqSender>,
+    mem: GuestMemoryMmap,
+    fresh: bool,
+}
+
+fn epoll_add(epfd: &OwnedFd, fd: i32, token: u64) -> Result<()> {
+    let mut ev = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: token,
+    };
+    // SAFETY: valid epoll and target descriptors; `ev` is a valid event.
+    if unsafe { libc::epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+        return Err(Error::Io {
+            what: "epoll_ctl".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+impl<D: ChainHandler> Backend<D> for EpollBackend {
+    type Active = ActiveEpoll;
+
+    fn activate(
+        &mut self,
+        _dev: &mut D,
+        queues: Vec<ActiveQueue>,
+        irq: Arc<dyn IrqSender>,
+        mem: GuestMemoryMmap,
+        notifier: Arc<EventFd>,
+    ) -> Result<ActiveEpoll> {
+        // SAFETY: plain syscall; the result is checked.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::Io {
+                what: "epoll_create1".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: a fresh descriptor we own.
+        let epfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        epoll_add(&epfd, notifier.as_raw_fd(), NOTIFIER)?;
+        for (i, q) in queues.iter().enumerate() {
+            epoll_add(&epfd, q.ioeventfd.as_raw_fd(), i as u64)?;
+        }
+        Ok(ActiveEpoll {
+            epfd,
+            queues,
+            irq,
+            mem,
+            fresh: true,
+        })
+    }
+}
+
+impl ActiveEpoll {
+    fn serve<D: ChainHandler>(&mut self, dev: &mut D, slot: usize) -> Result<()> {
+        let Some(aq) = self.queues.get_mut(slot) else {
+            return Ok(());
+        };
+        let _ = aq.ioeventfd.read();
+        if process_queue(dev, aq, &self.mem, &mut execute_sync)? {
+            let wants = aq
+                .queue
+                .needs_interrupt(&self.mem)
+                .map_err(|source| Error::Queue {
+                    dev: dev.name().to_string(),
+                    queue: aq.index,
+                    source,
+                })?;
+            if wants {
+                self.irq.queue_irq(aq.index);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<D: ChainHandler> ActiveBackend<D> for ActiveEpoll {
+    fn run(&mut self, dev: &mut D) -> Result<()> {
+        if self.fresh {
+            // Chains the driver queued before DRIVER_OK, without a notification.
+            self.fresh = false;
+            for slot in 0..self.queues.len() {
+                self.serve(dev, slot)?;
+            }
+        }
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 16];
+        loop {
+            // SAFETY: `events` is a valid buffer of 16 entries.
+            let n = unsafe { libc::epoll_wait(self.epfd.as_raw_fd(), events.as_mut_ptr(), 16, -1) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::Io {
+                    what: "epoll_wait".into(),
+                    source: e,
+                });
+            }
+            let mut notified = false;
+            for ev in &events[..n as usize] {
+                match ev.u64 {
+                    NOTIFIER => notified = true,
+                    slot => self.serve(dev, slot as usize)?,
+                }
+            }
+            if notified {
+                return Ok(());
+            }
+        }
+    }
+
+    fn drain(&mut self, _dev: &mut D) -> Result<()> {
+        // Every chain completes before `serve` returns: nothing is ever in flight.
+        Ok(())
+    }
+}
+
+/// Performs an [`IoOp`] with blocking syscalls. Reads and writes are continued until complete;
+/// a read that reaches the end of the file returns the shorter count.
+pub fn execute_sync(op: &IoOp) -> std::io::Result<usize> {
+    let check = |r: libc::c_long| {
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
+    };
+    match op {
+        IoOp::Readv { fd, iovs, offset } | IoOp::Writev { fd, iovs, offset } => {
+            let write = matches!(op, IoOp::Writev { .. });
+            let mut vecs: Vec<libc::iovec> = iovs.iter().map(|i| i.as_iovec()).collect();
+            let total: usize = vecs.iter().map(|v| v.iov_len).sum();
+            let mut done = 0usize;
+            let mut first = 0usize;
+            while done < total {
+                let rest = &vecs[first..];
+                let off = (*offset + done as u64) as libc::off_t;
+                // SAFETY: the iovecs point into guest RAM buffers that the chain owns while the
+                // operation runs; `rest` is a valid array.
+                let r = unsafe {
+                    if write {
+                        libc::pwritev(*fd, rest.as_ptr(), rest.len() as i32, off)
+                    } else {
+                        libc::preadv(*fd, rest.as_ptr(), rest.len() as i32, off)
+                    }
+                };
+                let n = match check(r as libc::c_long) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                };
+                done += n;
+                // Skip what was transferred.
+                let mut left = n;
+                while left > 0 && first < vecs.len() {
+                    let v = &mut vecs[first];
+                    if left >= v.iov_len {
+                        left -= v.iov_len;
+                        first += 1;
+                    } else {
+                        // SAFETY: advancing within the same buffer.
+                        v.iov_base = unsafe { v.iov_base.cast::<u8>().add(left).cast() };
+                        v.iov_len -= left;
+                        left = 0;
+                    }
+                }
+            }
+            Ok(done)
+        }
+        IoOp::Fsync { fd, datasync } => {
+            // SAFETY: plain syscalls on a descriptor the device owns.
+            let r = unsafe {
+                if *datasync {
+                    libc::fdatasync(*fd)
+                } else {
+                    libc::fsync(*fd)
+                }
+            };
+            check(r as libc::c_long)
+        }
+        IoOp::Fallocate {
+            fd,
+            mode,
+            offset,
+            len,
+        } => {
+            // SAFETY: plain syscall on a descriptor the device owns.
+            let r = unsafe { libc::fallocate(*fd, *mode, *offset as i64, *len as i64) };
+            check(r as libc::c_long).map(|_| 0)
+        }
+    }
+}

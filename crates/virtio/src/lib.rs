@@ -1,0 +1,65 @@
+//! `alioth-virtio`: the virtio device model.
+//!
+//! A device implements [`Virtio`] (identity, features, config space, queue shape) and
+//! [`ChainHandler`] (what to do with one descriptor chain). It never touches threads, rings or
+//! file descriptors' readiness: a [`Worker`] thread runs it under a [`Backend`] — the epoll
+//! backend here ([`EpollBackend`]), or io_uring from `alioth-io-uring` — driven by [`WakeEvent`]s
+//! from the transport (start with the negotiated features, queues, interrupt sender and
+//! ioeventfds; reset; shutdown). [`DeviceStatus`] is the status register's state machine that
+//! transports share.
+//!
+//! A device describes the host I/O a chain needs as an [`IoOp`] instead of performing it; the
+//! backend performs it (synchronously for epoll, as an SQE for io_uring) and hands the result to
+//! [`ChainHandler::complete`]. One device implementation thus serves every backend.
+
+mod device;
+mod epoll;
+mod irq;
+mod status;
+mod worker;
+
+pub use device::{BufferAction, ChainHandler, DeviceId, IoOp, Virtio};
+pub use epoll::{EpollBackend, execute_sync};
+pub use irq::{EventFdIrq, IrqSender};
+pub use status::{DeviceStatus, StatusBits};
+pub use worker::{
+    ActiveBackend, Backend, QueueSetup, WakeEvent, Worker, WorkerExit, process_queue,
+};
+
+/// Errors of the virtio layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A queue the driver configured is invalid.
+    #[error("{dev}: queue {queue}: {source}")]
+    Queue {
+        /// Device name.
+        dev: String,
+        /// Queue index.
+        queue: u16,
+        /// What is wrong.
+        #[source]
+        source: alioth_queue::QueueError,
+    },
+    /// A chain broke the device's protocol beyond what a status byte can report.
+    #[error("{dev}: queue {queue}: {reason}")]
+    Protocol {
+        /// Device name.
+        dev: String,
+        /// Queue index.
+        queue: u16,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A host resource failed (eventfd, epoll, io_uring, thread).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

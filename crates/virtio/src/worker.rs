@@ -1,0 +1,349 @@
+//! Workers: one thread per device, driven by the transport's wake events.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::JoinHandle;
+
+use alioth_queue::{QueueConfig, VirtQueue, new_queue};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::{BufferAction, ChainHandler, IoOp};
+use crate::irq::IrqSender;
+use crate::{Error, Result};
+
+/// One queue as the driver set it up, with the ioeventfd its notifications arrive on.
+#[derive(Clone)]
+pub struct QueueSetup {
+    /// Addresses and size.
+    pub config: QueueConfig,
+    /// Signalled (by KVM) when the driver notifies the queue.
+    pub ioeventfd: Arc<EventFd>,
+}
+
+/// What the transport tells a worker.
+pub enum WakeEvent {
+    /// DRIVER_OK: start with these negotiated features, queues (`None` for a queue the driver
+    /// left disabled) and interrupt sender.
+    Start {
+        /// Negotiated features.
+        features: u64,
+        /// Queues by index.
+        queues: Vec<Option<QueueSetup>>,
+        /// Where interrupts go.
+        irq: Arc<dyn IrqSender>,
+    },
+    /// The driver reset the device: finish in-flight requests, then stop using the queues.
+    Reset,
+    /// The VM is going away: like reset, then the thread ends.
+    Shutdown,
+}
+
+/// A queue a running backend serves.
+pub struct ActiveQueue {
+    /// Queue index.
+    pub index: u16,
+    /// The ring.
+    pub queue: Box<dyn VirtQueue>,
+    /// Its notification eventfd.
+    pub ioeventfd: Arc<EventFd>,
+}
+
+/// An event-loop flavour (epoll, io_uring) that can run a device.
+pub trait Backend<D: ChainHandler>: Send + 'static {
+    /// The running loop.
+    type Active: ActiveBackend<D>;
+    /// Starts serving `queues`. The loop must return from [`ActiveBackend::run`] when `notifier`
+    /// becomes readable.
+    fn activate(
+        &mut self,
+        dev: &mut D,
+        queues: Vec<ActiveQueue>,
+        irq: Arc<dyn IrqSender>,
+        mem: GuestMemoryMmap,
+        notifier: Arc<EventFd>,
+    ) -> Result<Self::Active>;
+}
+
+/// A running event loop.
+pub trait ActiveBackend<D: ChainHandler>: Send {
+    /// Serves the queues until the worker's notifier fires (`Ok`), or until the driver breaks
+    /// the protocol (`Err`: the device then needs a reset).
+    fn run(&mut self, dev: &mut D) -> Result<()>;
+    /// Completes every request in flight, updating the used rings and interrupting the driver,
+    /// so that nothing acknowledged is lost across a reset.
+    fn drain(&mut self, dev: &mut D) -> Result<()>;
+}
+
+/// Why a worker thread ended (for logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerExit {
+    /// It was asked to.
+    Shutdown,
+    /// The transport went away.
+    Disconnected,
+}
+
+/// A device's worker thread.
+pub struct Worker {
+    name: String,
+    tx: Sender<WakeEvent>,
+    notifier: Arc<EventFd>,
+    needs_reset: Arc<AtomicBool>,
+    thread: Option<JoinHandle<WorkerExit>>,
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+impl Worker {
+    /// Starts the worker thread of `dev` under `backend`. The device idles until
+    /// [`WakeEvent::Start`].
+    pub fn spawn<D, B>(dev: D, backend: B, mem: GuestMemoryMmap) -> Result<Worker>
+    where
+        D: ChainHandler,
+        B: Backend<D>,
+    {
+        let name = dev.name().to_string();
+        let notifier = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?);
+        let needs_reset = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = channel();
+        let ctx = WorkerThread {
+            dev,
+            backend,
+            mem,
+            rx,
+            notifier: notifier.clone(),
+            needs_reset: needs_reset.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || ctx.run())
+            .map_err(io_err(format!("spawning {name}")))?;
+        Ok(Worker {
+            name,
+            tx,
+            notifier,
+            needs_reset,
+            thread: Some(thread),
+        })
+    }
+
+    /// Sends an event and wakes the thread.
+    pub fn wake(&self, ev: WakeEvent) {
+        if self.tx.send(ev).is_ok() {
+            let _ = self.notifier.write(1);
+        } else {
+            log::warn!("{}: worker is gone", self.name);
+        }
+    }
+
+    /// Whether the device hit a driver error and waits for a reset (the transport reflects it as
+    /// NEEDS_RESET in the status register).
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::Acquire)
+    }
+
+    /// Stops the thread after it completes the requests in flight.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.wake(WakeEvent::Shutdown);
+            match t.join() {
+                Ok(exit) => log::debug!("{}: worker ended: {exit:?}", self.name),
+                Err(_) => log::error!("{}: worker panicked", self.name),
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct WorkerThread<D, B> {
+    dev: D,
+    backend: B,
+    mem: GuestMemoryMmap,
+    rx: Receiver<WakeEvent>,
+    notifier: Arc<EventFd>,
+    needs_reset: Arc<AtomicBool>,
+}
+
+fn wait_readable(fd: &EventFd) {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    while unsafe { libc::poll(&mut p, 1, -1) } < 0 {}
+}
+
+impl<D: ChainHandler, B: Backend<D>> WorkerThread<D, B> {
+    fn run(mut self) -> WorkerExit {
+        let name = self.dev.name().to_string();
+        let mut active: Option<(B::Active, Arc<dyn IrqSender>)> = None;
+        let mut broken = false;
+        loop {
+            match active.as_mut() {
+                Some((a, irq)) if !broken => {
+                    if let Err(e) = a.run(&mut self.dev) {
+                        log::error!("{name}: {e}; the device needs a reset");
+                        broken = true;
+                        self.needs_reset.store(true, Ordering::Release);
+                        irq.config_irq();
+                    }
+                }
+                _ => wait_readable(&self.notifier),
+            }
+            let _ = self.notifier.read();
+            loop {
+                let ev = match self.rx.try_recv() {
+                    Ok(ev) => ev,
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                        self.stop(&mut active);
+                        return WorkerExit::Disconnected;
+                    }
+                };
+                match ev {
+                    WakeEvent::Start {
+                        features,
+                        queues,
+                        irq,
+                    } => {
+                        if active.is_some() {
+                            log::warn!("{name}: started twice without a reset; ignored");
+                            continue;
+                        }
+                        match self.start(features, queues, irq.clone()) {
+                            Ok(a) => active = Some((a, irq)),
+                            Err(e) => {
+                                log::error!("{name}: cannot start: {e}; the device needs a reset");
+                                broken = true;
+                                self.needs_reset.store(true, Ordering::Release);
+                                irq.config_irq();
+                            }
+                        }
+                    }
+                    WakeEvent::Reset => {
+                        self.stop(&mut active);
+                        broken = false;
+                        self.needs_reset.store(false, Ordering::Release);
+                    }
+                    WakeEvent::Shutdown => {
+                        self.stop(&mut active);
+                        return WorkerExit::Shutdown;
+                    }
+                }
+            }
+        }
+    }
+
+    fn start(
+        &mut self,
+        features: u64,
+        queues: Vec<Option<QueueSetup>>,
+        irq: Arc<dyn IrqSender>,
+    ) -> Result<B::Active> {
+        let name = self.dev.name().to_string();
+        let max = self.dev.queue_max_sizes();
+        let mut active = Vec::new();
+        for (i, setup) in queues.into_iter().enumerate() {
+            let Some(setup) = setup else { continue };
+            let index = i as u16;
+            let Some(&max_size) = max.get(i) else {
+                return Err(Error::Protocol {
+                    dev: name,
+                    queue: index,
+                    reason: "the device has no such queue".into(),
+                });
+            };
+            let queue =
+                new_queue(max_size, setup.config, features, &self.mem).map_err(|source| {
+                    Error::Queue {
+                        dev: name.clone(),
+                        queue: index,
+                        source,
+                    }
+                })?;
+            active.push(ActiveQueue {
+                index,
+                queue,
+                ioeventfd: setup.ioeventfd,
+            });
+        }
+        self.dev.activate(features)?;
+        self.backend.activate(
+            &mut self.dev,
+            active,
+            irq,
+            self.mem.clone(),
+            self.notifier.clone(),
+        )
+    }
+
+    fn stop(&mut self, active: &mut Option<(B::Active, Arc<dyn IrqSender>)>) {
+        if let Some((mut a, _)) = active.take() {
+            if let Err(e) = a.drain(&mut self.dev) {
+                log::error!("{}: draining in-flight requests: {e}", self.dev.name());
+            }
+            self.dev.reset();
+        }
+    }
+}
+
+/// Serves one queue synchronously: pops every available chain, lets the device handle it,
+/// performs its I/O with `exec`, and returns it. Notifications stay disabled while working and
+/// are re-enabled (and re-checked) at the end. Returns whether any chain was completed.
+pub fn process_queue<D: ChainHandler>(
+    dev: &mut D,
+    aq: &mut ActiveQueue,
+    mem: &GuestMemoryMmap,
+    exec: &mut dyn FnMut(&IoOp) -> std::io::Result<usize>,
+) -> Result<bool> {
+    let name = dev.name().to_string();
+    let index = aq.index;
+    let qerr = |source| Error::Queue {
+        dev: name.clone(),
+        queue: index,
+        source,
+    };
+    let mut done = false;
+    aq.queue.disable_notification(mem).map_err(qerr)?;
+    loop {
+        while let Some(chain) = aq.queue.pop(mem).map_err(qerr)? {
+            let written = match dev.handle(index, &chain, mem) {
+                BufferAction::Written(n) => n,
+                BufferAction::Io(op) => {
+                    let r = exec(&op);
+                    dev.complete(index, &chain, mem, r)
+                }
+                BufferAction::Invalid(reason) => {
+                    return Err(Error::Protocol {
+                        dev: name,
+                        queue: index,
+                        reason,
+                    });
+                }
+            };
+            aq.queue
+                .push_used(mem, chain.token(), written)
+                .map_err(qerr)?;
+            done = true;
+        }
+        if !aq.queue.enable_notification(mem).map_err(qerr)? {
+            return Ok(done);
+        }
+    }
+}
