@@ -27,6 +27,23 @@ impl Iov {
         self.host
     }
 
+    /// Splits the buffer at byte `at` (which must be within it) into two.
+    pub fn split(&self, at: u32) -> (Iov, Iov) {
+        let at = at.min(self.len);
+        let head = Iov {
+            gpa: self.gpa,
+            len: at,
+            host: self.host,
+        };
+        let tail = Iov {
+            gpa: self.gpa + u64::from(at),
+            len: self.len - at,
+            // SAFETY: `at` is within the buffer, so the result stays inside its mapping.
+            host: unsafe { self.host.add(at as usize) },
+        };
+        (head, tail)
+    }
+
     /// The buffer as an `iovec` for readv/writev/io_uring.
     pub fn as_iovec(&self) -> libc::iovec {
         libc::iovec {

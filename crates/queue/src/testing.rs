@@ -348,6 +348,11 @@ impl<'a> TestDriver<'a> {
         out
     }
 
+    /// The writable buffers `(gpa, len)` of a completed chain.
+    pub fn writable(&self, id: u16) -> &[(u64, u32)] {
+        self.done.get(&id).map(Vec::as_slice).unwrap_or(&[])
+    }
+
     /// Whether the device asked to be notified about the chains added since the last call
     /// (notification suppression, with EVENT_IDX when negotiated).
     pub fn kick_needed(&mut self) -> bool {

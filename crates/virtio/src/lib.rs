@@ -23,7 +23,7 @@ pub use epoll::{EpollBackend, execute_sync};
 pub use irq::{EventFdIrq, IrqSender};
 pub use status::{DeviceStatus, StatusBits};
 pub use worker::{
-    ActiveBackend, Backend, QueueSetup, WakeEvent, Worker, WorkerExit, process_queue,
+    ActiveBackend, ActiveQueue, Backend, QueueSetup, WakeEvent, Worker, WorkerExit, process_queue,
 };
 
 /// Errors of the virtio layer.

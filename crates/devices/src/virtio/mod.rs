@@ -1,3 +1,4 @@
 //! Virtio devices.
 
+pub mod blk;
 pub mod rng;

@@ -1,0 +1,459 @@
+//! virtio-blk on a raw image file.
+//!
+//! Requests: read, write, flush (`fdatasync`), get-id, discard (punch hole) and write-zeroes
+//! (zero range), each checked against the disk's capacity. Read-only disks advertise
+//! VIRTIO_BLK_F_RO and fail writes, discards and write-zeroes with IOERR. A read or write that
+//! transfers less than asked is reported as IOERR, never as success.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use alioth_queue::{
+    DescChain, Iov, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED,
+    VIRTIO_F_VERSION_1,
+};
+use alioth_virtio::{BufferAction, ChainHandler, DeviceId, IoOp, Virtio};
+use vm_memory::GuestMemoryMmap;
+
+/// Sector size of the protocol.
+pub const SECTOR_SIZE: u64 = 512;
+
+const F_SIZE_MAX: u32 = 1;
+const F_SEG_MAX: u32 = 2;
+const F_RO: u32 = 5;
+const F_BLK_SIZE: u32 = 6;
+const F_FLUSH: u32 = 9;
+const F_MQ: u32 = 12;
+const F_DISCARD: u32 = 13;
+const F_WRITE_ZEROES: u32 = 14;
+
+/// Request types.
+pub mod req {
+    /// Read.
+    pub const IN: u32 = 0;
+    /// Write.
+    pub const OUT: u32 = 1;
+    /// Flush.
+    pub const FLUSH: u32 = 4;
+    /// Device ID string.
+    pub const GET_ID: u32 = 8;
+    /// Discard.
+    pub const DISCARD: u32 = 11;
+    /// Write zeroes.
+    pub const WRITE_ZEROES: u32 = 13;
+}
+
+/// Status byte values.
+pub mod status {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// I/O error.
+    pub const IOERR: u8 = 1;
+    /// Unsupported request.
+    pub const UNSUPP: u8 = 2;
+}
+
+/// Length of the device ID string.
+pub const ID_LEN: usize = 20;
+/// Largest single data buffer advertised (size_max).
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Largest request in sectors for discard and write-zeroes.
+pub const MAX_ZERO_SECTORS: u32 = (1 << 30) / 512;
+
+/// How to open the disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlkConfig {
+    /// Raw image.
+    pub path: PathBuf,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Number of request queues.
+    pub num_queues: u16,
+    /// Size of each queue.
+    pub queue_size: u16,
+    /// Bypass the host page cache (O_DIRECT).
+    pub direct: bool,
+}
+
+/// Errors opening a disk.
+#[derive(Debug, thiserror::Error)]
+pub enum BlkError {
+    /// The image cannot be opened or sized.
+    #[error("disk {path}: {source}")]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A setting is out of range.
+    #[error("disk {path}: {reason}")]
+    Config {
+        /// The image.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A virtio-blk device.
+pub struct VirtioBlk {
+    name: String,
+    file: File,
+    read_only: bool,
+    capacity: u64,
+    num_queues: u16,
+    queue_size: u16,
+    id: [u8; ID_LEN],
+    config: Vec<u8>,
+}
+
+impl VirtioBlk {
+    /// Opens the image of `cfg` for the device called `name`.
+    pub fn open(name: &str, cfg: &BlkConfig) -> Result<Self, BlkError> {
+        let path = cfg.path.clone();
+        let bad = |reason: &str| BlkError::Config {
+            path: path.clone(),
+            reason: reason.to_string(),
+        };
+        if cfg.num_queues == 0 || cfg.num_queues > 64 {
+            return Err(bad("num_queues must be 1 to 64"));
+        }
+        if cfg.queue_size < 2 || !cfg.queue_size.is_power_of_two() || cfg.queue_size > 32768 {
+            return Err(bad("queue_size must be a power of two from 2 to 32768"));
+        }
+        let mut o = OpenOptions::new();
+        o.read(true).write(!cfg.read_only);
+        if cfg.direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        let open_err = |source| BlkError::Open {
+            path: path.clone(),
+            source,
+        };
+        let file = o.open(&cfg.path).map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        if !meta.is_file() {
+            return Err(bad("not a regular file (raw images only)"));
+        }
+        let size = meta.len();
+        if size % SECTOR_SIZE != 0 {
+            log::warn!(
+                "{name}: {} is {size} bytes, not a multiple of 512; the last {} bytes are not visible",
+                path.display(),
+                size % SECTOR_SIZE
+            );
+        }
+        let capacity = size / SECTOR_SIZE;
+        let mut id = [0u8; ID_LEN];
+        let stem = Path::new(&cfg.path)
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let src = format!("alioth-{stem}");
+        let n = src.len().min(ID_LEN);
+        id[..n].copy_from_slice(&src.as_bytes()[..n]);
+        let mut dev = VirtioBlk {
+            name: name.to_string(),
+            file,
+            read_only: cfg.read_only,
+            capacity,
+            num_queues: cfg.num_queues,
+            queue_size: cfg.queue_size,
+            id,
+            config: Vec::new(),
+        };
+        dev.config = dev.build_config();
+        Ok(dev)
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn build_config(&self) -> Vec<u8> {
+        let mut c = vec![0u8; 60];
+        c[0..8].copy_from_slice(&self.capacity.to_le_bytes());
+        c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
+        let seg_max = u32::from(self.queue_size) - 2;
+        c[12..16].copy_from_slice(&seg_max.to_le_bytes());
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        c[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
+        c[36..40].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes()); // max_discard_sectors
+        c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
+        c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+        c[48..52].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes());
+        c[52..56].copy_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+
+    fn in_range(&self, sector: u64, bytes: u64) -> bool {
+        bytes % SECTOR_SIZE == 0
+            && sector
+                .checked_add(bytes / SECTOR_SIZE)
+                .is_some_and(|end| end <= self.capacity)
+    }
+}
+
+/// A parsed request.
+struct Request {
+    kind: u32,
+    sector: u64,
+    /// Readable data after the header (OUT, DISCARD, WRITE_ZEROES).
+    out: Vec<Iov>,
+    /// Writable data before the status byte (IN, GET_ID).
+    data: Vec<Iov>,
+    /// Where the status byte goes (offset within the writable buffers).
+    status_at: u64,
+}
+
+/// Splits `iovs` at byte `at`: (before, after).
+fn split_iovs(iovs: &[Iov], at: u64) -> (Vec<Iov>, Vec<Iov>) {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    let mut pos = 0u64;
+    for iov in iovs {
+        let end = pos + u64::from(iov.len);
+        if end <= at {
+            a.push(*iov);
+        } else if pos >= at {
+            b.push(*iov);
+        } else {
+            let k = (at - pos) as u32;
+            let (x, y) = iov.split(k);
+            a.push(x);
+            b.push(y);
+        }
+        pos = end;
+    }
+    (a, b)
+}
+
+fn parse(chain: &DescChain, mem: &GuestMemoryMmap) -> Result<Request, String> {
+    let wlen = chain.writable_len();
+    if wlen == 0 {
+        return Err("request has no writable status byte".into());
+    }
+    let mut hdr = [0u8; 16];
+    let n = chain.read_at(mem, 0, &mut hdr).map_err(|e| e.to_string())?;
+    let status_at = wlen - 1;
+    let (data, _) = split_iovs(&chain.writable, status_at);
+    if n < 16 {
+        // Still answerable: the status byte exists.
+        return Ok(Request {
+            kind: u32::MAX,
+            sector: 0,
+            out: Vec::new(),
+            data,
+            status_at,
+        });
+    }
+    let (_, out) = split_iovs(&chain.readable, 16);
+    Ok(Request {
+        kind: u32::from_le_bytes(hdr[0..4].try_into().unwrap_or_default()),
+        sector: u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default()),
+        out,
+        data,
+        status_at,
+    })
+}
+
+fn total(iovs: &[Iov]) -> u64 {
+    iovs.iter().map(|i| u64::from(i.len)).sum()
+}
+
+impl VirtioBlk {
+    fn finish(
+        &self,
+        chain: &DescChain,
+        mem: &GuestMemoryMmap,
+        r: &Request,
+        st: u8,
+        data: u64,
+    ) -> u32 {
+        if let Err(e) = chain.write_at(mem, r.status_at, &[st]) {
+            log::warn!("{}: cannot write status: {e}", self.name);
+        }
+        (data + 1) as u32
+    }
+
+    fn zero_range(
+        &self,
+        chain: &DescChain,
+        mem: &GuestMemoryMmap,
+        r: &Request,
+        punch: bool,
+    ) -> BufferAction {
+        let mut seg = [0u8; 16];
+        let segs = total(&r.out);
+        if segs != 16 {
+            // One segment per request is what the config space advertises.
+            return BufferAction::Written(self.finish(chain, mem, r, status::UNSUPP, 0));
+        }
+        if chain
+            .read_at(mem, 16, &mut seg)
+            .map(|n| n != 16)
+            .unwrap_or(true)
+        {
+            return BufferAction::Written(self.finish(chain, mem, r, status::IOERR, 0));
+        }
+        let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
+        let sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
+        let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
+        let bytes = u64::from(sectors) * SECTOR_SIZE;
+        if self.read_only || sectors > MAX_ZERO_SECTORS || !self.in_range(sector, bytes) {
+            return BufferAction::Written(self.finish(chain, mem, r, status::IOERR, 0));
+        }
+        // Discard, or write-zeroes with the unmap flag: punch a hole (reads back as zeros).
+        let unmap = punch || flags & 1 != 0;
+        let mode = if unmap {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        BufferAction::Io(IoOp::Fallocate {
+            fd: self.file.as_raw_fd(),
+            mode,
+            offset: sector * SECTOR_SIZE,
+            len: bytes,
+        })
+    }
+}
+
+impl Virtio for VirtioBlk {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn device_id(&self) -> DeviceId {
+        DeviceId::Block
+    }
+
+    fn device_features(&self) -> u64 {
+        let mut bits = vec![
+            VIRTIO_F_VERSION_1,
+            VIRTIO_F_RING_PACKED,
+            VIRTIO_F_EVENT_IDX,
+            VIRTIO_F_INDIRECT_DESC,
+            F_SIZE_MAX,
+            F_SEG_MAX,
+            F_BLK_SIZE,
+            F_FLUSH,
+            F_DISCARD,
+            F_WRITE_ZEROES,
+        ];
+        if self.read_only {
+            bits.push(F_RO);
+        }
+        if self.num_queues > 1 {
+            bits.push(F_MQ);
+        }
+        bits.iter().fold(0, |f, b| f | (1u64 << b))
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![self.queue_size; usize::from(self.num_queues)]
+    }
+
+    fn config(&self) -> &[u8] {
+        &self.config
+    }
+}
+
+impl ChainHandler for VirtioBlk {
+    fn handle(&mut self, _queue: u16, chain: &DescChain, mem: &GuestMemoryMmap) -> BufferAction {
+        let r = match parse(chain, mem) {
+            Ok(r) => r,
+            Err(e) => return BufferAction::Invalid(e),
+        };
+        let fd = self.file.as_raw_fd();
+        let done = |st| BufferAction::Written(self.finish(chain, mem, &r, st, 0));
+        match r.kind {
+            req::IN => {
+                let len = total(&r.data);
+                if !self.in_range(r.sector, len) {
+                    return done(status::IOERR);
+                }
+                BufferAction::Io(IoOp::Readv {
+                    fd,
+                    iovs: r.data.clone(),
+                    offset: r.sector * SECTOR_SIZE,
+                })
+            }
+            req::OUT => {
+                let len = total(&r.out);
+                if self.read_only || !self.in_range(r.sector, len) {
+                    return done(status::IOERR);
+                }
+                BufferAction::Io(IoOp::Writev {
+                    fd,
+                    iovs: r.out.clone(),
+                    offset: r.sector * SECTOR_SIZE,
+                })
+            }
+            req::FLUSH => {
+                if self.read_only {
+                    return done(status::OK);
+                }
+                BufferAction::Io(IoOp::Fsync { fd, datasync: true })
+            }
+            req::GET_ID => {
+                let n = chain
+                    .write_at(mem, 0, &self.id[..(total(&r.data) as usize).min(ID_LEN)])
+                    .unwrap_or(0);
+                BufferAction::Written(self.finish(chain, mem, &r, status::OK, n as u64))
+            }
+            req::DISCARD => self.zero_range(chain, mem, &r, true),
+            req::WRITE_ZEROES => self.zero_range(chain, mem, &r, false),
+            u32::MAX => done(status::IOERR),
+            _ => done(status::UNSUPP),
+        }
+    }
+
+    fn complete(
+        &mut self,
+        _queue: u16,
+        chain: &DescChain,
+        mem: &GuestMemoryMmap,
+        result: std::io::Result<usize>,
+    ) -> u32 {
+        let Ok(r) = parse(chain, mem) else {
+            return 0;
+        };
+        let (expected, data) = match r.kind {
+            req::IN => (total(&r.data), total(&r.data)),
+            req::OUT => (total(&r.out), 0),
+            _ => (0, 0),
+        };
+        let st = match result {
+            Ok(n) if n as u64 == expected => status::OK,
+            Ok(n) => {
+                log::warn!(
+                    "{}: short transfer at sector {}: {n} of {expected} bytes",
+                    self.name,
+                    r.sector
+                );
+                status::IOERR
+            }
+            Err(e) => {
+                log::warn!(
+                    "{}: request type {} at sector {}: {e}",
+                    self.name,
+                    r.kind,
+                    r.sector
+                );
+                status::IOERR
+            }
+        };
+        let data = if st == status::OK { data } else { 0 };
+        self.finish(chain, mem, &r, st, data)
+    }
+}
+
+#[cfg(test)]
+#[path = "blk_test.rs"]
+mod tests;

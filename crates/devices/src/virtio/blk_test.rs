@@ -1,0 +1,430 @@
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use alioth_io_uring::IoUringBackend;
+use alioth_mem::{MemoryMap, RamBus};
+use alioth_queue::testing::TestDriver;
+use alioth_queue::{QueueFormat, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1};
+use alioth_virtio::{EpollBackend, EventFdIrq, QueueSetup, WakeEvent, Worker};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::*;
+
+#[derive(Debug, Clone, Copy)]
+enum Be {
+    Epoll,
+    IoUring(u32),
+}
+
+const BACKENDS: [Be; 2] = [Be::Epoll, Be::IoUring(64)];
+const FORMATS: [QueueFormat; 2] = [QueueFormat::Split, QueueFormat::Packed];
+
+fn image(sectors: u64, fill: u8) -> tempfile::NamedTempFile {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), vec![fill; (sectors * SECTOR_SIZE) as usize]).unwrap();
+    f
+}
+
+fn cfg(path: &Path) -> BlkConfig {
+    BlkConfig {
+        path: path.to_path_buf(),
+        read_only: false,
+        num_queues: 1,
+        queue_size: 64,
+        direct: false,
+    }
+}
+
+fn hdr(kind: u32, sector: u64) -> Vec<u8> {
+    let mut h = vec![0u8; 16];
+    h[0..4].copy_from_slice(&kind.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    h
+}
+
+fn seg(sector: u64, n: u32, flags: u32) -> Vec<u8> {
+    let mut s = vec![0u8; 16];
+    s[0..8].copy_from_slice(&sector.to_le_bytes());
+    s[8..12].copy_from_slice(&n.to_le_bytes());
+    s[12..16].copy_from_slice(&flags.to_le_bytes());
+    s
+}
+
+fn wait(fd: &EventFd, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let r = unsafe { libc::poll(&mut p, 1, ms) };
+    r == 1 && fd.read().is_ok()
+}
+
+struct Rig<'a> {
+    worker: Option<Worker>,
+    irq: Arc<EventFdIrq>,
+    kicks: Vec<Arc<EventFd>>,
+    drivers: Vec<TestDriver<'a>>,
+}
+
+impl<'a> Rig<'a> {
+    fn new(ram: &'a RamBus, dev: VirtioBlk, be: Be, format: QueueFormat, feats: u64) -> Rig<'a> {
+        let nq = dev.queue_max_sizes().len();
+        let size = dev.queue_max_sizes()[0];
+        let features = dev.device_features();
+        let mem = ram.memory().clone();
+        let worker = match be {
+            Be::Epoll => Worker::spawn(dev, EpollBackend, mem),
+            Be::IoUring(n) => Worker::spawn(dev, IoUringBackend::new(n), mem),
+        }
+        .unwrap();
+        let irq = Arc::new(EventFdIrq::new(nq).unwrap());
+        let mut drivers = Vec::new();
+        let mut kicks = Vec::new();
+        let mut queues = Vec::new();
+        for q in 0..nq {
+            let d = TestDriver::new(
+                ram.memory(),
+                format,
+                size,
+                0x10_0000 + q as u64 * 0x20_0000,
+                feats,
+            );
+            let k = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+            queues.push(Some(QueueSetup {
+                config: d.config(),
+                ioeventfd: k.clone(),
+            }));
+            kicks.push(k);
+            drivers.push(d);
+        }
+        let negotiated = (drivers[0].features() | (1 << VIRTIO_F_VERSION_1)) & features;
+        worker.wake(WakeEvent::Start {
+            features: negotiated,
+            queues,
+            irq: irq.clone(),
+        });
+        Rig {
+            worker: Some(worker),
+            irq,
+            kicks,
+            drivers,
+        }
+    }
+
+    fn worker(&self) -> &Worker {
+        self.worker.as_ref().unwrap()
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.shutdown();
+        }
+    }
+
+    /// Submits one request on queue `q` and waits for it: (status, data read).
+    fn request(&mut self, q: usize, readable: &[&[u8]], data_len: u32) -> (u8, Vec<u8>) {
+        let writable: Vec<u32> = if data_len > 0 {
+            vec![data_len, 1]
+        } else {
+            vec![1]
+        };
+        let id = self.drivers[q].add(readable, &writable).unwrap();
+        self.kicks[q].write(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some((got, _)) = self.drivers[q].used() {
+                assert_eq!(got, id);
+                break;
+            }
+            assert!(Instant::now() < deadline, "request did not complete");
+            wait(&self.irq.queues[q], 100);
+        }
+        self.result(q, id)
+    }
+
+    fn result(&self, q: usize, id: u16) -> (u8, Vec<u8>) {
+        let bufs = self.drivers[q].writable(id);
+        let (sa, sl) = *bufs.last().unwrap();
+        let status = self.drivers[q].read_mem(sa + u64::from(sl) - 1, 1)[0];
+        let data = if bufs.len() > 1 {
+            self.drivers[q].read_mem(bufs[0].0, bufs[0].1 as usize)
+        } else {
+            Vec::new()
+        };
+        (status, data)
+    }
+}
+
+fn combos() -> Vec<(Be, QueueFormat, u64)> {
+    let mut v = Vec::new();
+    for be in BACKENDS {
+        for f in FORMATS {
+            for feats in [0, (1 << VIRTIO_F_EVENT_IDX) | (1 << VIRTIO_F_INDIRECT_DESC)] {
+                v.push((be, f, feats));
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn written_data_is_in_the_file_and_reads_back() {
+    let ram = RamBus::new(MemoryMap::new(64 << 20).unwrap()).unwrap();
+    for (be, format, feats) in combos() {
+        let img = image(64, 0);
+        let dev = VirtioBlk::open("virtio-blk0", &cfg(img.path())).unwrap();
+        let mut rig = Rig::new(&ram, dev, be, format, feats);
+        let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (st, _) = rig.request(0, &[&hdr(req::OUT, 8), &pattern], 0);
+        assert_eq!(st, status::OK, "{be:?} {format:?}");
+        let (st, data) = rig.request(0, &[&hdr(req::IN, 8)], 4096);
+        assert_eq!(st, status::OK);
+        assert_eq!(data, pattern, "{be:?} {format:?} {feats:#x}");
+        let (st, _) = rig.request(0, &[&hdr(req::FLUSH, 0)], 0);
+        assert_eq!(st, status::OK);
+        rig.shutdown();
+        let file = std::fs::read(img.path()).unwrap();
+        assert_eq!(&file[4096..8192], &pattern[..], "host side sees the write");
+        assert!(file[..4096].iter().all(|b| *b == 0));
+    }
+}
+
+#[test]
+fn flush_is_fdatasync_on_the_image() {
+    let img = image(8, 0);
+    let mut dev = VirtioBlk::open("virtio-blk0", &cfg(img.path())).unwrap();
+    let ram = RamBus::new(MemoryMap::new(16 << 20).unwrap()).unwrap();
+    let mem = ram.memory();
+    let mut d = TestDriver::new(mem, QueueFormat::Split, 8, 0x10_0000, 0);
+    let mut q = alioth_queue::new_queue(8, d.config(), d.features(), mem).unwrap();
+    d.add(&[&hdr(req::FLUSH, 0)], &[1]).unwrap();
+    let chain = q.pop(mem).unwrap().unwrap();
+    match dev.handle(0, &chain, mem) {
+        BufferAction::Io(IoOp::Fsync { fd, datasync }) => {
+            assert_eq!(fd, dev.file.as_raw_fd());
+            assert!(datasync);
+        }
+        other => panic!("flush must sync the image, got {other:?}"),
+    }
+}
+
+#[test]
+fn read_only_disk_rejects_writes_and_advertises_ro() {
+    let ram = RamBus::new(MemoryMap::new(64 << 20).unwrap()).unwrap();
+    for be in BACKENDS {
+        let img = image(16, 0x5a);
+        let mut c = cfg(img.path());
+        c.read_only = true;
+        let dev = VirtioBlk::open("virtio-blk0", &c).unwrap();
+        assert_ne!(dev.device_features() & (1 << F_RO), 0);
+        let mut rig = Rig::new(&ram, dev, be, QueueFormat::Split, 0);
+        let (st, _) = rig.request(0, &[&hdr(req::OUT, 0), &[0u8; 512]], 0);
+        assert_eq!(st, status::IOERR);
+        let (st, _) = rig.request(0, &[&hdr(req::DISCARD, 0), &seg(0, 1, 0)], 0);
+        assert_eq!(st, status::IOERR);
+        let (st, data) = rig.request(0, &[&hdr(req::IN, 0)], 512);
+        assert_eq!((st, data), (status::OK, vec![0x5a; 512]));
+        rig.shutdown();
+        assert!(
+            std::fs::read(img.path())
+                .unwrap()
+                .iter()
+                .all(|b| *b == 0x5a)
+        );
+    }
+}
+
+#[test]
+fn discard_and_write_zeroes_zero_only_their_range() {
+    let ram = RamBus::new(MemoryMap::new(64 << 20).unwrap()).unwrap();
+    for be in BACKENDS {
+        for (kind, flags) in [
+            (req::DISCARD, 0),
+            (req::WRITE_ZEROES, 0),
+            (req::WRITE_ZEROES, 1),
+        ] {
+            let img = image(32, 0xaa);
+            let dev = VirtioBlk::open("virtio-blk0", &cfg(img.path())).unwrap();
+            let mut rig = Rig::new(&ram, dev, be, QueueFormat::Packed, 0);
+            let (st, _) = rig.request(0, &[&hdr(kind, 0), &seg(8, 8, flags)], 0);
+            assert_eq!(st, status::OK, "{be:?} type {kind}");
+            let (_, data) = rig.request(0, &[&hdr(req::IN, 8)], 4096);
+            assert_eq!(data, vec![0u8; 4096]);
+            rig.shutdown();
+            let file = std::fs::read(img.path()).unwrap();
+            assert_eq!(file.len(), 32 * 512, "size kept");
+            assert!(file[..4096].iter().all(|b| *b == 0xaa));
+            assert!(file[4096..8192].iter().all(|b| *b == 0));
+            assert!(file[8192..].iter().all(|b| *b == 0xaa));
+        }
+    }
+}
+
+#[test]
+fn out_of_range_unknown_and_get_id_requests() {
+    let ram = RamBus::new(MemoryMap::new(64 << 20).unwrap()).unwrap();
+    for be in BACKENDS {
+        let img = image(8, 0);
+        let dev = VirtioBlk::open("virtio-blk0", &cfg(img.path())).unwrap();
+        assert_eq!(dev.capacity(), 8);
+        assert_eq!(&dev.config()[0..8], &8u64.to_le_bytes());
+        let mut rig = Rig::new(&ram, dev, be, QueueFormat::Split, 0);
+        assert_eq!(rig.request(0, &[&hdr(req::IN, 7)], 1024).0, status::IOERR);
+        assert_eq!(
+            rig.request(0, &[&hdr(req::IN, u64::MAX)], 512).0,
+            status::IOERR
+        );
+        assert_eq!(
+            rig.request(0, &[&hdr(req::IN, 0)], 100).0,
+            status::IOERR,
+            "not sectors"
+        );
+        assert_eq!(
+            rig.request(0, &[&hdr(req::OUT, 8), &[1u8; 512]], 0).0,
+            status::IOERR
+        );
+        assert_eq!(rig.request(0, &[&hdr(99, 0)], 0).0, status::UNSUPP);
+        assert_eq!(
+            rig.request(0, &[&[1u8, 2]], 0).0,
+            status::IOERR,
+            "truncated header"
+        );
+        let (st, id) = rig.request(0, &[&hdr(req::GET_ID, 0)], 20);
+        assert_eq!(st, status::OK);
+        assert!(id.starts_with(b"alioth-"), "{id:?}");
+    }
+}
+
+#[test]
+fn every_queue_of_a_multi_queue_disk_completes() {
+    let ram = RamBus::new(MemoryMap::new(64 << 20).unwrap()).unwrap();
+    for be in BACKENDS {
+        let img = image(64, 0);
+        let mut c = cfg(img.path());
+        c.num_queues = 4;
+        let dev = VirtioBlk::open("virtio-blk0", &c).unwrap();
+        assert_eq!(u16::from_le_bytes([dev.config()[34], dev.config()[35]]), 4);
+        let mut rig = Rig::new(&ram, dev, be, QueueFormat::Split, 1 << VIRTIO_F_EVENT_IDX);
+        for q in 0..4 {
+            let data = vec![q as u8 + 1; 512];
+            assert_eq!(rig.request(q, &[&hdr(req::OUT, q as u64), &data], 0).0, 0);
+        }
+        for q in 0..4 {
+            let (st, data) = rig.request((q + 1) % 4, &[&hdr(req::IN, q as u64)], 512);
+            assert_eq!((st, data), (status::OK, vec![q as u8 + 1; 512]), "{be:?}");
+        }
+    }
+}
+
+#[test]
+fn more_requests_than_ring_slots_all_complete() {
+    let ram = RamBus::new(MemoryMap::new(64 << 20).unwrap()).unwrap();
+    for format in FORMATS {
+        let img = image(256, 0);
+        let dev = VirtioBlk::open("virtio-blk0", &cfg(img.path())).unwrap();
+        let mut rig = Rig::new(&ram, dev, Be::IoUring(8), format, 0);
+        let mut ids = Vec::new();
+        // 20 three-descriptor requests fill the queue; the ring has 8 slots minus its polls.
+        for i in 0..20u64 {
+            let data = vec![i as u8; 512];
+            ids.push((
+                i,
+                rig.drivers[0]
+                    .add(&[&hdr(req::OUT, i), &data], &[1])
+                    .unwrap(),
+            ));
+        }
+        rig.kicks[0].write(1).unwrap();
+        let mut done = 0;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while done < ids.len() {
+            assert!(
+                Instant::now() < deadline,
+                "{done} of {} completed",
+                ids.len()
+            );
+            wait(&rig.irq.queues[0], 100);
+            while let Some((id, _)) = rig.drivers[0].used() {
+                assert_eq!(rig.result(0, id).0, status::OK);
+                done += 1;
+            }
+        }
+        rig.shutdown();
+        let file = std::fs::read(img.path()).unwrap();
+        for (i, _) in ids {
+            let s = (i * 512) as usize;
+            assert!(file[s..s + 512].iter().all(|b| *b == i as u8), "sector {i}");
+        }
+    }
+}
+
+#[test]
+fn reset_with_requests_in_flight_keeps_every_acknowledged_write() {
+    let ram = RamBus::new(MemoryMap::new(64 << 20).unwrap()).unwrap();
+    for be in BACKENDS {
+        let img = image(128, 0);
+        let dev = VirtioBlk::open("virtio-blk0", &cfg(img.path())).unwrap();
+        let mut rig = Rig::new(&ram, dev, be, QueueFormat::Split, 0);
+        let mut sent = Vec::new();
+        for i in 0..20u64 {
+            let data = vec![(i as u8) | 0x80; 512];
+            sent.push((
+                rig.drivers[0]
+                    .add(&[&hdr(req::OUT, i), &data], &[1])
+                    .unwrap(),
+                i,
+            ));
+        }
+        rig.kicks[0].write(1).unwrap();
+        // Reset as soon as the first completions are signalled, with the rest in flight.
+        assert!(wait(&rig.irq.queues[0], 5000), "{be:?}: first completion");
+        rig.worker().wake(WakeEvent::Reset);
+        rig.shutdown();
+        let file = std::fs::read(img.path()).unwrap();
+        let mut acked = 0;
+        while let Some((id, _)) = rig.drivers[0].used() {
+            let sector = sent.iter().find(|(s, _)| *s == id).unwrap().1;
+            if rig.result(0, id).0 == status::OK {
+                acked += 1;
+                let s = (sector * 512) as usize;
+                assert!(
+                    file[s..s + 512].iter().all(|b| *b == (sector as u8) | 0x80),
+                    "{be:?}: acknowledged write to sector {sector} is missing"
+                );
+            }
+        }
+        eprintln!("{be:?}: {acked} of 20 writes were acknowledged across the reset");
+        assert!(acked >= 1, "{be:?}");
+    }
+}
+
+#[test]
+fn a_request_without_a_status_byte_sets_needs_reset() {
+    let ram = RamBus::new(MemoryMap::new(64 << 20).unwrap()).unwrap();
+    for be in BACKENDS {
+        let img = image(8, 0);
+        let dev = VirtioBlk::open("virtio-blk0", &cfg(img.path())).unwrap();
+        let mut rig = Rig::new(&ram, dev, be, QueueFormat::Split, 0);
+        rig.drivers[0].add(&[&hdr(req::IN, 0)], &[]).unwrap();
+        rig.kicks[0].write(1).unwrap();
+        assert!(wait(&rig.irq.config, 5000), "{be:?}: config interrupt");
+        assert!(rig.worker().needs_reset());
+    }
+}
+
+#[test]
+fn bad_disk_settings_are_errors_naming_the_file() {
+    let img = image(8, 0);
+    let mut c = cfg(img.path());
+    c.num_queues = 0;
+    assert!(VirtioBlk::open("b", &c).is_err());
+    let mut c = cfg(img.path());
+    c.queue_size = 100;
+    assert!(VirtioBlk::open("b", &c).is_err());
+    let c = cfg(Path::new("/nonexistent/disk.img"));
+    let e = VirtioBlk::open("b", &c).err().unwrap();
+    assert!(e.to_string().contains("/nonexistent/disk.img"), "{e}");
+}

@@ -1,0 +1,430 @@
+//! `alioth-io-uring`: the io_uring backend for Alioth's virtio workers.
+//!
+//! Each queue's ioeventfd and the worker's notifier are watched with multishot `PollAdd`s. A
+//! kick pops the queue's chains; the device turns each into an [`IoOp`], which becomes an SQE
+//! (readv, writev, fsync, fallocate) and stays in flight — its chain keeping its ring slot —
+//! until its CQE arrives. `user_data` encodes what a completion is: a queue kick, the notifier,
+//! or a chain (queue index and in-flight slot).
+//!
+//! The ring is budgeted: each queue has one reserved in-flight slot and the rest is shared, so a
+//! busy queue cannot starve another. When the budget is spent the queue stops pulling chains
+//! (they stay in the available ring, none is dropped) and resumes as completions free slots.
+//! Completions are batched: after a batch of CQEs each touched queue checks once whether the
+//! driver wants an interrupt. A reset or shutdown first waits for every chain in flight.
+//!
+//! ```no_run
+//! use alioth_io_uring::IoUringBackend;
+//! # fn spawn<D: alioth_virtio::ChainHandler>(dev: D, mem: vm_memory::GuestMemoryMmap) {
+//! let worker = alioth_virtio::Worker::spawn(dev, IoUringBackend::new(256), mem).unwrap();
+//! # }
+//! ```
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use alioth_queue::DescChain;
+use alioth_virtio::{
+    ActiveBackend, ActiveQueue, Backend, BufferAction, ChainHandler, Error, IoOp, IrqSender, Result,
+};
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+const KIND_SHIFT: u32 = 62;
+const KIND_QUEUE: u64 = 1;
+const KIND_NOTIFIER: u64 = 2;
+const KIND_CHAIN: u64 = 3;
+
+fn token(kind: u64, queue: usize, slot: usize) -> u64 {
+    (kind << KIND_SHIFT) | ((queue as u64) << 32) | slot as u64
+}
+
+fn untoken(t: u64) -> (u64, usize, usize) {
+    (
+        t >> KIND_SHIFT,
+        ((t >> 32) & 0x3fff_ffff) as usize,
+        (t & 0xffff_ffff) as usize,
+    )
+}
+
+/// Whether io_uring can be used here (it may be compiled out or blocked by seccomp).
+pub fn io_uring_available() -> bool {
+    IoUring::new(2).is_ok()
+}
+
+/// The io_uring backend; `entries` is the submission ring size.
+#[derive(Debug, Clone, Copy)]
+pub struct IoUringBackend {
+    entries: u32,
+}
+
+impl IoUringBackend {
+    /// A backend whose rings have `entries` submission slots (rounded up to a power of two).
+    pub fn new(entries: u32) -> Self {
+        IoUringBackend {
+            entries: entries.max(4).next_power_of_two(),
+        }
+    }
+}
+
+struct InFlight {
+    queue: usize,
+    chain: DescChain,
+    // Kept alive until the CQE: the kernel reads the iovec array during the operation.
+    _iovecs: Vec<libc::iovec>,
+}
+
+// SAFETY: the iovecs point into guest RAM, shared with every device thread anyway.
+unsafe impl Send for InFlight {}
+
+/// A running io_uring loop.
+pub struct ActiveIoUring {
+    ring: IoUring,
+    queues: Vec<ActiveQueue>,
+    irq: Arc<dyn IrqSender>,
+    mem: GuestMemoryMmap,
+    notifier: Arc<EventFd>,
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    per_queue: Vec<usize>,
+    capacity: usize,
+    paused: Vec<bool>,
+    fresh: bool,
+}
+
+fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        what: what.to_string(),
+        source,
+    }
+}
+
+impl<D: ChainHandler> Backend<D> for IoUringBackend {
+    type Active = ActiveIoUring;
+
+    fn activate(
+        &mut self,
+        _dev: &mut D,
+        queues: Vec<ActiveQueue>,
+        irq: Arc<dyn IrqSender>,
+        mem: GuestMemoryMmap,
+        notifier: Arc<EventFd>,
+    ) -> Result<ActiveIoUring> {
+        let ring = IoUring::builder()
+            .setup_cqsize(self.entries * 4)
+            .build(self.entries)
+            .map_err(io_err("io_uring setup"))?;
+        // Polls are multishot and re-armed only when they end, so chains get everything else.
+        let capacity = (self.entries as usize)
+            .saturating_sub(queues.len() + 1)
+            .max(queues.len());
+        let n = queues.len();
+        let mut a = ActiveIoUring {
+            ring,
+            queues,
+            irq,
+            mem,
+            notifier,
+            slots: (0..capacity).map(|_| None).collect(),
+            free: (0..capacity).rev().collect(),
+            per_queue: vec![0; n],
+            capacity,
+            paused: vec![false; n],
+            fresh: true,
+        };
+        a.arm_notifier()?;
+        for q in 0..n {
+            a.arm_queue(q)?;
+        }
+        Ok(a)
+    }
+}
+
+impl ActiveIoUring {
+    fn push(&mut self, sqe: squeue::Entry) -> Result<()> {
+        loop {
+            // SAFETY: every SQE's buffers (iovec arrays, guest memory) outlive the operation:
+            // iovecs live in `slots` until the CQE, guest RAM for the VM's life.
+            let pushed = unsafe { self.ring.submission().push(&sqe) };
+            if pushed.is_ok() {
+                return Ok(());
+            }
+            self.ring.submit().map_err(io_err("io_uring submit"))?;
+        }
+    }
+
+    fn arm_queue(&mut self, q: usize) -> Result<()> {
+        let fd = self.queues[q].ioeventfd.as_raw_fd();
+        let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(token(KIND_QUEUE, q, 0));
+        self.push(sqe)
+    }
+
+    fn arm_notifier(&mut self) -> Result<()> {
+        let sqe = opcode::PollAdd::new(types::Fd(self.notifier.as_raw_fd()), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(token(KIND_NOTIFIER, 0, 0));
+        self.push(sqe)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.capacity - self.free.len()
+    }
+
+    /// Queue `q` may take a slot: its reserved one if it has none in flight, else a shared one.
+    fn may_take(&self, q: usize) -> bool {
+        if self.free.is_empty() {
+            return false;
+        }
+        if self.per_queue[q] == 0 {
+            return true;
+        }
+        // Keep one slot for each other queue that has nothing in flight.
+        let reserved = self
+            .per_queue
+            .iter()
+            .enumerate()
+            .filter(|&(i, &n)| i != q && n == 0)
+            .count();
+        self.free.len() > reserved
+    }
+
+    fn qerr(dev: &str, q: u16) -> impl FnOnce(alioth_queue::QueueError) -> Error + '_ {
+        move |source| Error::Queue {
+            dev: dev.to_string(),
+            queue: q,
+            source,
+        }
+    }
+
+    /// Pops and starts chains of queue `q` until it is empty or out of budget. Returns whether
+    /// any chain was completed synchronously (used ring touched).
+    fn pull<D: ChainHandler>(&mut self, dev: &mut D, q: usize) -> Result<bool> {
+        let name = dev.name().to_string();
+        let index = self.queues[q].index;
+        let mut touched = false;
+        self.paused[q] = false;
+        self.queues[q]
+            .queue
+            .disable_notification(&self.mem)
+            .map_err(Self::qerr(&name, index))?;
+        loop {
+            while self.may_take(q) {
+                let Some(chain) = self.queues[q]
+                    .queue
+                    .pop(&self.mem)
+                    .map_err(Self::qerr(&name, index))?
+                else {
+                    break;
+                };
+                match dev.handle(index, &chain, &self.mem) {
+                    BufferAction::Written(n) => {
+                        self.queues[q]
+                            .queue
+                            .push_used(&self.mem, chain.token(), n)
+                            .map_err(Self::qerr(&name, index))?;
+                        touched = true;
+                    }
+                    BufferAction::Io(op) => self.submit(q, chain, op)?,
+                    BufferAction::Invalid(reason) => {
+                        return Err(Error::Protocol {
+                            dev: name,
+                            queue: index,
+                            reason,
+                        });
+                    }
+                }
+            }
+            if !self.may_take(q) {
+                // Out of budget: leave the rest in the ring; completions resume this queue.
+                self.paused[q] = true;
+                return Ok(touched);
+            }
+            let more = self.queues[q]
+                .queue
+                .enable_notification(&self.mem)
+                .map_err(Self::qerr(&name, index))?;
+            if !more {
+                return Ok(touched);
+            }
+        }
+    }
+
+    fn submit(&mut self, q: usize, chain: DescChain, op: IoOp) -> Result<()> {
+        let Some(slot) = self.free.pop() else {
+            unreachable!("may_take checked for a free slot");
+        };
+        let user = token(KIND_CHAIN, q, slot);
+        let (sqe, iovecs) = match op {
+            IoOp::Readv { fd, iovs, offset } => {
+                let v: Vec<libc::iovec> = iovs.iter().map(|i| i.as_iovec()).collect();
+                let sqe = opcode::Readv::new(types::Fd(fd), v.as_ptr(), v.len() as u32)
+                    .offset(offset)
+                    .build();
+                (sqe, v)
+            }
+            IoOp::Writev { fd, iovs, offset } => {
+                let v: Vec<libc::iovec> = iovs.iter().map(|i| i.as_iovec()).collect();
+                let sqe = opcode::Writev::new(types::Fd(fd), v.as_ptr(), v.len() as u32)
+                    .offset(offset)
+                    .build();
+                (sqe, v)
+            }
+            IoOp::Fsync { fd, datasync } => {
+                let mut f = opcode::Fsync::new(types::Fd(fd));
+                if datasync {
+                    f = f.flags(types::FsyncFlags::DATASYNC);
+                }
+                (f.build(), Vec::new())
+            }
+            IoOp::Fallocate {
+                fd,
+                mode,
+                offset,
+                len,
+            } => (
+                opcode::Fallocate::new(types::Fd(fd), len)
+                    .offset(offset)
+                    .mode(mode)
+                    .build(),
+                Vec::new(),
+            ),
+        };
+        self.slots[slot] = Some(InFlight {
+            queue: q,
+            chain,
+            _iovecs: iovecs,
+        });
+        self.per_queue[q] += 1;
+        self.push(sqe.user_data(user))
+    }
+
+    fn complete<D: ChainHandler>(&mut self, dev: &mut D, slot: usize, res: i32) -> Result<usize> {
+        let Some(f) = self.slots.get_mut(slot).and_then(Option::take) else {
+            return Err(Error::Io {
+                what: "io_uring completion".into(),
+                source: std::io::Error::other(format!("completion for empty slot {slot}")),
+            });
+        };
+        self.free.push(slot);
+        self.per_queue[f.queue] -= 1;
+        let index = self.queues[f.queue].index;
+        let result = if res < 0 {
+            Err(std::io::Error::from_raw_os_error(-res))
+        } else {
+            Ok(res as usize)
+        };
+        let written = dev.complete(index, &f.chain, &self.mem, result);
+        self.queues[f.queue]
+            .queue
+            .push_used(&self.mem, f.chain.token(), written)
+            .map_err(Self::qerr(dev.name(), index))?;
+        Ok(f.queue)
+    }
+
+    fn interrupt(&mut self, name: &str, touched: &[bool]) -> Result<()> {
+        for (q, &t) in touched.iter().enumerate() {
+            if !t {
+                continue;
+            }
+            let aq = &mut self.queues[q];
+            if aq
+                .queue
+                .needs_interrupt(&self.mem)
+                .map_err(Self::qerr(name, aq.index))?
+            {
+                self.irq.queue_irq(aq.index);
+            }
+        }
+        Ok(())
+    }
+
+    fn wait(&mut self) -> Result<Vec<(u64, i32, u32)>> {
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(io_err("io_uring wait")(e)),
+            }
+        }
+        Ok(self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result(), c.flags()))
+            .collect())
+    }
+}
+
+impl<D: ChainHandler> ActiveBackend<D> for ActiveIoUring {
+    fn run(&mut self, dev: &mut D) -> Result<()> {
+        let name = dev.name().to_string();
+        let n = self.queues.len();
+        if self.fresh {
+            self.fresh = false;
+            let mut touched = vec![false; n];
+            for (q, t) in touched.iter_mut().enumerate() {
+                *t = self.pull(dev, q)?;
+            }
+            self.interrupt(&name, &touched)?;
+        }
+        loop {
+            let cqes = self.wait()?;
+            let mut touched = vec![false; n];
+            let mut kicked = vec![false; n];
+            let mut notified = false;
+            for (user, res, flags) in cqes {
+                let (kind, q, slot) = untoken(user);
+                match kind {
+                    KIND_QUEUE if q < n => {
+                        let _ = self.queues[q].ioeventfd.read();
+                        if !cqueue::more(flags) {
+                            self.arm_queue(q)?;
+                        }
+                        kicked[q] = true;
+                    }
+                    KIND_NOTIFIER => {
+                        notified = true;
+                        if !cqueue::more(flags) {
+                            self.arm_notifier()?;
+                        }
+                    }
+                    KIND_CHAIN => {
+                        let q = self.complete(dev, slot, res)?;
+                        touched[q] = true;
+                    }
+                    _ => log::warn!("{name}: unexpected completion {user:#x}"),
+                }
+            }
+            for q in 0..n {
+                if kicked[q] || self.paused[q] {
+                    touched[q] |= self.pull(dev, q)?;
+                }
+            }
+            self.interrupt(&name, &touched)?;
+            if notified {
+                return Ok(());
+            }
+        }
+    }
+
+    fn drain(&mut self, dev: &mut D) -> Result<()> {
+        let name = dev.name().to_string();
+        let n = self.queues.len();
+        while self.in_flight() > 0 {
+            let cqes = self.wait()?;
+            let mut touched = vec![false; n];
+            for (user, res, _) in cqes {
+                let (kind, _, slot) = untoken(user);
+                if kind == KIND_CHAIN {
+                    let q = self.complete(dev, slot, res)?;
+                    touched[q] = true;
+                }
+            }
+            self.interrupt(&name, &touched)?;
+        }
+        Ok(())
+    }
+}
