@@ -11,17 +11,32 @@
 //! A device describes the host I/O a chain needs as an [`IoOp`] instead of performing it; the
 //! backend performs it (synchronously for epoll, as an SQE for io_uring) and hands the result to
 //! [`ChainHandler::complete`]. One device implementation thus serves every backend.
+//!
+//! ```
+//! use alioth_virtio::{DeviceStatus, StatusBits, StatusChange};
+//!
+//! // VIRTIO_F_VERSION_1 is bit 32.
+//! let mut status = DeviceStatus::new(1 << 32);
+//! status.write(StatusBits::ACKNOWLEDGE | StatusBits::DRIVER);
+//! status.set_driver_features_word(1, 1);
+//! let ok = StatusBits::ACKNOWLEDGE | StatusBits::DRIVER | StatusBits::FEATURES_OK;
+//! status.write(ok);
+//! assert_eq!(status.write(ok | StatusBits::DRIVER_OK), StatusChange::Activate(1 << 32));
+//! ```
 
 mod device;
 mod epoll;
 mod irq;
+pub mod pci;
 mod status;
+mod transport;
 mod worker;
 
 pub use device::{BufferAction, ChainHandler, DeviceId, IoOp, Virtio};
 pub use epoll::{EpollBackend, execute_sync};
 pub use irq::{EventFdIrq, IrqSender};
-pub use status::{DeviceStatus, StatusBits};
+pub use status::{DeviceStatus, StatusBits, StatusChange};
+pub use transport::{IoeventRegistry, MsiRouter, VirtioPci};
 pub use worker::{
     ActiveBackend, ActiveQueue, Backend, QueueSetup, WakeEvent, Worker, WorkerExit, process_queue,
 };

@@ -35,7 +35,8 @@ pub enum WakeEvent {
         irq: Arc<dyn IrqSender>,
     },
     /// The driver reset the device: finish in-flight requests, then stop using the queues.
-    Reset,
+    /// The sender (if any) is told when the reset is complete.
+    Reset(Option<Sender<()>>),
     /// The VM is going away: like reset, then the thread ends.
     Shutdown,
 }
@@ -141,6 +142,16 @@ impl Worker {
         }
     }
 
+    /// Resets the device and waits until in-flight requests are complete and the queues are
+    /// released (what a driver's write of status 0 requires before it reads 0 back).
+    pub fn reset(&self) {
+        let (tx, rx) = channel();
+        self.wake(WakeEvent::Reset(Some(tx)));
+        if rx.recv().is_err() {
+            log::warn!("{}: worker ended during reset", self.name);
+        }
+    }
+
     /// Whether the device hit a driver error and waits for a reset (the transport reflects it as
     /// NEEDS_RESET in the status register).
     pub fn needs_reset(&self) -> bool {
@@ -236,10 +247,13 @@ impl<D: ChainHandler, B: Backend<D>> WorkerThread<D, B> {
                             }
                         }
                     }
-                    WakeEvent::Reset => {
+                    WakeEvent::Reset(done) => {
                         self.stop(&mut active);
                         broken = false;
                         self.needs_reset.store(false, Ordering::Release);
+                        if let Some(done) = done {
+                            let _ = done.send(());
+                        }
                     }
                     WakeEvent::Shutdown => {
                         self.stop(&mut active);

@@ -381,7 +381,7 @@ fn reset_with_requests_in_flight_keeps_every_acknowledged_write() {
         rig.kicks[0].write(1).unwrap();
         // Reset as soon as the first completions are signalled, with the rest in flight.
         assert!(wait(&rig.irq.queues[0], 5000), "{be:?}: first completion");
-        rig.worker().wake(WakeEvent::Reset);
+        rig.worker().reset();
         rig.shutdown();
         let file = std::fs::read(img.path()).unwrap();
         let mut acked = 0;

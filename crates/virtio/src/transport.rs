@@ -1,0 +1,686 @@
+//! The virtio-pci modern transport (virtio 1.2 §4.1).
+//!
+//! BAR0 (64-bit memory, [`BAR_SIZE`]) holds the common configuration at 0x0000, the ISR at
+//! 0x1000, the device configuration at 0x2000, the notification area at 0x3000 (queue `i`
+//! notifies at 0x3000 + 4·i, each address backed by an ioeventfd so a notification never exits
+//! to userspace), the MSI-X table at 0x4000 and its pending-bit array at 0x5000.
+//!
+//! Interrupts go out through one irqfd per MSI-X vector, routed by the vector's address/data.
+//! A masked vector (or a masked function) records the interrupt in the PBA instead, and it fires
+//! when unmasked. The VM-side plumbing — GSI routes, irqfd and ioeventfd registration — is
+//! behind [`MsiRouter`] and [`IoeventRegistry`], which the VMM implements over KVM.
+
+use std::sync::{Arc, Mutex, Weak};
+
+use alioth_mem::{Bus, BusDevice};
+use alioth_queue::QueueConfig;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::irq::IrqSender;
+use crate::pci::{ConfigSpace, PciFunction};
+use crate::status::{DeviceStatus, StatusBits, StatusChange};
+use crate::worker::{QueueSetup, WakeEvent, Worker};
+use crate::{DeviceId, Virtio};
+
+/// Size of BAR0.
+pub const BAR_SIZE: u64 = 0x1_0000;
+/// Common configuration.
+pub const COMMON_OFFSET: u64 = 0x0000;
+/// Length of the common configuration structure.
+pub const COMMON_LEN: u64 = 0x3c;
+/// ISR status.
+pub const ISR_OFFSET: u64 = 0x1000;
+/// Device configuration.
+pub const DEVICE_OFFSET: u64 = 0x2000;
+/// Notification area.
+pub const NOTIFY_OFFSET: u64 = 0x3000;
+/// Bytes between queue notification addresses.
+pub const NOTIFY_MULTIPLIER: u32 = 4;
+/// MSI-X table.
+pub const MSIX_TABLE_OFFSET: u64 = 0x4000;
+/// MSI-X pending-bit array.
+pub const MSIX_PBA_OFFSET: u64 = 0x5000;
+/// "No vector".
+pub const NO_VECTOR: u16 = 0xffff;
+
+const CAP_START: u8 = 0x40;
+const PCI_COMMAND_MEMORY: u16 = 1 << 1;
+
+/// Sets up MSI routes and irqfds in the VM.
+pub trait MsiRouter: Send + Sync {
+    /// A free GSI for an MSI route.
+    fn alloc_gsi(&self) -> std::io::Result<u32>;
+    /// Routes `gsi` to the MSI message (`addr`, `data`).
+    fn set_route(&self, gsi: u32, addr: u64, data: u32) -> std::io::Result<()>;
+    /// Makes a write to `fd` inject `gsi`.
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> std::io::Result<()>;
+}
+
+/// Registers ioeventfds on guest-physical MMIO addresses.
+pub trait IoeventRegistry: Send + Sync {
+    /// `fd` fires on any write to `addr`.
+    fn register(&self, fd: &EventFd, addr: u64) -> std::io::Result<()>;
+    /// Undoes [`IoeventRegistry::register`].
+    fn deregister(&self, fd: &EventFd, addr: u64) -> std::io::Result<()>;
+}
+
+struct Vector {
+    addr: u64,
+    data: u32,
+    masked: bool,
+    pending: bool,
+    gsi: u32,
+    irqfd: EventFd,
+}
+
+struct Msix {
+    enabled: bool,
+    function_masked: bool,
+    vectors: Vec<Vector>,
+}
+
+impl Msix {
+    fn fire(&mut self, v: u16) {
+        let Some(vec) = self.vectors.get_mut(usize::from(v)) else {
+            return;
+        };
+        if !self.enabled || self.function_masked || vec.masked {
+            vec.pending = true;
+            return;
+        }
+        if let Err(e) = vec.irqfd.write(1) {
+            log::warn!("MSI-X vector {v}: irqfd write failed: {e}");
+        }
+    }
+
+    fn flush_pending(&mut self) {
+        if !self.enabled || self.function_masked {
+            return;
+        }
+        for (i, vec) in self.vectors.iter_mut().enumerate() {
+            if vec.pending && !vec.masked {
+                vec.pending = false;
+                if let Err(e) = vec.irqfd.write(1) {
+                    log::warn!("MSI-X vector {i}: irqfd write failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct QueueRegs {
+    size: u16,
+    vector: u16,
+    enabled: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+struct Common {
+    status: DeviceStatus,
+    dev_feature_select: u32,
+    drv_feature_select: u32,
+    config_vector: u16,
+    queue_select: u16,
+    queues: Vec<QueueRegs>,
+}
+
+struct State {
+    name: String,
+    max_sizes: Vec<u16>,
+    device_config: Vec<u8>,
+    worker: Worker,
+    common: Mutex<Common>,
+    msix: Mutex<Msix>,
+    ioeventfds: Vec<Arc<EventFd>>,
+    cfg: Mutex<ConfigSpace>,
+    mapped: Mutex<Option<u64>>,
+    mmio: Arc<Bus>,
+    ioevents: Arc<dyn IoeventRegistry>,
+    router: Arc<dyn MsiRouter>,
+}
+
+/// Interrupts of a virtio-pci device: queue and config vectors chosen by the driver.
+struct PciIrq {
+    state: Weak<State>,
+}
+
+impl IrqSender for PciIrq {
+    fn queue_irq(&self, queue: u16) {
+        let Some(s) = self.state.upgrade() else {
+            return;
+        };
+        let v = {
+            let c = s.common.lock().unwrap_or_else(|e| e.into_inner());
+            c.queues.get(usize::from(queue)).map(|q| q.vector)
+        };
+        if let Some(v) = v.filter(|v| *v != NO_VECTOR) {
+            s.msix.lock().unwrap_or_else(|e| e.into_inner()).fire(v);
+        }
+    }
+
+    fn config_irq(&self) {
+        let Some(s) = self.state.upgrade() else {
+            return;
+        };
+        let v = s
+            .common
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config_vector;
+        if v != NO_VECTOR {
+            s.msix.lock().unwrap_or_else(|e| e.into_inner()).fire(v);
+        }
+    }
+}
+
+/// A virtio device behind the virtio-pci transport: its configuration space (a
+/// [`PciFunction`]) and its BAR0 (a [`BusDevice`] mapped on the MMIO bus while the guest has
+/// memory decoding enabled).
+#[derive(Clone)]
+pub struct VirtioPci {
+    state: Arc<State>,
+}
+
+fn u64_from(data: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = data.len().min(8);
+    b[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(b)
+}
+
+fn put(data: &mut [u8], v: u64) {
+    let b = v.to_le_bytes();
+    let n = data.len().min(8);
+    data[..n].copy_from_slice(&b[..n]);
+}
+
+impl VirtioPci {
+    /// Wraps `dev`, whose worker is `worker`, at BAR0 address `bar_addr`. `mmio` is the bus BAR0
+    /// is mapped on once the guest enables memory decoding.
+    pub fn new<D: Virtio + ?Sized>(
+        dev: &D,
+        worker: Worker,
+        bar_addr: u64,
+        mmio: Arc<Bus>,
+        ioevents: Arc<dyn IoeventRegistry>,
+        router: Arc<dyn MsiRouter>,
+    ) -> std::io::Result<Self> {
+        let max_sizes = dev.queue_max_sizes();
+        let nq = max_sizes.len();
+        let nvec = nq + 1;
+        let mut vectors = Vec::with_capacity(nvec);
+        for _ in 0..nvec {
+            let gsi = router.alloc_gsi()?;
+            let irqfd = EventFd::new(libc::EFD_NONBLOCK)?;
+            router.register_irqfd(&irqfd, gsi)?;
+            vectors.push(Vector {
+                addr: 0,
+                data: 0,
+                masked: true,
+                pending: false,
+                gsi,
+                irqfd,
+            });
+        }
+        let ioeventfds = (0..nq)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map(Arc::new))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let cfg = Self::build_config(dev.device_id(), dev.config().len(), nvec, bar_addr);
+        let state = Arc::new(State {
+            name: dev.name().to_string(),
+            max_sizes: max_sizes.clone(),
+            device_config: dev.config().to_vec(),
+            worker,
+            common: Mutex::new(Common {
+                status: DeviceStatus::new(dev.device_features()),
+                dev_feature_select: 0,
+                drv_feature_select: 0,
+                config_vector: NO_VECTOR,
+                queue_select: 0,
+                queues: max_sizes
+                    .iter()
+                    .map(|&m| QueueRegs {
+                        size: m,
+                        vector: NO_VECTOR,
+                        ..Default::default()
+                    })
+                    .collect(),
+            }),
+            msix: Mutex::new(Msix {
+                enabled: false,
+                function_masked: false,
+                vectors,
+            }),
+            ioeventfds,
+            cfg: Mutex::new(cfg),
+            mapped: Mutex::new(None),
+            mmio,
+            ioevents,
+            router,
+        });
+        Ok(VirtioPci { state })
+    }
+
+    fn build_config(id: DeviceId, dev_cfg_len: usize, nvec: usize, bar: u64) -> ConfigSpace {
+        let mut c = ConfigSpace::default();
+        c.set_u16(0x00, 0x1af4); // Red Hat / virtio
+        c.set_u16(0x02, 0x1040 + id as u16);
+        c.set_u16(0x06, 1 << 4); // status: capability list
+        c.set(0x08, &[1]); // revision 1: modern
+        let class: u32 = match id {
+            DeviceId::Block => 0x01_8000,
+            DeviceId::Net => 0x02_0000,
+            DeviceId::Console => 0x07_8000,
+            _ => 0xff_0000,
+        };
+        c.set(0x09, &class.to_le_bytes()[..3]);
+        c.set_u16(0x2c, 0x1af4);
+        c.set_u16(0x2e, 0x40);
+        // Command: memory space enable and bus master are the driver's to set.
+        c.set_wmask(0x04, &(PCI_COMMAND_MEMORY | (1 << 2)).to_le_bytes());
+        // BAR0: 64-bit memory BAR of BAR_SIZE.
+        c.set_u32(0x10, (bar as u32 & !0xf) | 0x4);
+        c.set_u32(0x14, (bar >> 32) as u32);
+        c.set_wmask(0x10, &(!(BAR_SIZE as u32 - 1) & !0xf).to_le_bytes());
+        c.set_wmask(0x14, &[0xff; 4]);
+        c.set(0x34, &[CAP_START]);
+        // Vendor capabilities: (type, offset, length[, extra]).
+        let dev_len = (dev_cfg_len as u32).max(4);
+        let caps: [(u8, u64, u32); 4] = [
+            (1, COMMON_OFFSET, COMMON_LEN as u32),
+            (3, ISR_OFFSET, 1),
+            (4, DEVICE_OFFSET, dev_len),
+            (2, NOTIFY_OFFSET, 0x1000),
+        ];
+        let mut at = usize::from(CAP_START);
+        for (typ, off, len) in caps.iter() {
+            let cap_len: u8 = if *typ == 2 { 20 } else { 16 };
+            let next = at + usize::from(cap_len);
+            // Each capability points at the next; the MSI-X capability follows the last one.
+            c.set(at, &[0x09, next as u8, cap_len, *typ, 0, 0, 0, 0]);
+            c.set_u32(at + 8, *off as u32);
+            c.set_u32(at + 12, *len);
+            if *typ == 2 {
+                c.set_u32(at + 16, NOTIFY_MULTIPLIER);
+            }
+            at = next;
+        }
+        // MSI-X capability, last in the list.
+        c.set(at, &[0x11, 0]);
+        c.set_u16(at + 2, (nvec - 1) as u16);
+        c.set_wmask(at + 3, &[0xc0]); // enable and function-mask bits
+        c.set_u32(at + 4, MSIX_TABLE_OFFSET as u32); // BIR 0
+        c.set_u32(at + 8, MSIX_PBA_OFFSET as u32);
+        c
+    }
+
+    /// The offset of the MSI-X capability in configuration space.
+    fn msix_cap(&self) -> u16 {
+        u16::from(CAP_START) + 16 + 16 + 16 + 20
+    }
+
+    /// The BAR0 device to place on the MMIO bus.
+    fn bar_device(&self) -> Arc<dyn BusDevice> {
+        Arc::new(self.clone())
+    }
+
+    /// Maps or unmaps BAR0 (and its notification ioeventfds) to follow the guest's BAR and
+    /// command register.
+    fn update_mapping(&self) {
+        let s = &self.state;
+        let want = {
+            let c = s.cfg.lock().unwrap_or_else(|e| e.into_inner());
+            let lo = u64::from(c.u32_at(0x10) & !0xf);
+            let hi = u64::from(c.u32_at(0x14));
+            let addr = lo | (hi << 32);
+            let enabled = c.u16_at(0x04) & PCI_COMMAND_MEMORY != 0;
+            (enabled && addr != 0 && addr.checked_add(BAR_SIZE).is_some()).then_some(addr)
+        };
+        let mut mapped = s.mapped.lock().unwrap_or_else(|e| e.into_inner());
+        if *mapped == want {
+            return;
+        }
+        if let Some(old) = mapped.take() {
+            s.mmio.remove(old);
+            for (i, fd) in s.ioeventfds.iter().enumerate() {
+                let a = old + NOTIFY_OFFSET + i as u64 * u64::from(NOTIFY_MULTIPLIER);
+                if let Err(e) = s.ioevents.deregister(fd, a) {
+                    log::warn!("{}: ioeventfd at {a:#x}: {e}", s.name);
+                }
+            }
+        }
+        if let Some(new) = want {
+            if let Err(e) = s.mmio.insert(new, BAR_SIZE, self.bar_device()) {
+                log::warn!("{}: cannot map BAR0 at {new:#x}: {e}", s.name);
+                return;
+            }
+            for (i, fd) in s.ioeventfds.iter().enumerate() {
+                let a = new + NOTIFY_OFFSET + i as u64 * u64::from(NOTIFY_MULTIPLIER);
+                if let Err(e) = s.ioevents.register(fd, a) {
+                    log::warn!("{}: ioeventfd at {a:#x}: {e}", s.name);
+                }
+            }
+            *mapped = Some(new);
+        }
+    }
+
+    fn common_read(&self, off: u64, data: &mut [u8]) {
+        let s = &self.state;
+        let c = s.common.lock().unwrap_or_else(|e| e.into_inner());
+        let q = c.queues.get(usize::from(c.queue_select)).copied();
+        let qv = |f: fn(&QueueRegs) -> u64| q.as_ref().map(f).unwrap_or(0);
+        let v: u64 = match off {
+            0x00 => u64::from(c.dev_feature_select),
+            0x04 => u64::from(c.status.device_features_word(c.dev_feature_select)),
+            0x08 => u64::from(c.drv_feature_select),
+            0x0c => match c.drv_feature_select {
+                0 => c.status.driver_features() & 0xffff_ffff,
+                1 => c.status.driver_features() >> 32,
+                _ => 0,
+            },
+            0x10 => u64::from(c.config_vector),
+            0x12 => c.queues.len() as u64,
+            0x14 => {
+                let mut st = c.status.status();
+                if s.worker.needs_reset() && c.status.driver_ok() {
+                    st |= StatusBits::NEEDS_RESET;
+                }
+                u64::from(st)
+            }
+            0x15 => 0, // config_generation: the config space never changes
+            0x16 => u64::from(c.queue_select),
+            0x18 => qv(|q| u64::from(q.size)),
+            0x1a => q
+                .map(|q| u64::from(q.vector))
+                .unwrap_or(u64::from(NO_VECTOR)),
+            0x1c => qv(|q| u64::from(q.enabled)),
+            0x1e => u64::from(c.queue_select), // queue_notify_off
+            0x20 => qv(|q| q.desc),
+            0x24 => qv(|q| q.desc >> 32),
+            0x28 => qv(|q| q.driver),
+            0x2c => qv(|q| q.driver >> 32),
+            0x30 => qv(|q| q.device),
+            0x34 => qv(|q| q.device >> 32),
+            _ => 0,
+        };
+        put(data, v);
+    }
+
+    fn common_write(&self, off: u64, data: &[u8]) {
+        let s = &self.state;
+        let v = u64_from(data);
+        let mut c = s.common.lock().unwrap_or_else(|e| e.into_inner());
+        let nvec = s
+            .msix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .vectors
+            .len() as u16;
+        let sel = usize::from(c.queue_select);
+        let before_ok = c.status.driver_ok();
+        let set_q = |c: &mut Common, f: &dyn Fn(&mut QueueRegs)| {
+            if before_ok {
+                log::warn!(
+                    "{}: queue register written after DRIVER_OK; ignored",
+                    s.name
+                );
+                return;
+            }
+            if let Some(q) = c.queues.get_mut(sel) {
+                f(q)
+            }
+        };
+        match off {
+            0x00 => c.dev_feature_select = v as u32,
+            0x08 => c.drv_feature_select = v as u32,
+            0x0c => {
+                let sel = c.drv_feature_select;
+                c.status.set_driver_features_word(sel, v as u32)
+            }
+            0x10 => {
+                c.config_vector = if (v as u16) < nvec {
+                    v as u16
+                } else {
+                    NO_VECTOR
+                }
+            }
+            0x14 => {
+                let change = c.status.write(v as u8);
+                drop(c);
+                self.status_change(change);
+            }
+            0x16 => c.queue_select = v as u16,
+            0x18 => set_q(&mut c, &|q| q.size = v as u16),
+            0x1a => {
+                let vec = if (v as u16) < nvec {
+                    v as u16
+                } else {
+                    NO_VECTOR
+                };
+                if let Some(q) = c.queues.get_mut(sel) {
+                    q.vector = vec;
+                }
+            }
+            0x1c => set_q(&mut c, &|q| q.enabled = v & 1 == 1),
+            0x20 => set_q(&mut c, &|q| {
+                q.desc = (q.desc & !0xffff_ffff) | (v & 0xffff_ffff)
+            }),
+            0x24 => set_q(&mut c, &|q| q.desc = (q.desc & 0xffff_ffff) | (v << 32)),
+            0x28 => set_q(&mut c, &|q| {
+                q.driver = (q.driver & !0xffff_ffff) | (v & 0xffff_ffff)
+            }),
+            0x2c => set_q(&mut c, &|q| q.driver = (q.driver & 0xffff_ffff) | (v << 32)),
+            0x30 => set_q(&mut c, &|q| {
+                q.device = (q.device & !0xffff_ffff) | (v & 0xffff_ffff)
+            }),
+            0x34 => set_q(&mut c, &|q| q.device = (q.device & 0xffff_ffff) | (v << 32)),
+            _ => {}
+        }
+    }
+
+    fn status_change(&self, change: StatusChange) {
+        let s = &self.state;
+        match change {
+            StatusChange::Activate(features) => {
+                let queues = {
+                    let c = s.common.lock().unwrap_or_else(|e| e.into_inner());
+                    c.queues
+                        .iter()
+                        .enumerate()
+                        .map(|(i, q)| {
+                            q.enabled.then(|| QueueSetup {
+                                config: QueueConfig {
+                                    size: q.size,
+                                    desc: q.desc,
+                                    driver: q.driver,
+                                    device: q.device,
+                                },
+                                ioeventfd: s.ioeventfds[i].clone(),
+                            })
+                        })
+                        .collect()
+                };
+                let irq = Arc::new(PciIrq {
+                    state: Arc::downgrade(&self.state),
+                });
+                s.worker.wake(WakeEvent::Start {
+                    features,
+                    queues,
+                    irq,
+                });
+            }
+            StatusChange::Reset => {
+                s.worker.reset();
+                let mut c = s.common.lock().unwrap_or_else(|e| e.into_inner());
+                c.config_vector = NO_VECTOR;
+                c.queue_select = 0;
+                for (q, &m) in c.queues.iter_mut().zip(&s.max_sizes) {
+                    *q = QueueRegs {
+                        size: m,
+                        vector: NO_VECTOR,
+                        ..Default::default()
+                    };
+                }
+            }
+            StatusChange::FeaturesRejected | StatusChange::None => {}
+        }
+    }
+
+    fn msix_read(&self, off: u64, data: &mut [u8]) {
+        let m = self.state.msix.lock().unwrap_or_else(|e| e.into_inner());
+        if off >= MSIX_PBA_OFFSET {
+            let word = (off - MSIX_PBA_OFFSET) / 8;
+            let mut bits = 0u64;
+            for (i, v) in m
+                .vectors
+                .iter()
+                .enumerate()
+                .skip(word as usize * 64)
+                .take(64)
+            {
+                if v.pending {
+                    bits |= 1 << (i % 64);
+                }
+            }
+            put(data, bits >> ((off % 8) * 8));
+            return;
+        }
+        let rel = off - MSIX_TABLE_OFFSET;
+        let Some(v) = m.vectors.get((rel / 16) as usize) else {
+            data.fill(0);
+            return;
+        };
+        let entry = [
+            v.addr as u32,
+            (v.addr >> 32) as u32,
+            v.data,
+            u32::from(v.masked),
+        ];
+        let field = ((rel % 16) / 4) as usize;
+        if data.len() == 8 && field % 2 == 0 {
+            put(
+                data,
+                u64::from(entry[field]) | (u64::from(entry[field + 1]) << 32),
+            );
+        } else {
+            put(data, u64::from(entry[field]));
+        }
+    }
+
+    fn msix_write(&self, off: u64, data: &[u8]) {
+        if off >= MSIX_PBA_OFFSET {
+            return; // read-only
+        }
+        let rel = off - MSIX_TABLE_OFFSET;
+        let s = &self.state;
+        let mut m = s.msix.lock().unwrap_or_else(|e| e.into_inner());
+        let idx = (rel / 16) as usize;
+        let Some(v) = m.vectors.get_mut(idx) else {
+            return;
+        };
+        let val = u64_from(data);
+        let mut writes = vec![(((rel % 16) / 4) as usize, val as u32)];
+        if data.len() == 8 {
+            writes.push((writes[0].0 + 1, (val >> 32) as u32));
+        }
+        let mut route = false;
+        for (field, w) in writes {
+            match field {
+                0 => v.addr = (v.addr & !0xffff_ffff) | u64::from(w),
+                1 => v.addr = (v.addr & 0xffff_ffff) | (u64::from(w) << 32),
+                2 => v.data = w,
+                _ => v.masked = w & 1 == 1,
+            }
+            route |= field < 3;
+        }
+        if route && let Err(e) = s.router.set_route(v.gsi, v.addr, v.data) {
+            log::warn!("{}: MSI-X vector {idx}: route: {e}", s.name);
+        }
+        m.flush_pending();
+    }
+
+    fn msix_control_written(&self) {
+        let ctrl = {
+            let c = self.state.cfg.lock().unwrap_or_else(|e| e.into_inner());
+            c.u16_at(usize::from(self.msix_cap()) + 2)
+        };
+        let mut m = self.state.msix.lock().unwrap_or_else(|e| e.into_inner());
+        m.enabled = ctrl & 0x8000 != 0;
+        m.function_masked = ctrl & 0x4000 != 0;
+        m.flush_pending();
+    }
+}
+
+impl PciFunction for VirtioPci {
+    fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    fn config_read(&self, offset: u16, data: &mut [u8]) {
+        self.state
+            .cfg
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(offset, data)
+    }
+
+    fn config_write(&self, offset: u16, data: &[u8]) {
+        self.state
+            .cfg
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(offset, data);
+        let end = offset + data.len() as u16;
+        if offset < 0x18 && end > 0x04 {
+            self.update_mapping(); // command register or BAR0
+        }
+        let ctrl = self.msix_cap() + 2;
+        if offset < ctrl + 2 && end > ctrl {
+            self.msix_control_written();
+        }
+    }
+}
+
+impl BusDevice for VirtioPci {
+    fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        match offset {
+            o if o < COMMON_OFFSET + COMMON_LEN => self.common_read(o, data),
+            ISR_OFFSET => data.fill(0),
+            o if (DEVICE_OFFSET..NOTIFY_OFFSET).contains(&o) => {
+                let rel = (o - DEVICE_OFFSET) as usize;
+                let cfg = &self.state.device_config;
+                for (i, b) in data.iter_mut().enumerate() {
+                    *b = cfg.get(rel + i).copied().unwrap_or(0);
+                }
+            }
+            o if (MSIX_TABLE_OFFSET..BAR_SIZE).contains(&o) => self.msix_read(o, data),
+            _ => data.fill(0),
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        match offset {
+            o if o < COMMON_OFFSET + COMMON_LEN => self.common_write(o, data),
+            o if (NOTIFY_OFFSET..MSIX_TABLE_OFFSET).contains(&o) => {
+                // Reaches here only where no ioeventfd is registered (e.g. tests).
+                let q = ((o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER)) as usize;
+                if let Some(fd) = self.state.ioeventfds.get(q) {
+                    let _ = fd.write(1);
+                }
+            }
+            o if (MSIX_TABLE_OFFSET..BAR_SIZE).contains(&o) => self.msix_write(o, data),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "transport_test.rs"]
+mod tests;
