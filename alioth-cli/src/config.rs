@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
-use alioth_vmm::{BootProtocol, SerialConfig, VmConfig};
+use alioth_vmm::{
+    BlkConfig, BootProtocol, DiskConfig, IoBackend, RngConfig, SerialConfig, VmConfig,
+};
 
 use crate::BootArgs;
 
@@ -22,6 +24,116 @@ pub struct FileConfig {
     pub cpu_features: Option<String>,
     pub boot_protocol: Option<String>,
     pub exit_device: Option<ExitDevice>,
+    /// `[[disk]]` tables.
+    #[serde(default)]
+    pub disk: Vec<DiskFile>,
+    /// `[rng]`: present = enabled.
+    pub rng: Option<RngFile>,
+}
+
+/// One `[[disk]]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskFile {
+    pub path: PathBuf,
+    pub read_only: Option<bool>,
+    pub num_queues: Option<u16>,
+    pub queue_size: Option<u16>,
+    pub direct: Option<bool>,
+    pub backend: Option<String>,
+}
+
+/// The `[rng]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RngFile {
+    pub backend: Option<String>,
+}
+
+/// Default queue count of a disk.
+const DISK_QUEUES: u16 = 1;
+/// Default queue size of a disk.
+const DISK_QUEUE_SIZE: u16 = 256;
+
+fn parse_backend(s: &str) -> Result<IoBackend> {
+    Ok(match s {
+        "auto" => IoBackend::Auto,
+        "io_uring" | "io-uring" => IoBackend::IoUring,
+        "epoll" => IoBackend::Epoll,
+        _ => bail!("backend `{s}`: expected `auto`, `io_uring` or `epoll`"),
+    })
+}
+
+fn parse_bool(key: &str, v: &str) -> Result<bool> {
+    Ok(match v {
+        "on" | "true" | "yes" | "1" => true,
+        "off" | "false" | "no" | "0" => false,
+        _ => bail!("{key}=`{v}`: expected on or off"),
+    })
+}
+
+impl DiskFile {
+    fn into_config(self, base: &Path) -> Result<DiskConfig> {
+        Ok(DiskConfig {
+            blk: BlkConfig {
+                path: base.join(&self.path),
+                read_only: self.read_only.unwrap_or(false),
+                num_queues: self.num_queues.unwrap_or(DISK_QUEUES),
+                queue_size: self.queue_size.unwrap_or(DISK_QUEUE_SIZE),
+                direct: self.direct.unwrap_or(false),
+            },
+            backend: match &self.backend {
+                Some(b) => parse_backend(b)?,
+                None => IoBackend::Auto,
+            },
+        })
+    }
+}
+
+/// Parses `--disk PATH` or `--disk path=PATH,read_only=on,num_queues=2,...`.
+pub fn parse_disk_flag(spec: &str) -> Result<DiskFile> {
+    if !spec.contains('=') {
+        return Ok(DiskFile {
+            path: PathBuf::from(spec),
+            read_only: None,
+            num_queues: None,
+            queue_size: None,
+            direct: None,
+            backend: None,
+        });
+    }
+    let mut d = DiskFile {
+        path: PathBuf::new(),
+        read_only: None,
+        num_queues: None,
+        queue_size: None,
+        direct: None,
+        backend: None,
+    };
+    for item in spec.split(',').filter(|s| !s.is_empty()) {
+        let Some((k, v)) = item.split_once('=') else {
+            bail!("--disk `{item}`: expected key=value");
+        };
+        match k {
+            "path" => d.path = PathBuf::from(v),
+            "read_only" | "readonly" => d.read_only = Some(parse_bool(k, v)?),
+            "direct" => d.direct = Some(parse_bool(k, v)?),
+            "num_queues" => {
+                d.num_queues = Some(v.parse().with_context(|| format!("num_queues=`{v}`"))?)
+            }
+            "queue_size" => {
+                d.queue_size = Some(v.parse().with_context(|| format!("queue_size=`{v}`"))?)
+            }
+            "backend" => d.backend = Some(v.to_string()),
+            _ => bail!(
+                "--disk: unknown key `{k}` (path, read_only, num_queues, queue_size, direct, backend)"
+            ),
+        }
+    }
+    if d.path.as_os_str().is_empty() {
+        bail!("--disk `{spec}`: path= is missing");
+    }
+    Ok(d)
 }
 
 /// A size: an integer number of bytes or a string with a unit.
@@ -168,6 +280,29 @@ pub fn build(args: &BootArgs) -> Result<VmConfig> {
         (None, Some(ExitDevice::Enabled(true))) => Some(EXIT_PORT),
         (None, Some(ExitDevice::Enabled(false))) | (None, None) => None,
         (None, Some(ExitDevice::Port(p))) => Some(*p),
+    };
+    // Disks: --disk flags replace the file's [[disk]] list.
+    config.disks = if args.disk.is_empty() {
+        file.disk
+            .iter()
+            .cloned()
+            .map(|d| d.into_config(&base))
+            .collect::<Result<_>>()?
+    } else {
+        args.disk
+            .iter()
+            .map(|s| parse_disk_flag(s).and_then(|d| d.into_config(&cwd)))
+            .collect::<Result<_>>()?
+    };
+    config.rng = match (&file.rng, args.rng) {
+        (Some(r), _) => Some(RngConfig {
+            backend: match &r.backend {
+                Some(b) => parse_backend(b)?,
+                None => IoBackend::Auto,
+            },
+        }),
+        (None, true) => Some(RngConfig::default()),
+        (None, false) => None,
     };
     config.validate()?;
     Ok(config)

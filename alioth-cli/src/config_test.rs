@@ -141,3 +141,68 @@ fn zero_memory_zero_cpus_and_bad_values_are_errors() {
     );
     assert!(err(BootArgs::default()).contains("no kernel"));
 }
+
+#[test]
+fn disks_and_rng_come_from_the_file_or_the_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["k", "a.img", "b.img"] {
+        std::fs::write(dir.path().join(f), b"x").unwrap();
+    }
+    let cfg = dir.path().join("vm.toml");
+    std::fs::write(
+        &cfg,
+        "kernel = \"k\"\n[rng]\n[[disk]]\npath = \"a.img\"\nread_only = true\nnum_queues = 2\n\
+         backend = \"epoll\"\n[[disk]]\npath = \"b.img\"\n",
+    )
+    .unwrap();
+    let args = BootArgs {
+        config: Some(cfg.clone()),
+        ..Default::default()
+    };
+    let c = build(&args).unwrap();
+    assert_eq!(c.disks.len(), 2);
+    assert_eq!(c.disks[0].blk.path, dir.path().join("a.img"));
+    assert!(c.disks[0].blk.read_only);
+    assert_eq!(c.disks[0].blk.num_queues, 2);
+    assert_eq!(c.disks[0].backend, IoBackend::Epoll);
+    assert_eq!(c.disks[1].blk.queue_size, 256);
+    assert_eq!(c.disks[1].backend, IoBackend::Auto);
+    assert!(c.rng.is_some());
+
+    let b = dir.path().join("b.img");
+    let args = BootArgs {
+        config: Some(cfg),
+        disk: vec![format!(
+            "path={},direct=on,queue_size=64,backend=io_uring",
+            b.display()
+        )],
+        ..Default::default()
+    };
+    let c = build(&args).unwrap();
+    assert_eq!(c.disks.len(), 1, "--disk replaces the file's disks");
+    assert!(c.disks[0].blk.direct);
+    assert_eq!(c.disks[0].blk.queue_size, 64);
+    assert_eq!(c.disks[0].backend, IoBackend::IoUring);
+}
+
+#[test]
+fn bad_disk_specs_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = dir.path().join("k");
+    std::fs::write(&k, b"x").unwrap();
+    let with = |spec: &str| BootArgs {
+        kernel: Some(k.clone()),
+        disk: vec![spec.to_string()],
+        ..Default::default()
+    };
+    let err = |a: BootArgs| format!("{:#}", build(&a).unwrap_err());
+    assert!(err(with("/nonexistent.img")).contains("/nonexistent.img"));
+    assert!(err(with("path=x,speed=fast")).contains("unknown key `speed`"));
+    assert!(err(with("read_only=on")).contains("path="));
+    let img = dir.path().join("d.img");
+    std::fs::write(&img, b"x").unwrap();
+    let spec = |rest: &str| format!("path={},{rest}", img.display());
+    assert!(err(with(&spec("read_only=maybe"))).contains("read_only"));
+    assert!(err(with(&spec("backend=aio"))).contains("backend"));
+    assert!(err(with(&spec("num_queues=x"))).contains("num_queues"));
+}

@@ -67,6 +67,14 @@ pub struct BootArgs {
     /// `linux64` or `pvh`.
     #[arg(long, value_name = "PROTOCOL")]
     pub boot_protocol: Option<String>,
+    /// Add a virtio-blk disk (repeatable; replaces the file's [[disk]] list): a raw image PATH,
+    /// or `path=PATH[,read_only=on][,num_queues=N][,queue_size=N][,direct=on][,backend=B]` with
+    /// B one of auto, io_uring, epoll.
+    #[arg(long, value_name = "SPEC")]
+    pub disk: Vec<String>,
+    /// Add a virtio-rng entropy device (fed by the host's getrandom).
+    #[arg(long)]
+    pub rng: bool,
     /// Enable the test exit device: `on` (port 0xf4) or a port number. The value the guest writes
     /// there becomes alioth's exit status.
     #[arg(long, value_name = "on|PORT")]

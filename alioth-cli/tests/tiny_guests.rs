@@ -157,3 +157,50 @@ fn sigterm_stops_a_guest_that_never_exits() {
         .unwrap();
     assert_eq!(status.code(), Some(0), "{err}");
 }
+
+/// Reads the vendor/device dword of `slot` through ports 0xCF8/0xCFC into eax.
+fn pci_id_via_ports(a: &mut CodeAssembler, slot: u32) {
+    a.mov(dx, 0xcf8u32).unwrap();
+    a.mov(eax, 0x8000_0000u32 | (slot << 11)).unwrap();
+    a.out(dx, eax).unwrap();
+    a.mov(dx, 0xcfcu32).unwrap();
+    a.in_(eax, dx).unwrap();
+}
+
+#[test]
+fn guest_enumerates_virtio_devices_through_config_ports_and_ecam() {
+    let img = tempfile::NamedTempFile::new().unwrap();
+    img.as_file().set_len(1 << 20).unwrap();
+    // Exit 0 when 00:01.0 is virtio-blk and 00:02.0 virtio-rng, seen both ways; 1-3 otherwise.
+    let k = kernel(|a| {
+        let mut fail = [a.create_label(), a.create_label(), a.create_label()];
+        pci_id_via_ports(a, 1);
+        a.cmp(eax, 0x1042_1af4u32 as i32).unwrap();
+        a.jne(fail[0]).unwrap();
+        pci_id_via_ports(a, 2);
+        a.cmp(eax, 0x1044_1af4u32 as i32).unwrap();
+        a.jne(fail[1]).unwrap();
+        a.mov(rbx, 0xe000_8000u64).unwrap(); // ECAM, device 1
+        a.mov(eax, dword_ptr(rbx)).unwrap();
+        a.cmp(eax, 0x1042_1af4u32 as i32).unwrap();
+        a.jne(fail[2]).unwrap();
+        out_byte(a, 0xf4, 0);
+        for (i, l) in fail.iter_mut().enumerate() {
+            a.set_label(l).unwrap();
+            out_byte(a, 0xf4, i as u8 + 1);
+        }
+    });
+    let out = alioth(
+        &k,
+        &[
+            "--exit-device",
+            "on",
+            "--serial",
+            "off",
+            "--disk",
+            img.path().to_str().unwrap(),
+            "--rng",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}

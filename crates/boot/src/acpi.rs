@@ -15,7 +15,9 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, AmlSink};
-use alioth_mem::layout::{BIOS_START, HIGH_RAM_START, IOAPIC_BASE, LAPIC_BASE};
+use alioth_mem::layout::{
+    BIOS_START, HIGH_RAM_START, IOAPIC_BASE, LAPIC_BASE, PCI_MMIO_END, PCI_MMIO_START,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::{Immutable, IntoBytes};
 
@@ -133,6 +135,9 @@ fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
         )
         .to_aml_bytes(&mut body);
     }
+    if cfg.ecam.is_some() {
+        pci_root(&mut body);
+    }
     // \_S5: SLP_TYPa, SLP_TYPb for soft-off through the sleep control register.
     let s5 = S5_SLP_TYP;
     let zero = 0u8;
@@ -141,6 +146,38 @@ fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     sdt.append_slice(&body);
     sdt.as_slice().to_vec()
+}
+
+/// The PCI root bridge: bus 0, configuration ports, the I/O space above them and the 32-bit
+/// BAR window.
+fn pci_root(body: &mut Vec<u8>) {
+    let hid = aml::EISAName::new("PNP0A08");
+    let cid = aml::EISAName::new("PNP0A03");
+    let zero = 0u8;
+    let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let cfg_io = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let io_lo = aml::AddressSpace::new_io(0u16, 0xcf7u16, None);
+    let io_hi = aml::AddressSpace::new_io(0xd00u16, 0xffffu16, None);
+    let mem = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO_START as u32,
+        (PCI_MMIO_END - 1) as u32,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&bus, &cfg_io, &io_lo, &io_hi, &mem]);
+    aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &hid),
+            &aml::Name::new("_CID".into(), &cid),
+            &aml::Name::new("_SEG".into(), &zero),
+            &aml::Name::new("_UID".into(), &zero),
+            &aml::Name::new("_BBN".into(), &zero),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )
+    .to_aml_bytes(body);
 }
 
 fn fadt(cfg: &AcpiConfig, dsdt_addr: u64) -> Vec<u8> {

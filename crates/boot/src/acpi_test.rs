@@ -62,6 +62,7 @@ fn tables_chain_from_rsdp_with_valid_checksums() {
             assert_eq!(sum(&d), 0);
             assert!(d.windows(4).any(|w| w == b"_S5_"));
             assert!(d.windows(4).any(|w| w == b"COM1"));
+            assert!(d.windows(4).any(|w| w == b"PCI0"), "PCI root bridge");
         }
         if &t[..4] == b"APIC" {
             // Two processor-local APIC entries (type 0) with IDs 0 and 1.

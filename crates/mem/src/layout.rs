@@ -10,6 +10,14 @@ pub const BIOS_START: u64 = 0xe_0000;
 pub const HIGH_RAM_START: u64 = 0x10_0000;
 /// Start of the 32-bit PCI/MMIO hole.
 pub const MMIO32_START: u64 = 0xc000_0000;
+/// Start of the window PCI BARs are allocated from (the bottom of the 32-bit hole).
+pub const PCI_MMIO_START: u64 = MMIO32_START;
+/// End of the PCI BAR window; the ECAM window follows.
+pub const PCI_MMIO_END: u64 = ECAM_BASE;
+/// PCI Express enhanced configuration access (ECAM) window, bus 0 only.
+pub const ECAM_BASE: u64 = 0xe000_0000;
+/// Size of the ECAM window (one bus: 32 devices x 8 functions x 4 KiB).
+pub const ECAM_SIZE: u64 = 1 << 20;
 /// End of the 32-bit space; RAM that did not fit below the hole continues here.
 pub const RAM_ABOVE_4G: u64 = 0x1_0000_0000;
 /// IOAPIC register window.
@@ -113,6 +121,12 @@ impl MemoryMap {
                 kind: E820Kind::Ram,
             },
         ];
+        // Firmware reserves the ECAM window; Linux uses MMCONFIG only if it is.
+        v.push(E820Entry {
+            addr: ECAM_BASE,
+            size: ECAM_SIZE,
+            kind: E820Kind::Reserved,
+        });
         if self.size > low {
             v.push(E820Entry {
                 addr: RAM_ABOVE_4G,

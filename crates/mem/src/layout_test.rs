@@ -5,7 +5,7 @@ fn small_guest_has_one_region_and_three_e820_entries() {
     let m = MemoryMap::new(256 << 20).unwrap();
     assert_eq!(m.ram_regions(), vec![(0, 256 << 20)]);
     let e = m.e820();
-    assert_eq!(e.len(), 3);
+    assert_eq!(e.len(), 4);
     assert_eq!(
         (e[0].addr, e[0].size, e[0].kind),
         (0, 0xa_0000, E820Kind::Ram)
@@ -15,6 +15,10 @@ fn small_guest_has_one_region_and_three_e820_entries() {
         (0xa_0000, 0x6_0000, E820Kind::Reserved)
     );
     assert_eq!((e[2].addr, e[2].addr + e[2].size), (0x10_0000, 256 << 20));
+    assert_eq!(
+        (e[3].addr, e[3].size, e[3].kind),
+        (ECAM_BASE, ECAM_SIZE, E820Kind::Reserved)
+    );
 }
 
 #[test]

@@ -29,14 +29,14 @@ mod epoll;
 mod irq;
 pub mod pci;
 mod status;
-mod transport;
+pub mod transport;
 mod worker;
 
 pub use device::{BufferAction, ChainHandler, DeviceId, IoOp, Virtio};
 pub use epoll::{EpollBackend, execute_sync};
 pub use irq::{EventFdIrq, IrqSender};
 pub use status::{DeviceStatus, StatusBits, StatusChange};
-pub use transport::{IoeventRegistry, MsiRouter, VirtioPci};
+pub use transport::{DeviceInfo, IoeventRegistry, MsiRouter, VirtioPci};
 pub use worker::{
     ActiveBackend, ActiveQueue, Backend, QueueSetup, WakeEvent, Worker, WorkerExit, process_queue,
 };

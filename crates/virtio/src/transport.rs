@@ -137,7 +137,8 @@ struct State {
     ioeventfds: Vec<Arc<EventFd>>,
     cfg: Mutex<ConfigSpace>,
     mapped: Mutex<Option<u64>>,
-    mmio: Arc<Bus>,
+    // Weak: the bus holds this device, so a strong reference would be a cycle.
+    mmio: Weak<Bus>,
     ioevents: Arc<dyn IoeventRegistry>,
     router: Arc<dyn MsiRouter>,
 }
@@ -197,18 +198,46 @@ fn put(data: &mut [u8], v: u64) {
     data[..n].copy_from_slice(&b[..n]);
 }
 
+/// What the transport needs to know of a device (taken before the device moves into its worker).
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    /// Name for logs.
+    pub name: String,
+    /// Device type.
+    pub id: DeviceId,
+    /// Offered features.
+    pub features: u64,
+    /// Queue maximum sizes.
+    pub max_sizes: Vec<u16>,
+    /// Configuration space.
+    pub config: Vec<u8>,
+}
+
+impl DeviceInfo {
+    /// A snapshot of `dev`.
+    pub fn of<D: Virtio + ?Sized>(dev: &D) -> Self {
+        DeviceInfo {
+            name: dev.name().to_string(),
+            id: dev.device_id(),
+            features: dev.device_features(),
+            max_sizes: dev.queue_max_sizes(),
+            config: dev.config().to_vec(),
+        }
+    }
+}
+
 impl VirtioPci {
-    /// Wraps `dev`, whose worker is `worker`, at BAR0 address `bar_addr`. `mmio` is the bus BAR0
-    /// is mapped on once the guest enables memory decoding.
-    pub fn new<D: Virtio + ?Sized>(
-        dev: &D,
+    /// Wraps the device described by `dev`, whose worker is `worker`, at BAR0 address
+    /// `bar_addr`. `mmio` is the bus BAR0 is mapped on once the guest enables memory decoding.
+    pub fn new(
+        dev: DeviceInfo,
         worker: Worker,
         bar_addr: u64,
         mmio: Arc<Bus>,
         ioevents: Arc<dyn IoeventRegistry>,
         router: Arc<dyn MsiRouter>,
     ) -> std::io::Result<Self> {
-        let max_sizes = dev.queue_max_sizes();
+        let max_sizes = dev.max_sizes.clone();
         let nq = max_sizes.len();
         let nvec = nq + 1;
         let mut vectors = Vec::with_capacity(nvec);
@@ -228,14 +257,14 @@ impl VirtioPci {
         let ioeventfds = (0..nq)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).map(Arc::new))
             .collect::<std::io::Result<Vec<_>>>()?;
-        let cfg = Self::build_config(dev.device_id(), dev.config().len(), nvec, bar_addr);
+        let cfg = Self::build_config(dev.id, dev.config.len(), nvec, bar_addr);
         let state = Arc::new(State {
-            name: dev.name().to_string(),
+            name: dev.name,
             max_sizes: max_sizes.clone(),
-            device_config: dev.config().to_vec(),
+            device_config: dev.config,
             worker,
             common: Mutex::new(Common {
-                status: DeviceStatus::new(dev.device_features()),
+                status: DeviceStatus::new(dev.features),
                 dev_feature_select: 0,
                 drv_feature_select: 0,
                 config_vector: NO_VECTOR,
@@ -257,7 +286,7 @@ impl VirtioPci {
             ioeventfds,
             cfg: Mutex::new(cfg),
             mapped: Mutex::new(None),
-            mmio,
+            mmio: Arc::downgrade(&mmio),
             ioevents,
             router,
         });
@@ -317,6 +346,11 @@ impl VirtioPci {
         c
     }
 
+    /// Stops the device's worker after its in-flight requests complete.
+    pub fn shutdown(&self) {
+        self.state.worker.stop();
+    }
+
     /// The offset of the MSI-X capability in configuration space.
     fn msix_cap(&self) -> u16 {
         u16::from(CAP_START) + 16 + 16 + 16 + 20
@@ -343,8 +377,11 @@ impl VirtioPci {
         if *mapped == want {
             return;
         }
+        let Some(mmio) = s.mmio.upgrade() else {
+            return;
+        };
         if let Some(old) = mapped.take() {
-            s.mmio.remove(old);
+            mmio.remove(old);
             for (i, fd) in s.ioeventfds.iter().enumerate() {
                 let a = old + NOTIFY_OFFSET + i as u64 * u64::from(NOTIFY_MULTIPLIER);
                 if let Err(e) = s.ioevents.deregister(fd, a) {
@@ -353,7 +390,7 @@ impl VirtioPci {
             }
         }
         if let Some(new) = want {
-            if let Err(e) = s.mmio.insert(new, BAR_SIZE, self.bar_device()) {
+            if let Err(e) = mmio.insert(new, BAR_SIZE, self.bar_device()) {
                 log::warn!("{}: cannot map BAR0 at {new:#x}: {e}", s.name);
                 return;
             }

@@ -100,7 +100,15 @@ fn rig() -> Rig {
     let mmio = Arc::new(Bus::new("mmio"));
     let vm = Arc::new(FakeVm::default());
     let worker = Worker::spawn(Echo, EpollBackend, ram.memory().clone()).unwrap();
-    let pci = VirtioPci::new(&Echo, worker, BAR, mmio.clone(), vm.clone(), vm.clone()).unwrap();
+    let pci = VirtioPci::new(
+        DeviceInfo::of(&Echo),
+        worker,
+        BAR,
+        mmio.clone(),
+        vm.clone(),
+        vm.clone(),
+    )
+    .unwrap();
     Rig { pci, mmio, vm, ram }
 }
 

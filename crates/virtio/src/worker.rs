@@ -92,7 +92,7 @@ pub struct Worker {
     tx: Sender<WakeEvent>,
     notifier: Arc<EventFd>,
     needs_reset: Arc<AtomicBool>,
-    thread: Option<JoinHandle<WorkerExit>>,
+    thread: std::sync::Mutex<Option<JoinHandle<WorkerExit>>>,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -129,7 +129,7 @@ impl Worker {
             tx,
             notifier,
             needs_reset,
-            thread: Some(thread),
+            thread: std::sync::Mutex::new(Some(thread)),
         })
     }
 
@@ -159,12 +159,14 @@ impl Worker {
     }
 
     /// Stops the thread after it completes the requests in flight.
-    pub fn shutdown(mut self) {
+    pub fn shutdown(self) {
         self.stop();
     }
 
-    fn stop(&mut self) {
-        if let Some(t) = self.thread.take() {
+    /// Like [`Worker::shutdown`], for a worker that is shared; later calls do nothing.
+    pub fn stop(&self) {
+        let t = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = t {
             self.wake(WakeEvent::Shutdown);
             match t.join() {
                 Ok(exit) => log::debug!("{}: worker ended: {exit:?}", self.name),

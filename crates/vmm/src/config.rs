@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use alioth_boot::{BootProtocol, KernelSpec};
+use alioth_devices::virtio::blk::BlkConfig;
 use alioth_hv::CpuFeatureEdit;
 
 use crate::{Error, Result};
@@ -17,6 +18,34 @@ pub enum SerialConfig {
     File(PathBuf),
     /// No COM1.
     Off,
+}
+
+/// Which event loop serves a virtio device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoBackend {
+    /// io_uring, or epoll (with a log line) where io_uring is unavailable.
+    #[default]
+    Auto,
+    /// io_uring only (an error where it is unavailable).
+    IoUring,
+    /// epoll with synchronous I/O on the worker thread.
+    Epoll,
+}
+
+/// A virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Image and queue settings.
+    pub blk: BlkConfig,
+    /// Event loop.
+    pub backend: IoBackend,
+}
+
+/// The virtio-rng device.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RngConfig {
+    /// Event loop.
+    pub backend: IoBackend,
 }
 
 /// A complete VM description.
@@ -34,7 +63,14 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     /// The I/O port of the test exit device, if enabled.
     pub exit_device: Option<u16>,
+    /// virtio-blk disks, in PCI slot order.
+    pub disks: Vec<DiskConfig>,
+    /// The entropy device, if enabled.
+    pub rng: Option<RngConfig>,
 }
+
+/// The most virtio devices: 31 slots on bus 0 (slot 0 is the host bridge).
+pub const MAX_PCI_DEVICES: usize = 31;
 
 /// The most vCPUs Alioth describes (xAPIC IDs in the MADT).
 pub const MAX_CPUS: u32 = 255;
@@ -54,6 +90,8 @@ impl VmConfig {
             cpu_features: Vec::new(),
             serial: SerialConfig::Stdio,
             exit_device: None,
+            disks: Vec::new(),
+            rng: None,
         }
     }
 
@@ -82,6 +120,20 @@ impl VmConfig {
             return Err(Error::Config(format!(
                 "initramfs {} does not exist or is not a file",
                 i.display()
+            )));
+        }
+        for d in &self.disks {
+            if !d.blk.path.is_file() {
+                return Err(Error::Config(format!(
+                    "disk {} does not exist or is not a file",
+                    d.blk.path.display()
+                )));
+            }
+        }
+        let devices = self.disks.len() + usize::from(self.rng.is_some());
+        if devices > MAX_PCI_DEVICES {
+            return Err(Error::Config(format!(
+                "{devices} PCI devices requested; at most {MAX_PCI_DEVICES} fit"
             )));
         }
         if let Some(port) = self.exit_device {

@@ -20,11 +20,13 @@
 
 mod config;
 mod machine;
+mod pci;
 mod signals;
 mod terminal;
 
 pub use alioth_boot::{BootProtocol, KernelSpec};
-pub use config::{SerialConfig, VmConfig};
+pub use alioth_devices::virtio::blk::BlkConfig;
+pub use config::{DiskConfig, IoBackend, RngConfig, SerialConfig, VmConfig};
 pub use machine::{ExitReason, Machine, MachineOptions};
 
 /// Errors of building or running a VM.
@@ -51,6 +53,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A device cannot be created from its configuration (e.g. a disk image cannot be opened).
+    #[error("{0}")]
+    Device(String),
     /// A vCPU stopped with an error.
     #[error("vcpu{vcpu}: {reason}")]
     Vcpu {
@@ -74,7 +79,7 @@ impl Error {
     /// kernel, memory that cannot be had), as opposed to a failure while running.
     pub fn is_user_error(&self) -> bool {
         match self {
-            Error::Config(_) | Error::Memory(_) => true,
+            Error::Config(_) | Error::Memory(_) | Error::Device(_) => true,
             Error::Boot(e) => !matches!(e, alioth_boot::Error::GuestMemory { .. }),
             _ => false,
         }

@@ -12,12 +12,17 @@ use std::time::{Duration, Instant};
 use alioth_boot::acpi::{AcpiConfig, LegacySerial, PmPorts};
 use alioth_boot::{BootedKernel, load_kernel};
 use alioth_devices::serial::{COM1_IRQ, COM1_PORT, Serial};
+use alioth_devices::virtio::blk::VirtioBlk;
+use alioth_devices::virtio::rng::VirtioRng;
 use alioth_devices::{EventSink, VmEvent, acpi_pm, cmos, exit, i8042};
 use alioth_hv::{EventFd, Kvm, Vcpu, VcpuKicker, Vm, VmExit, install_kick_signal_handler};
-use alioth_mem::layout::MMIO32_START;
+use alioth_mem::layout::{ECAM_BASE, ECAM_SIZE, MMIO32_START, PCI_MMIO_END, PCI_MMIO_START};
 use alioth_mem::{Bus, BusDevice, MemoryMap, RamBus};
+use alioth_virtio::VirtioPci;
+use alioth_virtio::pci::{CONFIG_IO_LEN, CONFIG_IO_PORT, PciBus, PciConfigIo, PciEcam};
 
 use crate::config::{SerialConfig, VmConfig};
+use crate::pci::{KvmIoevents, KvmMsi, VirtioPlacer};
 use crate::signals::forward_termination_signals;
 use crate::terminal::RawTerminal;
 use crate::{Error, Result};
@@ -94,6 +99,7 @@ pub struct Machine {
     mmio: Arc<Bus>,
     serial: Option<Arc<Serial>>,
     serial_stdin: bool,
+    virtio: Vec<VirtioPci>,
     handle_signals: bool,
     tx: Sender<Event>,
     rx: Receiver<Event>,
@@ -206,6 +212,34 @@ impl Machine {
             )?;
         }
 
+        // PCI: the host bridge on the configuration ports and ECAM, virtio devices behind it.
+        let pci = Arc::new(PciBus::default());
+        pio.insert(
+            u64::from(CONFIG_IO_PORT),
+            u64::from(CONFIG_IO_LEN),
+            Arc::new(PciConfigIo::new(pci.clone())),
+        )?;
+        mmio.insert(ECAM_BASE, ECAM_SIZE, Arc::new(PciEcam::new(pci.clone())))?;
+        let mut placer = VirtioPlacer {
+            pci,
+            mmio: mmio.clone(),
+            mem: ram.memory().clone(),
+            msi: Arc::new(KvmMsi::new(vm.clone())),
+            ioevents: Arc::new(KvmIoevents::new(vm.clone())),
+            next_bar: PCI_MMIO_START,
+            bar_end: PCI_MMIO_END,
+            devices: Vec::new(),
+        };
+        for (i, d) in config.disks.iter().enumerate() {
+            let dev = VirtioBlk::open(&format!("virtio-blk{i}"), &d.blk)
+                .map_err(|e| Error::Device(e.to_string()))?;
+            placer.add(dev, d.backend)?;
+        }
+        if let Some(r) = &config.rng {
+            placer.add(VirtioRng::new("virtio-rng0"), r.backend)?;
+        }
+        let virtio = placer.devices;
+
         let acpi = AcpiConfig {
             nr_vcpus: config.cpus,
             serials,
@@ -215,7 +249,7 @@ impl Machine {
                 reset: acpi_pm::BASE_PORT + 2,
                 reset_value: acpi_pm::RESET_VALUE,
             },
-            ecam: None,
+            ecam: Some((ECAM_BASE, 0, 0)),
         };
         debug_assert_eq!(alioth_boot::acpi::S5_SLP_TYP, acpi_pm::S5_SLP_TYP);
         let booted = load_kernel(&ram, &config.kernel, &acpi)?;
@@ -251,6 +285,7 @@ impl Machine {
             mmio,
             serial,
             serial_stdin: config.serial == SerialConfig::Stdio,
+            virtio,
             handle_signals: options.handle_signals,
             tx,
             rx,
@@ -285,6 +320,7 @@ impl Machine {
             mmio,
             serial,
             serial_stdin,
+            virtio,
             handle_signals,
             tx,
             rx,
@@ -429,6 +465,10 @@ impl Machine {
         if let Some(h) = input_thread {
             // The input thread polls the stop eventfd and ends promptly.
             let _ = h.join();
+        }
+        // Devices finish their in-flight requests before the machine is gone.
+        for d in &virtio {
+            d.shutdown();
         }
         drop(_raw);
         outcome
