@@ -202,8 +202,8 @@ impl<'a> TestDriver<'a> {
         }
         let mut wr = Vec::new();
         for &w in writable {
+            // Like a guest's receive buffers, these are not cleared: the device fills them.
             let at = self.alloc(u64::from(w));
-            self.write_mem(at, &vec![0u8; w as usize]);
             bufs.push((at, w, DESC_F_WRITE));
             wr.push((at, w));
         }
@@ -333,6 +333,23 @@ impl<'a> TestDriver<'a> {
         self.used_len.insert(id, len);
         self.done.insert(id, f.writable);
         Some((id, len))
+    }
+
+    /// Whether the device has returned a chain that [`TestDriver::used`] has not yet read.
+    pub fn used_pending(&self) -> bool {
+        fence(Ordering::SeqCst);
+        match self.format {
+            QueueFormat::Split => {
+                let idx = u16::from_le_bytes(self.read_mem(self.device + 2, 2).try_into().unwrap());
+                idx != self.last_used as u16
+            }
+            QueueFormat::Packed => {
+                let at = self.slot(self.last_used);
+                let flags = u16::from_le_bytes(self.read_mem(at + 14, 2).try_into().unwrap());
+                let w = self.wrap(self.last_used);
+                (flags & DESC_F_AVAIL != 0) == w && (flags & DESC_F_USED != 0) == w
+            }
+        }
     }
 
     /// The first `len` bytes (as reported in the used ring) of a completed chain's writable
