@@ -208,11 +208,15 @@ fn debian_kernel_full_boot_runs_init_and_powers_off() {
     if !require_hardware_kvm("debian_kernel_full_boot_runs_init_and_powers_off") {
         return;
     }
-    let (Some(vmlinux), Some(initramfs)) =
-        (guest_artifact("vmlinux"), guest_artifact("initramfs.cpio"))
-    else {
+    let (Some(vmlinux), Some(initramfs), Some(blank)) = (
+        guest_artifact("vmlinux"),
+        guest_artifact("initramfs.cpio"),
+        guest_artifact("disk.img"),
+    ) else {
         return;
     };
+    let disk = tempfile::NamedTempFile::new().unwrap();
+    std::fs::copy(&blank, disk.path()).unwrap();
     let mut vm = Vm::boot(
         &vmlinux,
         &[
@@ -224,11 +228,16 @@ fn debian_kernel_full_boot_runs_init_and_powers_off() {
             initramfs.to_str().unwrap(),
             "--cmdline",
             "console=ttyS0 panic=-1 alioth.test=full-boot",
+            "--disk",
+            disk.path().to_str().unwrap(),
+            "--rng",
         ],
     );
     let deadline = Instant::now() + Duration::from_secs(120);
     vm.expect("ALIOTH-INIT-START", deadline);
     vm.expect("ALIOTH-CPUS 2", deadline);
+    vm.expect("ALIOTH-BLK-OK", deadline);
+    vm.expect("ALIOTH-RNG-OK", deadline);
     vm.expect("ALIOTH-INIT-OK", deadline);
     assert!(
         !vm.seen.iter().any(|l| l.contains("ALIOTH-MODULE-FAILED")),
@@ -238,4 +247,7 @@ fn debian_kernel_full_boot_runs_init_and_powers_off() {
     // poweroff -f -> ACPI S5 through the FADT's sleep control register -> exit 0.
     let status = wait_bounded(&mut vm.child, Duration::from_secs(60));
     assert_eq!(status, Some(0));
+    // What the guest wrote through virtio-blk is in the image file.
+    let image = std::fs::read(disk.path()).unwrap();
+    assert!(image.starts_with(b"ALIOTH-DISK-MARKER"));
 }

@@ -4,8 +4,10 @@
 //! it and `busybox-static` with `apt-get download`, and writes to `target/guest/`:
 //! - `vmlinuz`: the bzImage as shipped;
 //! - `vmlinux`: the uncompressed ELF kernel (Debian compresses the payload with LZ4);
-//! - `initramfs.cpio`: busybox with an `/init` that loads the virtio modules, prints
-//!   `ALIOTH-INIT-OK`, and powers off;
+//! - `initramfs.cpio`: busybox with an `/init` that loads the virtio modules, checks a virtio
+//!   disk (`ALIOTH-BLK-OK`) and the virtio entropy source (`ALIOTH-RNG-OK`) when present,
+//!   prints `ALIOTH-INIT-OK`, and powers off;
+//! - `disk.img`: a blank 64 MiB raw disk;
 //! - `kernel-version`: the version the artifacts come from.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -231,6 +233,18 @@ fn init_script(modules: &[String]) -> String {
             "insmod /lib/modules/{m}.ko || echo \"ALIOTH-MODULE-FAILED {m}\"\n"
         ));
     }
+    // With a disk: write a marker, drop the cache, read it back; the host checks the image too.
+    s.push_str(
+        "for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.2; done\n\
+         if [ -b /dev/vda ]; then\n\
+         \x20 echo ALIOTH-DISK-MARKER > /tmp/marker\n\
+         \x20 dd if=/tmp/marker of=/dev/vda bs=512 count=1 conv=sync,fsync 2>/dev/null; sync\n\
+         \x20 echo 3 > /proc/sys/vm/drop_caches\n\
+         \x20 if dd if=/dev/vda bs=512 count=1 2>/dev/null | grep -q ALIOTH-DISK-MARKER; then\n\
+         \x20   echo ALIOTH-BLK-OK; else echo ALIOTH-BLK-FAIL; fi\n\
+         fi\n\
+         grep -q virtio /sys/class/misc/hw_random/rng_current 2>/dev/null && echo ALIOTH-RNG-OK\n",
+    );
     s.push_str(&format!(
         "echo \"ALIOTH-CMDLINE $(cat /proc/cmdline)\"\n\
          echo \"ALIOTH-CPUS $(grep -c ^processor /proc/cpuinfo)\"\n\
@@ -248,7 +262,7 @@ pub fn build(root: &Path) -> Result<PathBuf> {
     let pkg = resolve_kernel_package()?;
     let version = pkg.trim_start_matches("linux-image-").to_string();
     let stamp = out_dir.join("kernel-version");
-    let want = ["vmlinuz", "vmlinux", "initramfs.cpio"];
+    let want = ["vmlinuz", "vmlinux", "initramfs.cpio", "disk.img"];
     if std::fs::read_to_string(&stamp).ok().as_deref() == Some(version.as_str())
         && want.iter().all(|f| out_dir.join(f).is_file())
     {
@@ -299,6 +313,9 @@ pub fn build(root: &Path) -> Result<PathBuf> {
     std::fs::write(out_dir.join("vmlinuz"), &bz)?;
     std::fs::write(out_dir.join("vmlinux"), &vmlinux)?;
     std::fs::write(out_dir.join("initramfs.cpio"), cpio.finish())?;
+    // A blank 64 MiB raw disk for the example VM and the full-boot test.
+    let disk = std::fs::File::create(out_dir.join("disk.img"))?;
+    disk.set_len(64 << 20)?;
     std::fs::write(&stamp, &version)?;
     std::fs::remove_dir_all(&work)?;
     eprintln!(
