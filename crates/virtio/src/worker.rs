@@ -1,7 +1,7 @@
 //! Workers: one thread per device, driven by the transport's wake events.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 
@@ -77,6 +77,31 @@ pub trait ActiveBackend<D: ChainHandler>: Send {
     fn drain(&mut self, dev: &mut D) -> Result<()>;
 }
 
+/// What a worker is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum WorkerState {
+    /// Waiting for [`WakeEvent::Start`] (after creation or a reset).
+    Idle = 0,
+    /// Serving its queues.
+    Running = 1,
+    /// Stopped serving after a driver error; waits for a reset (the device's NEEDS_RESET).
+    NeedsReset = 2,
+    /// The thread has ended.
+    Stopped = 3,
+}
+
+impl WorkerState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => WorkerState::Idle,
+            1 => WorkerState::Running,
+            2 => WorkerState::NeedsReset,
+            _ => WorkerState::Stopped,
+        }
+    }
+}
+
 /// Why a worker thread ended (for logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerExit {
@@ -91,7 +116,7 @@ pub struct Worker {
     name: String,
     tx: Sender<WakeEvent>,
     notifier: Arc<EventFd>,
-    needs_reset: Arc<AtomicBool>,
+    state: Arc<AtomicU8>,
     thread: std::sync::Mutex<Option<JoinHandle<WorkerExit>>>,
 }
 
@@ -110,7 +135,7 @@ impl Worker {
     {
         let name = dev.name().to_string();
         let notifier = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?);
-        let needs_reset = Arc::new(AtomicBool::new(false));
+        let state = Arc::new(AtomicU8::new(WorkerState::Idle as u8));
         let (tx, rx) = channel();
         let ctx = WorkerThread {
             dev,
@@ -118,7 +143,7 @@ impl Worker {
             mem,
             rx,
             notifier: notifier.clone(),
-            needs_reset: needs_reset.clone(),
+            state: state.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(name.clone())
@@ -128,7 +153,7 @@ impl Worker {
             name,
             tx,
             notifier,
-            needs_reset,
+            state,
             thread: std::sync::Mutex::new(Some(thread)),
         })
     }
@@ -155,7 +180,12 @@ impl Worker {
     /// Whether the device hit a driver error and waits for a reset (the transport reflects it as
     /// NEEDS_RESET in the status register).
     pub fn needs_reset(&self) -> bool {
-        self.needs_reset.load(Ordering::Acquire)
+        self.state() == WorkerState::NeedsReset
+    }
+
+    /// The worker's current state.
+    pub fn state(&self) -> WorkerState {
+        WorkerState::from_u8(self.state.load(Ordering::Acquire))
     }
 
     /// Stops the thread after it completes the requests in flight.
@@ -188,7 +218,7 @@ struct WorkerThread<D, B> {
     mem: GuestMemoryMmap,
     rx: Receiver<WakeEvent>,
     notifier: Arc<EventFd>,
-    needs_reset: Arc<AtomicBool>,
+    state: Arc<AtomicU8>,
 }
 
 fn wait_readable(fd: &EventFd) {
@@ -203,7 +233,18 @@ fn wait_readable(fd: &EventFd) {
 }
 
 impl<D: ChainHandler, B: Backend<D>> WorkerThread<D, B> {
-    fn run(mut self) -> WorkerExit {
+    fn set(&self, st: WorkerState) {
+        self.state.store(st as u8, Ordering::Release);
+    }
+
+    fn run(self) -> WorkerExit {
+        let state = self.state.clone();
+        let exit = self.serve();
+        state.store(WorkerState::Stopped as u8, Ordering::Release);
+        exit
+    }
+
+    fn serve(mut self) -> WorkerExit {
         let name = self.dev.name().to_string();
         let mut active: Option<(B::Active, Arc<dyn IrqSender>)> = None;
         let mut broken = false;
@@ -213,7 +254,7 @@ impl<D: ChainHandler, B: Backend<D>> WorkerThread<D, B> {
                     if let Err(e) = a.run(&mut self.dev) {
                         log::error!("{name}: {e}; the device needs a reset");
                         broken = true;
-                        self.needs_reset.store(true, Ordering::Release);
+                        self.set(WorkerState::NeedsReset);
                         irq.config_irq();
                     }
                 }
@@ -240,11 +281,14 @@ impl<D: ChainHandler, B: Backend<D>> WorkerThread<D, B> {
                             continue;
                         }
                         match self.start(features, queues, irq.clone()) {
-                            Ok(a) => active = Some((a, irq)),
+                            Ok(a) => {
+                                active = Some((a, irq));
+                                self.set(WorkerState::Running);
+                            }
                             Err(e) => {
                                 log::error!("{name}: cannot start: {e}; the device needs a reset");
                                 broken = true;
-                                self.needs_reset.store(true, Ordering::Release);
+                                self.set(WorkerState::NeedsReset);
                                 irq.config_irq();
                             }
                         }
@@ -252,7 +296,7 @@ impl<D: ChainHandler, B: Backend<D>> WorkerThread<D, B> {
                     WakeEvent::Reset(done) => {
                         self.stop(&mut active);
                         broken = false;
-                        self.needs_reset.store(false, Ordering::Release);
+                        self.set(WorkerState::Idle);
                         if let Some(done) = done {
                             let _ = done.send(());
                         }

@@ -98,7 +98,11 @@ fn hostile_chain_sets_needs_reset_and_reset_recovers() {
         assert!(rig.worker.needs_reset());
         assert!(d.used().is_none(), "nothing completed from a broken chain");
         rig.worker.reset();
-        assert!(!rig.worker.needs_reset(), "reset clears NEEDS_RESET");
+        assert_eq!(
+            rig.worker.state(),
+            alioth_virtio::WorkerState::Idle,
+            "reset clears NEEDS_RESET"
+        );
         // A fresh start on fresh rings works again.
         let mut d = TestDriver::new(ram.memory(), format, 8, 0x30_0000, 0);
         let rig2 = Rig {
@@ -118,6 +122,7 @@ fn hostile_chain_sets_needs_reset_and_reset_recovers() {
         rig2.kick.write(1).unwrap();
         assert!(wait(&rig2.irq.queues[0], 5000));
         assert_eq!(d.used(), Some((id, 16)));
+        assert_eq!(rig2.worker.state(), alioth_virtio::WorkerState::Running);
     }
 }
 
