@@ -38,7 +38,8 @@ pub use irq::{EventFdIrq, IrqSender};
 pub use status::{DeviceStatus, StatusBits, StatusChange};
 pub use transport::{DeviceInfo, IoeventRegistry, MsiRouter, VirtioPci};
 pub use worker::{
-    ActiveBackend, ActiveQueue, Backend, QueueSetup, WakeEvent, Worker, WorkerExit, process_queue,
+    ActiveBackend, ActiveQueue, Backend, QueueSetup, WakeEvent, Worker, WorkerExit, WorkerState,
+    process_queue,
 };
 
 /// Errors of the virtio layer.
