@@ -128,6 +128,19 @@ impl GsiRoute {
     }
 }
 
+/// Calls a kvm-ioctls ioeventfd method with the datamatch type (and so width) `$dm` names.
+macro_rules! with_datamatch {
+    ($vm:expr, $method:ident, $fd:expr, $addr:expr, $dm:expr) => {
+        match $dm {
+            DataMatch::Any => $vm.$method($fd, $addr, NoDatamatch),
+            DataMatch::U8(v) => $vm.$method($fd, $addr, v),
+            DataMatch::U16(v) => $vm.$method($fd, $addr, v),
+            DataMatch::U32(v) => $vm.$method($fd, $addr, v),
+            DataMatch::U64(v) => $vm.$method($fd, $addr, v),
+        }
+    };
+}
+
 /// A KVM virtual machine with an in-kernel irqchip and PIT.
 pub struct Vm {
     fd: VmFd,
@@ -194,14 +207,8 @@ impl Vm {
         datamatch: DataMatch,
     ) -> Result<()> {
         let addr = to_kvm_addr(addr);
-        let r = match datamatch {
-            DataMatch::Any => self.fd.register_ioevent(fd, &addr, NoDatamatch),
-            DataMatch::U8(v) => self.fd.register_ioevent(fd, &addr, v),
-            DataMatch::U16(v) => self.fd.register_ioevent(fd, &addr, v),
-            DataMatch::U32(v) => self.fd.register_ioevent(fd, &addr, v),
-            DataMatch::U64(v) => self.fd.register_ioevent(fd, &addr, v),
-        };
-        r.map_err(Error::ioctl("IOEVENTFD (assign)"))
+        with_datamatch!(self.fd, register_ioevent, fd, &addr, datamatch)
+            .map_err(Error::ioctl("IOEVENTFD (assign)"))
     }
 
     /// Removes an ioeventfd registered with the same `fd`, `addr` and `datamatch`.
@@ -212,14 +219,8 @@ impl Vm {
         datamatch: DataMatch,
     ) -> Result<()> {
         let addr = to_kvm_addr(addr);
-        let r = match datamatch {
-            DataMatch::Any => self.fd.unregister_ioevent(fd, &addr, NoDatamatch),
-            DataMatch::U8(v) => self.fd.unregister_ioevent(fd, &addr, v),
-            DataMatch::U16(v) => self.fd.unregister_ioevent(fd, &addr, v),
-            DataMatch::U32(v) => self.fd.unregister_ioevent(fd, &addr, v),
-            DataMatch::U64(v) => self.fd.unregister_ioevent(fd, &addr, v),
-        };
-        r.map_err(Error::ioctl("IOEVENTFD (deassign)"))
+        with_datamatch!(self.fd, unregister_ioevent, fd, &addr, datamatch)
+            .map_err(Error::ioctl("IOEVENTFD (deassign)"))
     }
 
     /// Makes a write to `fd` inject GSI `gsi` (as routed by [`Vm::set_gsi_routing`]).

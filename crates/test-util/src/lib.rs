@@ -83,3 +83,17 @@ pub fn tiny_elf(code: &[u8], load: u64) -> Vec<u8> {
     f.extend_from_slice(code);
     f
 }
+
+/// Waits up to `ms` milliseconds for `fd` to be signalled and consumes the count; false on
+/// timeout. Tests use it where KVM would turn an irqfd write into a guest interrupt.
+pub fn wait_eventfd(fd: &alioth_hv::EventFd, ms: i32) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let r = unsafe { libc::poll(&mut p, 1, ms) };
+    r == 1 && fd.read().is_ok()
+}

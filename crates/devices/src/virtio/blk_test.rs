@@ -1,4 +1,3 @@
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -6,6 +5,7 @@ use alioth_io_uring::IoUringBackend;
 use alioth_mem::{MemoryMap, RamBus};
 use alioth_queue::testing::TestDriver;
 use alioth_queue::{QueueFormat, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1};
+use alioth_test_util::wait_eventfd;
 use alioth_virtio::{EpollBackend, EventFdIrq, QueueSetup, WakeEvent, Worker};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -49,17 +49,6 @@ fn seg(sector: u64, n: u32, flags: u32) -> Vec<u8> {
     s[8..12].copy_from_slice(&n.to_le_bytes());
     s[12..16].copy_from_slice(&flags.to_le_bytes());
     s
-}
-
-fn wait(fd: &EventFd, ms: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let r = unsafe { libc::poll(&mut p, 1, ms) };
-    r == 1 && fd.read().is_ok()
 }
 
 struct Rig<'a> {
@@ -140,7 +129,7 @@ impl<'a> Rig<'a> {
                 break;
             }
             assert!(Instant::now() < deadline, "request did not complete");
-            wait(&self.irq.queues[q], 100);
+            wait_eventfd(&self.irq.queues[q], 100);
         }
         self.result(q, id)
     }
@@ -346,7 +335,7 @@ fn more_requests_than_ring_slots_all_complete() {
                 "{done} of {} completed",
                 ids.len()
             );
-            wait(&rig.irq.queues[0], 100);
+            wait_eventfd(&rig.irq.queues[0], 100);
             while let Some((id, _)) = rig.drivers[0].used() {
                 assert_eq!(rig.result(0, id).0, status::OK);
                 done += 1;
@@ -380,7 +369,10 @@ fn reset_with_requests_in_flight_keeps_every_acknowledged_write() {
         }
         rig.kicks[0].write(1).unwrap();
         // Reset as soon as the first completions are signalled, with the rest in flight.
-        assert!(wait(&rig.irq.queues[0], 5000), "{be:?}: first completion");
+        assert!(
+            wait_eventfd(&rig.irq.queues[0], 5000),
+            "{be:?}: first completion"
+        );
         rig.worker().reset();
         rig.shutdown();
         let file = std::fs::read(img.path()).unwrap();
@@ -410,7 +402,10 @@ fn a_request_without_a_status_byte_sets_needs_reset() {
         let mut rig = Rig::new(&ram, dev, be, QueueFormat::Split, 0);
         rig.drivers[0].add(&[&hdr(req::IN, 0)], &[]).unwrap();
         rig.kicks[0].write(1).unwrap();
-        assert!(wait(&rig.irq.config, 5000), "{be:?}: config interrupt");
+        assert!(
+            wait_eventfd(&rig.irq.config, 5000),
+            "{be:?}: config interrupt"
+        );
         assert!(rig.worker().needs_reset());
     }
 }

@@ -1,25 +1,13 @@
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use alioth_mem::{MemoryMap, RamBus};
 use alioth_queue::testing::TestDriver;
 use alioth_queue::{DESC_F_NEXT, QueueFormat, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1};
+use alioth_test_util::wait_eventfd;
 use alioth_virtio::{EpollBackend, EventFdIrq, QueueSetup, WakeEvent, Worker};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
-
-/// Waits for `fd` to be signalled; false on timeout.
-fn wait(fd: &EventFd, ms: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let r = unsafe { libc::poll(&mut p, 1, ms) };
-    r == 1 && fd.read().is_ok()
-}
 
 struct Rig {
     worker: Worker,
@@ -27,7 +15,7 @@ struct Rig {
     kick: Arc<EventFd>,
 }
 
-fn start(ram: &RamBus, driver: &TestDriver) -> Rig {
+fn start_with(ram: &RamBus, features: u64, config: alioth_queue::QueueConfig) -> Rig {
     let worker = Worker::spawn(
         VirtioRng::new("virtio-rng0"),
         EpollBackend,
@@ -37,14 +25,18 @@ fn start(ram: &RamBus, driver: &TestDriver) -> Rig {
     let irq = Arc::new(EventFdIrq::new(1).unwrap());
     let kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
     worker.wake(WakeEvent::Start {
-        features: driver.features() | (1 << VIRTIO_F_VERSION_1),
+        features: features | (1 << VIRTIO_F_VERSION_1),
         queues: vec![Some(QueueSetup {
-            config: driver.config(),
+            config,
             ioeventfd: kick.clone(),
         })],
         irq: irq.clone(),
     });
     Rig { worker, irq, kick }
+}
+
+fn start(ram: &RamBus, driver: &TestDriver) -> Rig {
+    start_with(ram, driver.features(), driver.config())
 }
 
 #[test]
@@ -59,7 +51,10 @@ fn random_bytes_arrive_through_split_and_packed_rings() {
             rig.kick.write(1).unwrap();
             let mut got = Vec::new();
             while got.len() < 2 {
-                assert!(wait(&rig.irq.queues[0], 5000), "{format:?}: no interrupt");
+                assert!(
+                    wait_eventfd(&rig.irq.queues[0], 5000),
+                    "{format:?}: no interrupt"
+                );
                 while let Some(u) = d.used() {
                     got.push(u);
                 }
@@ -94,7 +89,10 @@ fn hostile_chain_sets_needs_reset_and_reset_recovers() {
             }
         }
         rig.kick.write(1).unwrap();
-        assert!(wait(&rig.irq.config, 5000), "{format:?}: config interrupt");
+        assert!(
+            wait_eventfd(&rig.irq.config, 5000),
+            "{format:?}: config interrupt"
+        );
         assert!(rig.worker.needs_reset());
         assert!(d.used().is_none(), "nothing completed from a broken chain");
         rig.worker.reset();
@@ -120,7 +118,7 @@ fn hostile_chain_sets_needs_reset_and_reset_recovers() {
         });
         let id = d.add(&[], &[16]).unwrap();
         rig2.kick.write(1).unwrap();
-        assert!(wait(&rig2.irq.queues[0], 5000));
+        assert!(wait_eventfd(&rig2.irq.queues[0], 5000));
         assert_eq!(d.used(), Some((id, 16)));
         assert_eq!(rig2.worker.state(), alioth_virtio::WorkerState::Running);
     }
@@ -130,23 +128,9 @@ fn hostile_chain_sets_needs_reset_and_reset_recovers() {
 fn bad_queue_size_at_start_sets_needs_reset() {
     let ram = RamBus::new(MemoryMap::new(16 << 20).unwrap()).unwrap();
     let d = TestDriver::new(ram.memory(), QueueFormat::Split, 8, 0x10_0000, 0);
-    let worker = Worker::spawn(
-        VirtioRng::new("virtio-rng0"),
-        EpollBackend,
-        ram.memory().clone(),
-    )
-    .unwrap();
-    let irq = Arc::new(EventFdIrq::new(1).unwrap());
     let mut config = d.config();
     config.size = 6; // not a power of two
-    worker.wake(WakeEvent::Start {
-        features: 1 << VIRTIO_F_VERSION_1,
-        queues: vec![Some(QueueSetup {
-            config,
-            ioeventfd: Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
-        })],
-        irq: irq.clone(),
-    });
-    assert!(wait(&irq.config, 5000));
-    assert!(worker.needs_reset());
+    let rig = start_with(&ram, 0, config);
+    assert!(wait_eventfd(&rig.irq.config, 5000));
+    assert!(rig.worker.needs_reset());
 }
