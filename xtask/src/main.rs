@@ -6,6 +6,7 @@
 //!   `-D warnings`, and every test.
 
 mod cpio;
+mod e2e;
 mod guest;
 
 use std::path::{Path, PathBuf};
@@ -40,6 +41,11 @@ fn cargo() -> Command {
 
 fn ci() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    let kit = workspace_root().join("crates/guest-kit");
+    run(cargo().current_dir(&kit).args(["fmt", "--", "--check"]))?;
+    run(cargo()
+        .current_dir(&kit)
+        .args(["clippy", "--release", "--", "-D", "warnings"]))?;
     let guest_dir = guest::build(&workspace_root())?;
     run(cargo().args([
         "clippy",
@@ -62,6 +68,7 @@ fn ci() -> Result<()> {
     run(cargo()
         .args(["test", "--workspace", "--doc"])
         .env("ALIOTH_GUEST_DIR", &guest_dir))?;
+    e2e::e2e(&workspace_root())?;
     Ok(())
 }
 
@@ -80,6 +87,7 @@ fn usage() -> ! {
          tasks:\n  \
          guest   fetch Debian's cloud kernel + busybox and build target/guest/\n  \
          ci      guest artifacts, fmt check, clippy -D warnings, all tests\n  \
+         e2e     build the guest kit and run its tests under alioth\n  \
          bench blk [--secs N]  virtio-blk 4 KiB random-read IOPS vs a plain io_uring loop"
     );
     std::process::exit(2);
@@ -93,6 +101,7 @@ fn main() -> Result<()> {
         }),
         Some("ci") => ci(),
         Some("bench") => bench(&args[1..]),
+        Some("e2e") => e2e::e2e(&workspace_root()),
         _ => usage(),
     }
 }

@@ -1,0 +1,102 @@
+//! Alioth's guest kit: a freestanding x86_64 test guest.
+//!
+//! It boots like a Linux kernel (64-bit boot protocol: long mode, `boot_params` in RSI), does
+//! the few things that need ring 0 — GDT and TSS, an IDT with exception and interrupt stubs,
+//! page tables that let ring 3 reach RAM and the MMIO windows, SSE — and then runs everything
+//! else at CPL3 with IOPL=3. On a software KVM such as PVM, ring-0 code is emulated while ring-3
+//! code runs natively, so this keeps the kit fast there. Results are printed on COM1 as
+//! `ALIOTH-KIT ...` lines and the verdict is written to the exit device (port 0xf4).
+
+#![no_std]
+#![no_main]
+
+mod cpu;
+mod pci;
+mod rt;
+mod serial;
+
+use core::fmt::Write;
+
+use serial::Com1;
+
+/// Port of Alioth's test exit device.
+const EXIT_PORT: u16 = 0xf4;
+
+/// Ends the VM with `status` through the exit device.
+pub fn exit(status: u8) -> ! {
+    // SAFETY: port I/O to the exit device; allowed at CPL0 and at CPL3 with IOPL=3.
+    unsafe { cpu::outb(EXIT_PORT, status) };
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// The kernel command line the loader passed in `boot_params`.
+fn cmdline(boot_params: u64) -> &'static [u8] {
+    // SAFETY: the loader put boot_params (4 KiB) at `boot_params`, identity-mapped; the
+    // command line pointer (offset 0x228) names a NUL-terminated string in RAM.
+    unsafe {
+        let ptr = core::ptr::read_unaligned((boot_params + 0x228) as *const u32) as usize;
+        if ptr == 0 {
+            return &[];
+        }
+        let mut len = 0;
+        while len < 4096 && *((ptr + len) as *const u8) != 0 {
+            len += 1;
+        }
+        core::slice::from_raw_parts(ptr as *const u8, len)
+    }
+}
+
+/// The value of `key=` on the command line.
+fn param<'a>(cmdline: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    cmdline.split(|b| *b == b' ').find_map(|w| {
+        let rest = w.strip_prefix(key)?;
+        rest.strip_prefix(b"=")
+    })
+}
+
+/// Everything after the ring-0 setup runs here, at CPL3.
+pub extern "C" fn user_main(boot_params: u64) -> ! {
+    let mut out = Com1;
+    let cmd = cmdline(boot_params);
+    let test = param(cmd, b"kit.test").unwrap_or(b"hello");
+    let _ = writeln!(
+        out,
+        "ALIOTH-KIT start cpl={} test={}",
+        cpu::cpl(),
+        core::str::from_utf8(test).unwrap_or("?")
+    );
+    match test {
+        b"hello" => {
+            let _ = writeln!(out, "ALIOTH-KIT result hello pass");
+            exit(0)
+        }
+        b"pci" => {
+            let found = pci::scan(&mut out);
+            let pass = found.virtio > 0;
+            let _ = writeln!(
+                out,
+                "ALIOTH-KIT result pci {} devices={} virtio={}",
+                if pass { "pass" } else { "fail" },
+                found.devices,
+                found.virtio
+            );
+            exit(if pass { 0 } else { 1 })
+        }
+        other => {
+            let _ = writeln!(
+                out,
+                "ALIOTH-KIT result {} fail unknown-test",
+                core::str::from_utf8(other).unwrap_or("?")
+            );
+            exit(2)
+        }
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    let _ = writeln!(Com1, "ALIOTH-KIT panic {info}");
+    exit(0xfe)
+}
