@@ -14,9 +14,15 @@ use crate::{cargo, run};
 const TIMEOUT: Duration = Duration::from_secs(120);
 
 struct Case {
+    name: String,
     test: &'static str,
     args: Vec<String>,
+    /// A disk image whose sector 1 must hold the kit's pattern afterwards.
+    check_image: Option<PathBuf>,
 }
+
+/// What `blk-rw` writes at sector 1 (crates/guest-kit/src/tests.rs).
+const BLK_PATTERN: &[u8] = b"ALIOTH-KIT-BLK-1";
 
 /// Builds the kit; returns the ELF.
 pub fn build_kit(root: &Path) -> Result<PathBuf> {
@@ -67,7 +73,20 @@ fn run_case(alioth: &Path, kit: &Path, case: &Case) -> Result<()> {
     if status.code() != Some(0) || !out.lines().any(|l| l.starts_with(&verdict)) {
         bail!("exit {status}\n--- serial ---\n{out}--- stderr ---\n{err}");
     }
+    if let Some(img) = &case.check_image {
+        let data = std::fs::read(img)?;
+        if data.get(512..512 + BLK_PATTERN.len()) != Some(BLK_PATTERN) {
+            bail!("the guest's write is not in {} at sector 1", img.display());
+        }
+    }
     Ok(())
+}
+
+/// A config file enabling virtio-rng on `backend` (the flag `--rng` has no backend choice).
+fn rng_config(dir: &Path, backend: &str) -> Result<PathBuf> {
+    let p = dir.join(format!("rng-{backend}.toml"));
+    std::fs::write(&p, format!("[rng]\nbackend = \"{backend}\"\n"))?;
+    Ok(p)
 }
 
 /// Runs every kit test; fails if any fails.
@@ -75,29 +94,62 @@ pub fn e2e(root: &Path) -> Result<()> {
     let kit = build_kit(root)?;
     run(cargo().args(["build", "--quiet", "-p", "alioth-cli"]))?;
     let alioth = root.join("target/debug/alioth");
-    let disk = root.join("target/e2e-disk.img");
-    std::fs::File::create(&disk)?.set_len(16 << 20)?;
-    let disk_arg = format!("path={}", disk.display());
-    let cases = [
-        Case {
-            test: "hello",
-            args: vec![],
-        },
-        Case {
-            test: "pci",
-            args: vec!["--disk".into(), disk_arg.clone(), "--rng".into()],
-        },
-    ];
+    let dir = root.join("target/e2e");
+    std::fs::create_dir_all(&dir)?;
+    let image = |name: &str| -> Result<PathBuf> {
+        let p = dir.join(format!("{name}.img"));
+        std::fs::File::create(&p)?.set_len(16 << 20)?;
+        Ok(p)
+    };
+    let plain = |test: &'static str| Case {
+        name: test.to_string(),
+        test,
+        args: vec![],
+        check_image: None,
+    };
+    let mut cases = vec![plain("hello")];
+    let pci_disk = image("pci")?;
+    cases.push(Case {
+        name: "pci".into(),
+        test: "pci",
+        args: vec![
+            "--disk".into(),
+            pci_disk.display().to_string(),
+            "--rng".into(),
+        ],
+        check_image: None,
+    });
+    for backend in ["io_uring", "epoll"] {
+        cases.push(Case {
+            name: format!("rng/{backend}"),
+            test: "rng",
+            args: vec![
+                "--config".into(),
+                rng_config(&dir, backend)?.display().to_string(),
+            ],
+            check_image: None,
+        });
+        let img = image(&format!("blk-rw-{backend}"))?;
+        cases.push(Case {
+            name: format!("blk-rw/{backend}"),
+            test: "blk-rw",
+            args: vec![
+                "--disk".into(),
+                format!("path={},backend={backend}", img.display()),
+            ],
+            check_image: Some(img),
+        });
+    }
     let (mut passed, mut failed) = (0, 0);
     for case in &cases {
         match run_case(&alioth, &kit, case) {
             Ok(()) => {
                 passed += 1;
-                eprintln!("e2e: {} ... ok", case.test);
+                eprintln!("e2e: {} ... ok", case.name);
             }
             Err(e) => {
                 failed += 1;
-                eprintln!("e2e: {} ... FAILED: {e:#}", case.test);
+                eprintln!("e2e: {} ... FAILED: {e:#}", case.name);
             }
         }
     }

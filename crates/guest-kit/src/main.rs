@@ -14,6 +14,8 @@ mod cpu;
 mod pci;
 mod rt;
 mod serial;
+mod tests;
+mod virtio;
 
 use core::fmt::Write;
 
@@ -84,6 +86,8 @@ pub extern "C" fn user_main(boot_params: u64) -> ! {
             );
             exit(if pass { 0 } else { 1 })
         }
+        b"rng" => tests::rng(&mut out),
+        b"blk-rw" => tests::blk_rw(&mut out),
         other => {
             let _ = writeln!(
                 out,

@@ -22,6 +22,16 @@ pub fn read32(slot: u8, reg: u8) -> u32 {
     }
 }
 
+/// Writes a configuration dword of 00:`slot`.0.
+pub fn write32(slot: u8, reg: u8, v: u32) {
+    let addr = 0x8000_0000u32 | (u32::from(slot) << 11) | u32::from(reg & 0xfc);
+    // SAFETY: configuration-space port I/O.
+    unsafe {
+        cpu::outl(0xcf8, addr);
+        cpu::outl(0xcfc, v);
+    }
+}
+
 /// Lists bus 0 on `out`.
 pub fn scan(out: &mut impl Write) -> Found {
     let mut found = Found {

@@ -1,0 +1,248 @@
+//! A virtio-pci modern driver: capability walk, status handshake, split queues, MSI-X.
+
+use core::sync::atomic::{Ordering, fence};
+
+use crate::{cpu, pci};
+
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const STATUS_ACK: u8 = 1;
+const STATUS_DRIVER: u8 = 2;
+const STATUS_DRIVER_OK: u8 = 4;
+const STATUS_FEATURES_OK: u8 = 8;
+
+/// Descriptor flags.
+pub const DESC_F_NEXT: u16 = 1;
+/// Device-writable buffer.
+pub const DESC_F_WRITE: u16 = 2;
+
+/// Why a device could not be brought up.
+#[derive(Debug, Clone, Copy)]
+pub enum VirtioError {
+    /// No such device on bus 0.
+    NotFound,
+    /// A capability is missing.
+    NoCapability(#[allow(dead_code)] u8),
+    /// The device refused our features.
+    FeaturesRefused,
+    /// The queue does not exist.
+    NoQueue,
+}
+
+/// A virtio-pci device, brought up with one split queue.
+pub struct Device {
+    common: usize,
+    notify: usize,
+    notify_mult: u32,
+    device_cfg: usize,
+    pub queue: SplitQueue,
+}
+
+fn r8(a: usize) -> u8 {
+    // SAFETY: an MMIO register inside the device's BAR, identity-mapped and user-accessible.
+    unsafe { core::ptr::read_volatile(a as *const u8) }
+}
+fn r16(a: usize) -> u16 {
+    // SAFETY: as for r8.
+    unsafe { core::ptr::read_volatile(a as *const u16) }
+}
+fn r32(a: usize) -> u32 {
+    // SAFETY: as for r8.
+    unsafe { core::ptr::read_volatile(a as *const u32) }
+}
+fn w8(a: usize, v: u8) {
+    // SAFETY: as for r8.
+    unsafe { core::ptr::write_volatile(a as *mut u8, v) }
+}
+fn w16(a: usize, v: u16) {
+    // SAFETY: as for r8.
+    unsafe { core::ptr::write_volatile(a as *mut u16, v) }
+}
+fn w32(a: usize, v: u32) {
+    // SAFETY: as for r8.
+    unsafe { core::ptr::write_volatile(a as *mut u32, v) }
+}
+fn w64(a: usize, v: u64) {
+    w32(a, v as u32);
+    w32(a + 4, (v >> 32) as u32);
+}
+
+/// A split virtqueue in the kit's memory.
+pub struct SplitQueue {
+    size: u16,
+    desc: usize,
+    avail: usize,
+    used: usize,
+    next_avail: u16,
+    last_used: u16,
+    free: u16,
+}
+
+impl SplitQueue {
+    /// Places a queue of `size` entries at `base` (4 KiB aligned, zeroed, 16 KiB).
+    fn new(base: usize, size: u16) -> Self {
+        let desc = base;
+        let avail = desc + 16 * usize::from(size);
+        let used = (avail + 6 + 2 * usize::from(size) + 4095) & !4095;
+        SplitQueue {
+            size,
+            desc,
+            avail,
+            used,
+            next_avail: 0,
+            last_used: 0,
+            free: 0,
+        }
+    }
+
+    /// Publishes a chain of (address, length, device-writable) buffers; returns its head.
+    pub fn add(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
+        let head = self.free;
+        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
+            let idx = (usize::from(head) + i) % usize::from(self.size);
+            let d = self.desc + idx * 16;
+            let last = i + 1 == bufs.len();
+            let mut flags = if write { DESC_F_WRITE } else { 0 };
+            if !last {
+                flags |= DESC_F_NEXT;
+            }
+            w64(d, addr);
+            w32(d + 8, len);
+            w16(d + 12, flags);
+            w16(d + 14, ((idx + 1) % usize::from(self.size)) as u16);
+        }
+        self.free = ((usize::from(head) + bufs.len()) % usize::from(self.size)) as u16;
+        let slot = self.avail + 4 + 2 * usize::from(self.next_avail % self.size);
+        w16(slot, head);
+        self.next_avail = self.next_avail.wrapping_add(1);
+        fence(Ordering::Release);
+        w16(self.avail + 2, self.next_avail);
+        head
+    }
+
+    /// The next used element (head, length), if any.
+    pub fn used(&mut self) -> Option<(u16, u32)> {
+        let idx = r16(self.used + 2);
+        fence(Ordering::Acquire);
+        if idx == self.last_used {
+            return None;
+        }
+        let e = self.used + 4 + 8 * usize::from(self.last_used % self.size);
+        self.last_used = self.last_used.wrapping_add(1);
+        Some((r32(e) as u16, r32(e + 4)))
+    }
+}
+
+impl Device {
+    /// Brings up the virtio device `device_id` (1 = net, 2 = blk, 4 = rng) with queue 0 at
+    /// `ring` and its MSI-X vector 0 on interrupt vector `cpu::IRQ_BASE`.
+    pub fn open(device_id: u16, ring: usize) -> Result<Device, VirtioError> {
+        let slot = (0..32u8)
+            .find(|&s| pci::read32(s, 0) == 0x1af4 | (u32::from(0x1040 + device_id) << 16))
+            .ok_or(VirtioError::NotFound)?;
+        let bar = (u64::from(pci::read32(slot, 0x10) & !0xf)
+            | (u64::from(pci::read32(slot, 0x14)) << 32)) as usize;
+        // Memory decode and bus mastering.
+        pci::write32(slot, 0x04, 0x6);
+        let (mut common, mut notify, mut device_cfg, mut notify_mult) = (None, None, None, 0);
+        let mut msix = None;
+        let mut at = (pci::read32(slot, 0x34) & 0xff) as u8;
+        let mut guard = 0;
+        while at != 0 && guard < 48 {
+            guard += 1;
+            let head = pci::read32(slot, at);
+            let (id, next) = (head & 0xff, ((head >> 8) & 0xff) as u8);
+            if id == 0x09 {
+                let typ = (head >> 24) as u8;
+                let off = pci::read32(slot, at + 8) as usize;
+                match typ {
+                    1 => common = Some(bar + off),
+                    2 => {
+                        notify = Some(bar + off);
+                        notify_mult = pci::read32(slot, at + 16);
+                    }
+                    4 => device_cfg = Some(bar + off),
+                    _ => {}
+                }
+            } else if id == 0x11 {
+                msix = Some((at, bar + (pci::read32(slot, at + 4) & !7) as usize));
+            }
+            at = next;
+        }
+        let common = common.ok_or(VirtioError::NoCapability(1))?;
+        let notify = notify.ok_or(VirtioError::NoCapability(2))?;
+        let device_cfg = device_cfg.ok_or(VirtioError::NoCapability(4))?;
+        let (msix_cap, msix_table) = msix.ok_or(VirtioError::NoCapability(0x11))?;
+
+        // Reset, acknowledge, negotiate.
+        w8(common + 0x14, 0);
+        while r8(common + 0x14) != 0 {}
+        w8(common + 0x14, STATUS_ACK);
+        w8(common + 0x14, STATUS_ACK | STATUS_DRIVER);
+        w32(common, 1);
+        let hi = r32(common + 4);
+        if u64::from(hi) << 32 & VIRTIO_F_VERSION_1 == 0 {
+            return Err(VirtioError::FeaturesRefused);
+        }
+        w32(common + 0x08, 0);
+        w32(common + 0x0c, 0);
+        w32(common + 0x08, 1);
+        w32(common + 0x0c, (VIRTIO_F_VERSION_1 >> 32) as u32);
+        w8(
+            common + 0x14,
+            STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        if r8(common + 0x14) & STATUS_FEATURES_OK == 0 {
+            return Err(VirtioError::FeaturesRefused);
+        }
+        // MSI-X on; vector 0 -> LAPIC 0, vector IRQ_BASE, unmasked.
+        let ctrl = pci::read32(slot, msix_cap);
+        pci::write32(slot, msix_cap, ctrl | (1 << 31));
+        w32(msix_table, 0xfee0_0000);
+        w32(msix_table + 4, 0);
+        w32(msix_table + 8, u32::from(cpu::IRQ_BASE));
+        w32(msix_table + 12, 0);
+        w16(common + 0x10, 0xffff); // no config vector
+
+        // Queue 0.
+        w16(common + 0x16, 0);
+        let max = r16(common + 0x18);
+        if max == 0 {
+            return Err(VirtioError::NoQueue);
+        }
+        let size = max.min(16);
+        let queue = SplitQueue::new(ring, size);
+        w16(common + 0x18, size);
+        w16(common + 0x1a, 0);
+        w64(common + 0x20, queue.desc as u64);
+        w64(common + 0x28, queue.avail as u64);
+        w64(common + 0x30, queue.used as u64);
+        w16(common + 0x1c, 1);
+        w8(
+            common + 0x14,
+            STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        Ok(Device {
+            common,
+            notify,
+            notify_mult,
+            device_cfg,
+            queue,
+        })
+    }
+
+    /// Notifies queue 0.
+    pub fn kick(&self) {
+        let off = usize::from(r16(self.common + 0x1e)) * self.notify_mult as usize;
+        w16(self.notify + off, 0);
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> u8 {
+        r8(self.common + 0x14)
+    }
+
+    /// A little-endian u64 of the device configuration.
+    pub fn config_u64(&self, off: usize) -> u64 {
+        u64::from(r32(self.device_cfg + off)) | (u64::from(r32(self.device_cfg + off + 4)) << 32)
+    }
+}
