@@ -17,11 +17,11 @@ struct Case {
     name: String,
     test: &'static str,
     args: Vec<String>,
-    /// A disk image whose sector 1 must hold the kit's pattern afterwards.
-    check_image: Option<PathBuf>,
+    /// A disk image and the sector that must hold the kit's pattern afterwards.
+    check_image: Option<(PathBuf, usize)>,
 }
 
-/// What `blk-rw` writes at sector 1 (crates/guest-kit/src/tests.rs).
+/// What `blk-rw` and `blk-flush` write (crates/guest-kit/src/tests.rs).
 const BLK_PATTERN: &[u8] = b"ALIOTH-KIT-BLK-1";
 
 /// Builds the kit; returns the ELF.
@@ -73,10 +73,14 @@ fn run_case(alioth: &Path, kit: &Path, case: &Case) -> Result<()> {
     if status.code() != Some(0) || !out.lines().any(|l| l.starts_with(&verdict)) {
         bail!("exit {status}\n--- serial ---\n{out}--- stderr ---\n{err}");
     }
-    if let Some(img) = &case.check_image {
+    if let Some((img, sector)) = &case.check_image {
         let data = std::fs::read(img)?;
-        if data.get(512..512 + BLK_PATTERN.len()) != Some(BLK_PATTERN) {
-            bail!("the guest's write is not in {} at sector 1", img.display());
+        let at = sector * 512;
+        if data.get(at..at + BLK_PATTERN.len()) != Some(BLK_PATTERN) {
+            bail!(
+                "the guest's write is not in {} at sector {sector}",
+                img.display()
+            );
         }
     }
     Ok(())
@@ -129,16 +133,27 @@ pub fn e2e(root: &Path) -> Result<()> {
             ],
             check_image: None,
         });
-        let img = image(&format!("blk-rw-{backend}"))?;
-        cases.push(Case {
-            name: format!("blk-rw/{backend}"),
-            test: "blk-rw",
-            args: vec![
-                "--disk".into(),
-                format!("path={},backend={backend}", img.display()),
-            ],
-            check_image: Some(img),
-        });
+        // (test, extra disk options, sector the host checks afterwards)
+        let blk: [(&'static str, &str, Option<usize>); 6] = [
+            ("blk-rw", "", Some(1)),
+            ("blk-ro", ",read_only=on", None),
+            ("blk-flush", "", Some(3)),
+            ("blk-discard", "", None),
+            ("blk-mq", ",num_queues=2", None),
+            ("hostile-chain", "", None),
+        ];
+        for (test, opts, sector) in blk {
+            let img = image(&format!("{test}-{backend}"))?;
+            cases.push(Case {
+                name: format!("{test}/{backend}"),
+                test,
+                args: vec![
+                    "--disk".into(),
+                    format!("path={},backend={backend}{opts}", img.display()),
+                ],
+                check_image: sector.map(|s| (img, s)),
+            });
+        }
     }
     let (mut passed, mut failed) = (0, 0);
     for case in &cases {

@@ -88,6 +88,11 @@ pub extern "C" fn user_main(boot_params: u64) -> ! {
         }
         b"rng" => tests::rng(&mut out),
         b"blk-rw" => tests::blk_rw(&mut out),
+        b"blk-ro" => tests::blk_ro(&mut out),
+        b"blk-flush" => tests::blk_flush(&mut out),
+        b"blk-discard" => tests::blk_discard(&mut out),
+        b"blk-mq" => tests::blk_mq(&mut out),
+        b"hostile-chain" => tests::hostile_chain(&mut out),
         other => {
             let _ = writeln!(
                 out,

@@ -3,17 +3,22 @@
 use core::fmt::Write;
 
 use crate::serial::Com1;
-use crate::virtio::Device;
+use crate::virtio::{DESC_F_NEXT, Device};
 use crate::{cpu, exit};
 
 #[repr(C, align(4096))]
-struct Pages([u8; 65536]);
+struct Pages([u8; 0x20000]);
 
-/// Rings and buffers, identity-mapped (guest-physical = virtual).
-static mut MEMORY: Pages = Pages([0; 65536]);
+/// Rings (16 KiB per queue) and buffers, identity-mapped (guest-physical = virtual).
+static mut MEMORY: Pages = Pages([0; 0x20000]);
 
 fn memory() -> usize {
     &raw mut MEMORY as usize
+}
+
+/// Buffers start after the rings of four queues.
+fn buffers() -> usize {
+    memory() + 0x10000
 }
 
 fn verdict(out: &mut Com1, test: &str, pass: bool, detail: core::fmt::Arguments) -> ! {
@@ -25,10 +30,17 @@ fn verdict(out: &mut Com1, test: &str, pass: bool, detail: core::fmt::Arguments)
     exit(if pass { 0 } else { 1 })
 }
 
-/// Waits (bounded) for the used ring of `dev`'s queue 0.
-fn wait_used(dev: &mut Device) -> Option<(u16, u32)> {
+fn open(out: &mut Com1, test: &str, device_id: u16, nq: usize) -> Device {
+    match Device::open(device_id, memory(), nq) {
+        Ok(d) => d,
+        Err(e) => verdict(out, test, false, format_args!("open {e:?}")),
+    }
+}
+
+/// Waits (bounded) for the used ring of queue `q`.
+fn wait_used(dev: &mut Device, q: usize) -> Option<(u16, u32)> {
     for _ in 0..50_000_000u64 {
-        if let Some(u) = dev.queue.used() {
+        if let Some(u) = dev.queue(q).used() {
             return Some(u);
         }
         core::hint::spin_loop();
@@ -36,18 +48,26 @@ fn wait_used(dev: &mut Device) -> Option<(u16, u32)> {
     None
 }
 
+fn fill(addr: usize, len: usize, f: impl Fn(usize) -> u8) {
+    for i in 0..len {
+        // SAFETY: callers pass areas inside MEMORY.
+        unsafe { core::ptr::write_volatile((addr + i) as *mut u8, f(i)) };
+    }
+}
+
+fn bytes(addr: usize, len: usize) -> &'static [u8] {
+    // SAFETY: callers pass areas inside MEMORY.
+    unsafe { core::slice::from_raw_parts(addr as *const u8, len) }
+}
+
 /// virtio-rng: 64 random bytes arrive through the ring, with an MSI-X interrupt.
 pub fn rng(out: &mut Com1) -> ! {
-    let ring = memory();
-    let buf = ring + 0x4000;
-    let mut dev = match Device::open(4, ring) {
-        Ok(d) => d,
-        Err(e) => verdict(out, "rng", false, format_args!("open {e:?}")),
-    };
+    let buf = buffers();
+    let mut dev = open(out, "rng", 4, 1);
     let irqs = cpu::irq_count(0);
-    let head = dev.queue.add(&[(buf as u64, 64, true)]);
-    dev.kick();
-    let Some((id, len)) = wait_used(&mut dev) else {
+    let head = dev.queue(0).add(&[(buf as u64, 64, true)]);
+    dev.kick(0);
+    let Some((id, len)) = wait_used(&mut dev, 0) else {
         verdict(
             out,
             "rng",
@@ -55,9 +75,7 @@ pub fn rng(out: &mut Com1) -> ! {
             format_args!("no completion, status {:#x}", dev.status()),
         );
     };
-    // SAFETY: the device wrote `len` bytes at `buf`, inside MEMORY.
-    let bytes = unsafe { core::slice::from_raw_parts(buf as *const u8, len as usize) };
-    let nonzero = bytes.iter().any(|b| *b != 0);
+    let nonzero = bytes(buf, len as usize).iter().any(|b| *b != 0);
     let mut spins = 0u64;
     while cpu::irq_count(0) == irqs && spins < 10_000_000 {
         spins += 1;
@@ -72,18 +90,27 @@ pub fn rng(out: &mut Com1) -> ! {
     )
 }
 
-/// The pattern `blk-rw` writes to sector 1 (the host checks the image for it afterwards).
-const PATTERN: &[u8; 16] = b"ALIOTH-KIT-BLK-1";
+/// The pattern written to sector 1 by `blk-rw` and to sector 3 by `blk-flush` (the host
+/// checks the image for it afterwards).
+pub const PATTERN: &[u8; 16] = b"ALIOTH-KIT-BLK-1";
 
-fn blk_request(
+const IN: u32 = 0;
+const OUT: u32 = 1;
+const FLUSH: u32 = 4;
+const DISCARD: u32 = 11;
+const WRITE_ZEROES: u32 = 13;
+
+/// One request on queue `q`: header, optional data buffer, status byte. Returns the status.
+fn request(
     dev: &mut Device,
-    hdr: usize,
+    q: usize,
     kind: u32,
     sector: u64,
     data: Option<(usize, u32, bool)>,
-    status: usize,
 ) -> Option<u8> {
-    // SAFETY: `hdr` and `status` point into MEMORY.
+    let hdr = buffers() + 0x100 * q;
+    let status = hdr + 0x80;
+    // SAFETY: header and status are inside MEMORY.
     unsafe {
         core::ptr::write_volatile(hdr as *mut u32, kind);
         core::ptr::write_volatile((hdr + 4) as *mut u32, 0);
@@ -98,42 +125,36 @@ fn blk_request(
     }
     bufs[n] = (status as u64, 1, true);
     n += 1;
-    dev.queue.add(&bufs[..n]);
-    dev.kick();
-    wait_used(dev)?;
+    dev.queue(q).add(&bufs[..n]);
+    dev.kick(q as u16);
+    wait_used(dev, q)?;
     // SAFETY: inside MEMORY.
     Some(unsafe { core::ptr::read_volatile(status as *const u8) })
 }
 
-/// virtio-blk: write a sector, flush, read it back and compare.
+fn wbuf() -> usize {
+    buffers() + 0x1000
+}
+
+fn rbuf() -> usize {
+    buffers() + 0x3000
+}
+
+fn pattern(i: usize) -> u8 {
+    PATTERN[i % PATTERN.len()]
+}
+
+/// virtio-blk: write a sector, flush, read it back and compare; reading past the end fails.
 pub fn blk_rw(out: &mut Com1) -> ! {
-    let ring = memory();
-    let hdr = ring + 0x4000;
-    let status = ring + 0x4100;
-    let wbuf = ring + 0x5000;
-    let rbuf = ring + 0x6000;
-    let mut dev = match Device::open(2, ring) {
-        Ok(d) => d,
-        Err(e) => verdict(out, "blk-rw", false, format_args!("open {e:?}")),
-    };
+    let mut dev = open(out, "blk-rw", 2, 1);
     let capacity = dev.config_u64(0);
-    // SAFETY: wbuf and rbuf are 512-byte areas inside MEMORY.
-    unsafe {
-        for i in 0..512 {
-            let b = PATTERN[i % PATTERN.len()];
-            core::ptr::write_volatile((wbuf + i) as *mut u8, b);
-            core::ptr::write_volatile((rbuf + i) as *mut u8, 0);
-        }
-    }
-    let w = blk_request(&mut dev, hdr, 1, 1, Some((wbuf, 512, false)), status);
-    let f = blk_request(&mut dev, hdr, 4, 0, None, status);
-    let r = blk_request(&mut dev, hdr, 0, 1, Some((rbuf, 512, true)), status);
-    // SAFETY: both buffers are 512 bytes inside MEMORY.
-    let same = unsafe {
-        core::slice::from_raw_parts(wbuf as *const u8, 512)
-            == core::slice::from_raw_parts(rbuf as *const u8, 512)
-    };
-    let beyond = blk_request(&mut dev, hdr, 0, capacity, Some((rbuf, 512, true)), status);
+    fill(wbuf(), 512, pattern);
+    fill(rbuf(), 512, |_| 0);
+    let w = request(&mut dev, 0, OUT, 1, Some((wbuf(), 512, false)));
+    let f = request(&mut dev, 0, FLUSH, 0, None);
+    let r = request(&mut dev, 0, IN, 1, Some((rbuf(), 512, true)));
+    let same = bytes(wbuf(), 512) == bytes(rbuf(), 512);
+    let beyond = request(&mut dev, 0, IN, capacity, Some((rbuf(), 512, true)));
     let pass = w == Some(0) && f == Some(0) && r == Some(0) && same && beyond == Some(1);
     verdict(
         out,
@@ -142,5 +163,114 @@ pub fn blk_rw(out: &mut Com1) -> ! {
         format_args!(
             "capacity={capacity} write={w:?} flush={f:?} read={r:?} same={same} beyond-end={beyond:?}"
         ),
+    )
+}
+
+/// virtio-blk read-only: reads work, writes fail with IOERR.
+pub fn blk_ro(out: &mut Com1) -> ! {
+    let mut dev = open(out, "blk-ro", 2, 1);
+    fill(wbuf(), 512, pattern);
+    let w = request(&mut dev, 0, OUT, 1, Some((wbuf(), 512, false)));
+    let r = request(&mut dev, 0, IN, 1, Some((rbuf(), 512, true)));
+    verdict(
+        out,
+        "blk-ro",
+        w == Some(1) && r == Some(0),
+        format_args!("write={w:?} read={r:?}"),
+    )
+}
+
+/// virtio-blk flush: a write followed by a flush, both OK (the host checks sector 3).
+pub fn blk_flush(out: &mut Com1) -> ! {
+    let mut dev = open(out, "blk-flush", 2, 1);
+    fill(wbuf(), 512, pattern);
+    let w = request(&mut dev, 0, OUT, 3, Some((wbuf(), 512, false)));
+    let f = request(&mut dev, 0, FLUSH, 0, None);
+    verdict(
+        out,
+        "blk-flush",
+        w == Some(0) && f == Some(0),
+        format_args!("write={w:?} flush={f:?}"),
+    )
+}
+
+fn segment(addr: usize, sector: u64, n: u32) {
+    // SAFETY: a 16-byte area inside MEMORY.
+    unsafe {
+        core::ptr::write_volatile(addr as *mut u64, sector);
+        core::ptr::write_volatile((addr + 8) as *mut u32, n);
+        core::ptr::write_volatile((addr + 12) as *mut u32, 0);
+    }
+}
+
+/// virtio-blk discard and write-zeroes: written sectors read back as zeros.
+pub fn blk_discard(out: &mut Com1) -> ! {
+    let mut dev = open(out, "blk-discard", 2, 1);
+    let seg = buffers() + 0x800;
+    let mut ok = true;
+    let mut detail = [0u8; 4];
+    for (i, kind) in [DISCARD, WRITE_ZEROES].into_iter().enumerate() {
+        fill(wbuf(), 4096, pattern);
+        let w = request(&mut dev, 0, OUT, 8, Some((wbuf(), 4096, false)));
+        segment(seg, 8, 8);
+        let z = request(&mut dev, 0, kind, 0, Some((seg, 16, false)));
+        fill(rbuf(), 4096, |_| 0xaa);
+        let r = request(&mut dev, 0, IN, 8, Some((rbuf(), 4096, true)));
+        let zeros = bytes(rbuf(), 4096).iter().all(|b| *b == 0);
+        detail[i] = z.unwrap_or(0xff);
+        ok &= w == Some(0) && z == Some(0) && r == Some(0) && zeros;
+    }
+    verdict(
+        out,
+        "blk-discard",
+        ok,
+        format_args!("discard={} write-zeroes={}", detail[0], detail[1]),
+    )
+}
+
+/// virtio-blk with two queues: a request on each completes with its own interrupt.
+pub fn blk_mq(out: &mut Com1) -> ! {
+    let mut dev = open(out, "blk-mq", 2, 2);
+    let before = [cpu::irq_count(0), cpu::irq_count(1)];
+    fill(wbuf(), 512, pattern);
+    let a = request(&mut dev, 0, OUT, 5, Some((wbuf(), 512, false)));
+    let b = request(&mut dev, 1, IN, 5, Some((rbuf(), 512, true)));
+    let same = bytes(wbuf(), 512) == bytes(rbuf(), 512);
+    let mut spins = 0u64;
+    while (cpu::irq_count(0) == before[0] || cpu::irq_count(1) == before[1]) && spins < 10_000_000 {
+        spins += 1;
+        core::hint::spin_loop();
+    }
+    let irqs = cpu::irq_count(0) > before[0] && cpu::irq_count(1) > before[1];
+    verdict(
+        out,
+        "blk-mq",
+        a == Some(0) && b == Some(0) && same && irqs,
+        format_args!("q0={a:?} q1={b:?} same={same} per-queue-msix={irqs}"),
+    )
+}
+
+/// A cyclic descriptor chain: the device must report NEEDS_RESET, and the VMM must survive
+/// (this test reports through the exit device afterwards).
+pub fn hostile_chain(out: &mut Com1) -> ! {
+    let mut dev = open(out, "hostile-chain", 2, 1);
+    let buf = buffers() as u64;
+    let q = dev.queue(0);
+    q.write_desc(0, buf, 16, DESC_F_NEXT, 1);
+    q.write_desc(1, buf, 16, DESC_F_NEXT, 0);
+    q.publish(0);
+    dev.kick(0);
+    const NEEDS_RESET: u8 = 0x40;
+    let mut spins = 0u64;
+    while dev.status() & NEEDS_RESET == 0 && spins < 50_000_000 {
+        spins += 1;
+        core::hint::spin_loop();
+    }
+    let status = dev.status();
+    verdict(
+        out,
+        "hostile-chain",
+        status & NEEDS_RESET != 0,
+        format_args!("status={status:#x}"),
     )
 }

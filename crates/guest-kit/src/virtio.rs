@@ -28,13 +28,17 @@ pub enum VirtioError {
     NoQueue,
 }
 
-/// A virtio-pci device, brought up with one split queue.
+/// The most queues the kit drives per device.
+pub const MAX_QUEUES: usize = 4;
+
+/// A virtio-pci device, brought up with split queues.
 pub struct Device {
     common: usize,
     notify: usize,
     notify_mult: u32,
     device_cfg: usize,
-    pub queue: SplitQueue,
+    /// Queue `i` uses MSI-X vector `i`, delivered on CPU vector `IRQ_BASE + i`.
+    pub queues: [Option<SplitQueue>; MAX_QUEUES],
 }
 
 fn r8(a: usize) -> u8 {
@@ -94,6 +98,24 @@ impl SplitQueue {
         }
     }
 
+    /// Writes one raw descriptor (for hostile-driver tests).
+    pub fn write_desc(&mut self, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let d = self.desc + usize::from(idx % self.size) * 16;
+        w64(d, addr);
+        w32(d + 8, len);
+        w16(d + 12, flags);
+        w16(d + 14, next);
+    }
+
+    /// Publishes `head` in the available ring as it is (for hostile-driver tests).
+    pub fn publish(&mut self, head: u16) {
+        let slot = self.avail + 4 + 2 * usize::from(self.next_avail % self.size);
+        w16(slot, head);
+        self.next_avail = self.next_avail.wrapping_add(1);
+        fence(Ordering::Release);
+        w16(self.avail + 2, self.next_avail);
+    }
+
     /// Publishes a chain of (address, length, device-writable) buffers; returns its head.
     pub fn add(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
         let head = self.free;
@@ -133,9 +155,9 @@ impl SplitQueue {
 }
 
 impl Device {
-    /// Brings up the virtio device `device_id` (1 = net, 2 = blk, 4 = rng) with queue 0 at
-    /// `ring` and its MSI-X vector 0 on interrupt vector `cpu::IRQ_BASE`.
-    pub fn open(device_id: u16, ring: usize) -> Result<Device, VirtioError> {
+    /// Brings up the virtio device `device_id` (1 = net, 2 = blk, 4 = rng) with `nq` queues,
+    /// queue `i` at `ring + i * 16 KiB` with MSI-X vector `i` on CPU vector `IRQ_BASE + i`.
+    pub fn open(device_id: u16, ring: usize, nq: usize) -> Result<Device, VirtioError> {
         let slot = (0..32u8)
             .find(|&s| pci::read32(s, 0) == 0x1af4 | (u32::from(0x1040 + device_id) << 16))
             .ok_or(VirtioError::NotFound)?;
@@ -194,29 +216,32 @@ impl Device {
         if r8(common + 0x14) & STATUS_FEATURES_OK == 0 {
             return Err(VirtioError::FeaturesRefused);
         }
-        // MSI-X on; vector 0 -> LAPIC 0, vector IRQ_BASE, unmasked.
+        // MSI-X on; vector i -> LAPIC 0, CPU vector IRQ_BASE + i, unmasked.
         let ctrl = pci::read32(slot, msix_cap);
         pci::write32(slot, msix_cap, ctrl | (1 << 31));
-        w32(msix_table, 0xfee0_0000);
-        w32(msix_table + 4, 0);
-        w32(msix_table + 8, u32::from(cpu::IRQ_BASE));
-        w32(msix_table + 12, 0);
         w16(common + 0x10, 0xffff); // no config vector
-
-        // Queue 0.
-        w16(common + 0x16, 0);
-        let max = r16(common + 0x18);
-        if max == 0 {
-            return Err(VirtioError::NoQueue);
+        let mut queues = [const { None }; MAX_QUEUES];
+        for (i, q) in queues.iter_mut().enumerate().take(nq.min(MAX_QUEUES)) {
+            let entry = msix_table + 16 * i;
+            w32(entry, 0xfee0_0000);
+            w32(entry + 4, 0);
+            w32(entry + 8, u32::from(cpu::IRQ_BASE) + i as u32);
+            w32(entry + 12, 0);
+            w16(common + 0x16, i as u16);
+            let max = r16(common + 0x18);
+            if max == 0 {
+                return Err(VirtioError::NoQueue);
+            }
+            let size = max.min(16);
+            let queue = SplitQueue::new(ring + i * 0x4000, size);
+            w16(common + 0x18, size);
+            w16(common + 0x1a, i as u16);
+            w64(common + 0x20, queue.desc as u64);
+            w64(common + 0x28, queue.avail as u64);
+            w64(common + 0x30, queue.used as u64);
+            w16(common + 0x1c, 1);
+            *q = Some(queue);
         }
-        let size = max.min(16);
-        let queue = SplitQueue::new(ring, size);
-        w16(common + 0x18, size);
-        w16(common + 0x1a, 0);
-        w64(common + 0x20, queue.desc as u64);
-        w64(common + 0x28, queue.avail as u64);
-        w64(common + 0x30, queue.used as u64);
-        w16(common + 0x1c, 1);
         w8(
             common + 0x14,
             STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
@@ -226,14 +251,23 @@ impl Device {
             notify,
             notify_mult,
             device_cfg,
-            queue,
+            queues,
         })
     }
 
-    /// Notifies queue 0.
-    pub fn kick(&self) {
+    /// Notifies queue `q`.
+    pub fn kick(&self, q: u16) {
+        w16(self.common + 0x16, q);
         let off = usize::from(r16(self.common + 0x1e)) * self.notify_mult as usize;
-        w16(self.notify + off, 0);
+        w16(self.notify + off, q);
+    }
+
+    /// Queue `q` (which `open` set up).
+    pub fn queue(&mut self, q: usize) -> &mut SplitQueue {
+        match self.queues.get_mut(q).and_then(Option::as_mut) {
+            Some(q) => q,
+            None => panic!("queue {q} was not set up"),
+        }
     }
 
     /// The device status register.

@@ -252,7 +252,7 @@ impl<D: ChainHandler, B: Backend<D>> WorkerThread<D, B> {
             match active.as_mut() {
                 Some((a, irq)) if !broken => {
                     if let Err(e) = a.run(&mut self.dev) {
-                        log::error!("{name}: {e}; the device needs a reset");
+                        log::error!("{e}; the device needs a reset");
                         broken = true;
                         self.set(WorkerState::NeedsReset);
                         irq.config_irq();
