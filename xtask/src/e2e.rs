@@ -155,6 +155,22 @@ pub fn e2e(root: &Path) -> Result<()> {
             });
         }
     }
+    // `auto` boots the kit through its PVH note; these run it through the 64-bit protocol too.
+    let linux64_img = image("blk-rw-linux64")?;
+    for test in ["hello", "blk-rw"] {
+        let mut args = vec!["--boot-protocol".to_string(), "linux64".into()];
+        let mut check = None;
+        if test == "blk-rw" {
+            args.extend(["--disk".into(), linux64_img.display().to_string()]);
+            check = Some((linux64_img.clone(), 1));
+        }
+        cases.push(Case {
+            name: format!("{test}/linux64"),
+            test,
+            args,
+            check_image: check,
+        });
+    }
     let (mut passed, mut failed) = (0, 0);
     for case in &cases {
         match run_case(&alioth, &kit, case) {

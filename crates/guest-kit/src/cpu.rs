@@ -127,6 +127,47 @@ global_asm!(
     user = sym crate::user_main,
 );
 
+// PVH entry: 32-bit protected mode, paging off, RBX = hvm_start_info. Turn on long mode with
+// the kit's own page tables and GDT, then continue at `_start` with RSI = start_info (the kit
+// tells the two boot structures apart by the start_info magic).
+global_asm!(
+    ".section .text",
+    ".code32",
+    ".global _start32",
+    "_start32:",
+    "cli",
+    "mov esp, offset KERNEL_STACK + 16384", // PVH provides no stack
+    "mov esi, ebx",
+    "mov eax, cr4",
+    "or eax, (1 << 5)", // PAE
+    "mov cr4, eax",
+    "mov eax, offset kit_pml4",
+    "mov cr3, eax",
+    "mov ecx, 0xc0000080", // EFER
+    "rdmsr",
+    "or eax, (1 << 8)", // LME
+    "wrmsr",
+    "mov eax, cr0",
+    "or eax, 0x80000001", // PG, PE
+    "mov cr0, eax",
+    "lgdt [kit_gdtr]",
+    "push 0x08",
+    ".byte 0x68", // push imm32 (the assembler would pick a 16-bit form for a symbol here)
+    ".long _start",
+    "retf",
+    ".code64",
+    // The PVH ELF note (XEN_ELFNOTE_PHYS32_ENTRY) naming the entry above.
+    ".section .note.Xen, \"a\"",
+    ".balign 4",
+    ".long 4",
+    ".long 4",
+    ".long 18",
+    ".asciz \"Xen\"",
+    ".balign 4",
+    ".long _start32",
+    ".section .text",
+);
+
 // Exception stubs report "ALIOTH-KIT exception vector=NN" and exit with 0xee. Interrupt stubs
 // count, signal EOI and return.
 global_asm!(

@@ -33,12 +33,19 @@ pub fn exit(status: u8) -> ! {
     }
 }
 
-/// The kernel command line the loader passed in `boot_params`.
-fn cmdline(boot_params: u64) -> &'static [u8] {
-    // SAFETY: the loader put boot_params (4 KiB) at `boot_params`, identity-mapped; the
-    // command line pointer (offset 0x228) names a NUL-terminated string in RAM.
+/// `hvm_start_info.magic`: RSI points at a PVH start_info rather than a Linux zero page.
+const PVH_MAGIC: u32 = 0x336e_c578;
+
+/// The kernel command line, from the Linux zero page or the PVH start_info at `boot_info`.
+fn cmdline(boot_info: u64) -> &'static [u8] {
+    // SAFETY: the loader put its boot structure at `boot_info`, identity-mapped; both name a
+    // NUL-terminated command line in RAM (zero page: u32 at 0x228; start_info: u64 at 24).
     unsafe {
-        let ptr = core::ptr::read_unaligned((boot_params + 0x228) as *const u32) as usize;
+        let ptr = if core::ptr::read_unaligned(boot_info as *const u32) == PVH_MAGIC {
+            core::ptr::read_unaligned((boot_info + 24) as *const u64) as usize
+        } else {
+            core::ptr::read_unaligned((boot_info + 0x228) as *const u32) as usize
+        };
         if ptr == 0 {
             return &[];
         }
@@ -48,6 +55,13 @@ fn cmdline(boot_params: u64) -> &'static [u8] {
         }
         core::slice::from_raw_parts(ptr as *const u8, len)
     }
+}
+
+/// Which boot protocol started the kit.
+fn protocol(boot_info: u64) -> &'static str {
+    // SAFETY: as in `cmdline`.
+    let magic = unsafe { core::ptr::read_unaligned(boot_info as *const u32) };
+    if magic == PVH_MAGIC { "pvh" } else { "linux64" }
 }
 
 /// The value of `key=` on the command line.
@@ -65,8 +79,9 @@ pub extern "C" fn user_main(boot_params: u64) -> ! {
     let test = param(cmd, b"kit.test").unwrap_or(b"hello");
     let _ = writeln!(
         out,
-        "ALIOTH-KIT start cpl={} test={}",
+        "ALIOTH-KIT start cpl={} boot={} test={}",
         cpu::cpl(),
+        protocol(boot_params),
         core::str::from_utf8(test).unwrap_or("?")
     );
     match test {
