@@ -16,6 +16,8 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 struct Case {
     name: String,
     test: &'static str,
+    /// `split` or `packed`.
+    ring: &'static str,
     args: Vec<String>,
     /// A disk image and the sector that must hold the kit's pattern afterwards.
     check_image: Option<(PathBuf, usize)>,
@@ -47,7 +49,7 @@ fn run_case(alioth: &Path, kit: &Path, case: &Case) -> Result<()> {
         ])
         .arg(kit)
         .arg("--cmdline")
-        .arg(format!("kit.test={}", case.test))
+        .arg(format!("kit.test={} kit.ring={}", case.test, case.ring))
         .args(&case.args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -108,6 +110,7 @@ pub fn e2e(root: &Path) -> Result<()> {
     let plain = |test: &'static str| Case {
         name: test.to_string(),
         test,
+        ring: "split",
         args: vec![],
         check_image: None,
     };
@@ -116,6 +119,7 @@ pub fn e2e(root: &Path) -> Result<()> {
     cases.push(Case {
         name: "pci".into(),
         test: "pci",
+        ring: "split",
         args: vec![
             "--disk".into(),
             pci_disk.display().to_string(),
@@ -124,35 +128,39 @@ pub fn e2e(root: &Path) -> Result<()> {
         check_image: None,
     });
     for backend in ["io_uring", "epoll"] {
-        cases.push(Case {
-            name: format!("rng/{backend}"),
-            test: "rng",
-            args: vec![
-                "--config".into(),
-                rng_config(&dir, backend)?.display().to_string(),
-            ],
-            check_image: None,
-        });
-        // (test, extra disk options, sector the host checks afterwards)
-        let blk: [(&'static str, &str, Option<usize>); 6] = [
-            ("blk-rw", "", Some(1)),
-            ("blk-ro", ",read_only=on", None),
-            ("blk-flush", "", Some(3)),
-            ("blk-discard", "", None),
-            ("blk-mq", ",num_queues=2", None),
-            ("hostile-chain", "", None),
-        ];
-        for (test, opts, sector) in blk {
-            let img = image(&format!("{test}-{backend}"))?;
+        for ring in ["split", "packed"] {
             cases.push(Case {
-                name: format!("{test}/{backend}"),
-                test,
+                name: format!("rng/{backend}/{ring}"),
+                test: "rng",
+                ring,
                 args: vec![
-                    "--disk".into(),
-                    format!("path={},backend={backend}{opts}", img.display()),
+                    "--config".into(),
+                    rng_config(&dir, backend)?.display().to_string(),
                 ],
-                check_image: sector.map(|s| (img, s)),
+                check_image: None,
             });
+            // (test, extra disk options, sector the host checks afterwards)
+            let blk: [(&'static str, &str, Option<usize>); 6] = [
+                ("blk-rw", "", Some(1)),
+                ("blk-ro", ",read_only=on", None),
+                ("blk-flush", "", Some(3)),
+                ("blk-discard", "", None),
+                ("blk-mq", ",num_queues=2", None),
+                ("hostile-chain", "", None),
+            ];
+            for (test, opts, sector) in blk {
+                let img = image(&format!("{test}-{backend}-{ring}"))?;
+                cases.push(Case {
+                    name: format!("{test}/{backend}/{ring}"),
+                    test,
+                    ring,
+                    args: vec![
+                        "--disk".into(),
+                        format!("path={},backend={backend}{opts}", img.display()),
+                    ],
+                    check_image: sector.map(|s| (img, s)),
+                });
+            }
         }
     }
     // `auto` boots the kit through its PVH note; these run it through the 64-bit protocol too.
@@ -167,6 +175,7 @@ pub fn e2e(root: &Path) -> Result<()> {
         cases.push(Case {
             name: format!("{test}/linux64"),
             test,
+            ring: "split",
             args,
             check_image: check,
         });

@@ -77,11 +77,14 @@ pub extern "C" fn user_main(boot_params: u64) -> ! {
     let mut out = Com1;
     let cmd = cmdline(boot_params);
     let test = param(cmd, b"kit.test").unwrap_or(b"hello");
+    let ring = param(cmd, b"kit.ring").unwrap_or(b"split");
+    tests::use_packed_rings(ring == b"packed");
     let _ = writeln!(
         out,
-        "ALIOTH-KIT start cpl={} boot={} test={}",
+        "ALIOTH-KIT start cpl={} boot={} ring={} test={}",
         cpu::cpl(),
         protocol(boot_params),
+        core::str::from_utf8(ring).unwrap_or("?"),
         core::str::from_utf8(test).unwrap_or("?")
     );
     match test {

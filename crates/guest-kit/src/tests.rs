@@ -3,7 +3,7 @@
 use core::fmt::Write;
 
 use crate::serial::Com1;
-use crate::virtio::{DESC_F_NEXT, Device};
+use crate::virtio::Device;
 use crate::{cpu, exit};
 
 #[repr(C, align(4096))]
@@ -30,8 +30,17 @@ fn verdict(out: &mut Com1, test: &str, pass: bool, detail: core::fmt::Arguments)
     exit(if pass { 0 } else { 1 })
 }
 
+/// Whether the tests use packed rings (`kit.ring=packed`).
+static PACKED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Selects the ring format for the device tests.
+pub fn use_packed_rings(packed: bool) {
+    PACKED.store(packed, core::sync::atomic::Ordering::Relaxed);
+}
+
 fn open(out: &mut Com1, test: &str, device_id: u16, nq: usize) -> Device {
-    match Device::open(device_id, memory(), nq) {
+    let packed = PACKED.load(core::sync::atomic::Ordering::Relaxed);
+    match Device::open(device_id, memory(), nq, packed) {
         Ok(d) => d,
         Err(e) => verdict(out, test, false, format_args!("open {e:?}")),
     }
@@ -255,10 +264,7 @@ pub fn blk_mq(out: &mut Com1) -> ! {
 pub fn hostile_chain(out: &mut Com1) -> ! {
     let mut dev = open(out, "hostile-chain", 2, 1);
     let buf = buffers() as u64;
-    let q = dev.queue(0);
-    q.write_desc(0, buf, 16, DESC_F_NEXT, 1);
-    q.write_desc(1, buf, 16, DESC_F_NEXT, 0);
-    q.publish(0);
+    dev.queue(0).add_endless_chain(buf);
     dev.kick(0);
     const NEEDS_RESET: u8 = 0x40;
     let mut spins = 0u64;

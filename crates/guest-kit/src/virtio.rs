@@ -5,6 +5,9 @@ use core::sync::atomic::{Ordering, fence};
 use crate::{cpu, pci};
 
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
+const DESC_F_AVAIL: u16 = 1 << 7;
+const DESC_F_USED: u16 = 1 << 15;
 const STATUS_ACK: u8 = 1;
 const STATUS_DRIVER: u8 = 2;
 const STATUS_DRIVER_OK: u8 = 4;
@@ -38,7 +41,142 @@ pub struct Device {
     notify_mult: u32,
     device_cfg: usize,
     /// Queue `i` uses MSI-X vector `i`, delivered on CPU vector `IRQ_BASE + i`.
-    pub queues: [Option<SplitQueue>; MAX_QUEUES],
+    pub queues: [Option<Ring>; MAX_QUEUES],
+}
+
+/// A queue in either format.
+pub enum Ring {
+    /// Split virtqueue.
+    Split(SplitQueue),
+    /// Packed virtqueue.
+    Packed(PackedQueue),
+}
+
+impl Ring {
+    /// Publishes a chain; returns its ID.
+    pub fn add(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
+        match self {
+            Ring::Split(q) => q.add(bufs),
+            Ring::Packed(q) => q.add(bufs),
+        }
+    }
+
+    /// The next used element (ID, length), if any.
+    pub fn used(&mut self) -> Option<(u16, u32)> {
+        match self {
+            Ring::Split(q) => q.used(),
+            Ring::Packed(q) => q.used(),
+        }
+    }
+
+    /// Publishes a chain that never ends (a cycle, or every slot chained to the next).
+    pub fn add_endless_chain(&mut self, buf: u64) {
+        match self {
+            Ring::Split(q) => {
+                q.write_desc(0, buf, 16, DESC_F_NEXT, 1);
+                q.write_desc(1, buf, 16, DESC_F_NEXT, 0);
+                q.publish(0);
+            }
+            Ring::Packed(q) => q.add_all_chained(buf),
+        }
+    }
+}
+
+/// A packed virtqueue in the kit's memory (virtio 1.2 §2.8), driver side.
+pub struct PackedQueue {
+    size: u16,
+    desc: usize,
+    driver: usize,
+    device: usize,
+    next_avail: u64,
+    last_used: u64,
+    ndesc: [u16; 16],
+}
+
+impl PackedQueue {
+    fn new(base: usize, size: u16) -> Self {
+        PackedQueue {
+            size,
+            desc: base,
+            driver: base + 16 * usize::from(size),
+            device: base + 16 * usize::from(size) + 16,
+            next_avail: 0,
+            last_used: 0,
+            ndesc: [0; 16],
+        }
+    }
+
+    fn slot(&self, abs: u64) -> usize {
+        self.desc + (abs % u64::from(self.size)) as usize * 16
+    }
+
+    fn wrap(&self, abs: u64) -> bool {
+        (abs / u64::from(self.size)) % 2 == 0
+    }
+
+    fn avail_flags(&self, abs: u64, flags: u16) -> u16 {
+        if self.wrap(abs) {
+            flags | DESC_F_AVAIL
+        } else {
+            flags | DESC_F_USED
+        }
+    }
+
+    /// Publishes a chain; the buffer ID is its first slot. The head's flags go last.
+    pub fn add(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
+        let start = self.next_avail;
+        let id = (start % u64::from(self.size)) as u16;
+        for (i, &(addr, len, write)) in bufs.iter().enumerate().rev() {
+            let abs = start + i as u64;
+            let d = self.slot(abs);
+            let mut flags = if write { DESC_F_WRITE } else { 0 };
+            if i + 1 < bufs.len() {
+                flags |= DESC_F_NEXT;
+            }
+            w64(d, addr);
+            w32(d + 8, len);
+            w16(d + 12, id);
+            if i == 0 {
+                fence(Ordering::Release);
+            }
+            w16(d + 14, self.avail_flags(abs, flags));
+        }
+        self.ndesc[usize::from(id) % 16] = bufs.len() as u16;
+        self.next_avail += bufs.len() as u64;
+        id
+    }
+
+    /// Makes every slot available, each chained to the next: a chain with no end.
+    pub fn add_all_chained(&mut self, buf: u64) {
+        let start = self.next_avail;
+        for i in (0..u64::from(self.size)).rev() {
+            let abs = start + i;
+            let d = self.slot(abs);
+            w64(d, buf);
+            w32(d + 8, 16);
+            w16(d + 12, 0);
+            if i == 0 {
+                fence(Ordering::Release);
+            }
+            w16(d + 14, self.avail_flags(abs, DESC_F_NEXT));
+        }
+        self.next_avail += u64::from(self.size);
+    }
+
+    /// The next used element (ID, length), if any.
+    pub fn used(&mut self) -> Option<(u16, u32)> {
+        let d = self.slot(self.last_used);
+        let flags = r16(d + 14);
+        fence(Ordering::Acquire);
+        let w = self.wrap(self.last_used);
+        if (flags & DESC_F_AVAIL != 0) != w || (flags & DESC_F_USED != 0) != w {
+            return None;
+        }
+        let id = r16(d + 12);
+        let len = r32(d + 8);
+        self.last_used += u64::from(self.ndesc[usize::from(id) % 16].max(1));
+        Some((id, len))
+    }
 }
 
 fn r8(a: usize) -> u8 {
@@ -157,7 +295,12 @@ impl SplitQueue {
 impl Device {
     /// Brings up the virtio device `device_id` (1 = net, 2 = blk, 4 = rng) with `nq` queues,
     /// queue `i` at `ring + i * 16 KiB` with MSI-X vector `i` on CPU vector `IRQ_BASE + i`.
-    pub fn open(device_id: u16, ring: usize, nq: usize) -> Result<Device, VirtioError> {
+    pub fn open(
+        device_id: u16,
+        ring: usize,
+        nq: usize,
+        packed: bool,
+    ) -> Result<Device, VirtioError> {
         let slot = (0..32u8)
             .find(|&s| pci::read32(s, 0) == 0x1af4 | (u32::from(0x1040 + device_id) << 16))
             .ok_or(VirtioError::NotFound)?;
@@ -207,8 +350,15 @@ impl Device {
         }
         w32(common + 0x08, 0);
         w32(common + 0x0c, 0);
+        let mut features = VIRTIO_F_VERSION_1;
+        if packed {
+            if (u64::from(hi) << 32) & VIRTIO_F_RING_PACKED == 0 {
+                return Err(VirtioError::FeaturesRefused);
+            }
+            features |= VIRTIO_F_RING_PACKED;
+        }
         w32(common + 0x08, 1);
-        w32(common + 0x0c, (VIRTIO_F_VERSION_1 >> 32) as u32);
+        w32(common + 0x0c, (features >> 32) as u32);
         w8(
             common + 0x14,
             STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK,
@@ -233,12 +383,21 @@ impl Device {
                 return Err(VirtioError::NoQueue);
             }
             let size = max.min(16);
-            let queue = SplitQueue::new(ring + i * 0x4000, size);
+            let base = ring + i * 0x4000;
+            let (queue, desc, driver, device) = if packed {
+                let p = PackedQueue::new(base, size);
+                let (d, a, u) = (p.desc, p.driver, p.device);
+                (Ring::Packed(p), d, a, u)
+            } else {
+                let sq = SplitQueue::new(base, size);
+                let (d, a, u) = (sq.desc, sq.avail, sq.used);
+                (Ring::Split(sq), d, a, u)
+            };
             w16(common + 0x18, size);
             w16(common + 0x1a, i as u16);
-            w64(common + 0x20, queue.desc as u64);
-            w64(common + 0x28, queue.avail as u64);
-            w64(common + 0x30, queue.used as u64);
+            w64(common + 0x20, desc as u64);
+            w64(common + 0x28, driver as u64);
+            w64(common + 0x30, device as u64);
             w16(common + 0x1c, 1);
             *q = Some(queue);
         }
@@ -263,7 +422,7 @@ impl Device {
     }
 
     /// Queue `q` (which `open` set up).
-    pub fn queue(&mut self, q: usize) -> &mut SplitQueue {
+    pub fn queue(&mut self, q: usize) -> &mut Ring {
         match self.queues.get_mut(q).and_then(Option::as_mut) {
             Some(q) => q,
             None => panic!("queue {q} was not set up"),
