@@ -111,7 +111,7 @@ impl PackedQueue {
     }
 
     fn wrap(&self, abs: u64) -> bool {
-        (abs / u64::from(self.size)) % 2 == 0
+        (abs / u64::from(self.size)).is_multiple_of(2)
     }
 
     fn avail_flags(&self, abs: u64, flags: u16) -> u16 {
