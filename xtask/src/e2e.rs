@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cargo, run};
+use crate::{cargo, output, run};
 
 /// Per-test bound: the kit's ring-0 part is emulated on a software KVM, the rest is native.
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -196,6 +196,99 @@ pub fn e2e(root: &Path) -> Result<()> {
     println!("e2e: {passed} passed, {failed} failed");
     if failed > 0 {
         bail!("{failed} guest-kit test(s) failed");
+    }
+    Ok(())
+}
+
+/// The in-guest half of `cargo xtask bench blk`: 4 KiB random reads measured inside the guest
+/// kit through the whole path (notify -> ioeventfd -> worker -> used ring -> MSI-X irqfd ->
+/// guest), next to a plain io_uring loop on the same file.
+pub fn bench_in_guest(root: &Path, args: &[String]) -> Result<()> {
+    let secs: u64 = args
+        .iter()
+        .position(|a| a == "--secs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let kit = build_kit(root)?;
+    run(cargo().args(["build", "--release", "--quiet", "-p", "alioth-cli"]))?;
+    let alioth = root.join("target/release/alioth");
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let img = dir.join("in-guest.img");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&img)?;
+        let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i * 31 % 251) as u8).collect();
+        for _ in 0..256 {
+            f.write_all(&chunk)?;
+        }
+        f.sync_all()?;
+    }
+    println!(
+        "\nin-guest (guest kit) 4 KiB random read, 256 MiB file (page cache), {secs} s per run"
+    );
+    println!(
+        "{:<10} {:>4} {:>14} {:>14} {:>8}",
+        "backend", "qd", "guest IOPS", "io_uring IOPS", "ratio"
+    );
+    for qd in [1u32, 32] {
+        let base_out = output(
+            cargo()
+                .args([
+                    "bench",
+                    "-q",
+                    "-p",
+                    "alioth-devices",
+                    "--bench",
+                    "blk",
+                    "--",
+                ])
+                .args(["--bench", "--baseline"])
+                .arg(&img)
+                .args(["--qd", &qd.to_string(), "--secs", &secs.to_string()]),
+        )?;
+        let base: f64 = base_out
+            .lines()
+            .find_map(|l| l.strip_prefix("baseline-iops "))
+            .and_then(|v| v.trim().parse().ok())
+            .context("baseline output")?;
+        for backend in ["io_uring", "epoll"] {
+            let out = Command::new(&alioth)
+                .args([
+                    "boot",
+                    "--memory",
+                    "256M",
+                    "--exit-device",
+                    "on",
+                    "--serial",
+                    "stdio",
+                ])
+                .arg("--kernel")
+                .arg(&kit)
+                .arg("--cmdline")
+                .arg(format!(
+                    "kit.test=bench kit.bench=blk-randread,qd={qd},secs={secs}"
+                ))
+                .arg("--disk")
+                .arg(format!(
+                    "path={},read_only=on,backend={backend}",
+                    img.display()
+                ))
+                .stdin(Stdio::null())
+                .output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let iops: f64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("ALIOTH-KIT bench "))
+                .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("iops=")))
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("no bench line from the guest:\n{text}"))?;
+            println!(
+                "{backend:<10} {qd:>4} {iops:>14.0} {base:>14.0} {:>8.2}",
+                iops / base
+            );
+        }
     }
     Ok(())
 }

@@ -21,7 +21,22 @@ fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// Runs a command, failing with its name if it fails.
+/// Runs a command and returns its standard output, failing with its name if it fails.
+pub fn output(cmd: &mut Command) -> Result<String> {
+    eprintln!("xtask: running {cmd:?}");
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{:?} failed: {}",
+            cmd.get_program(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 pub fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: running {cmd:?}");
     let status = cmd
@@ -74,9 +89,12 @@ fn ci() -> Result<()> {
 
 fn bench(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
-        Some("blk") => run(cargo()
-            .args(["bench", "-p", "alioth-devices", "--bench", "blk", "--"])
-            .args(&args[1..])),
+        Some("blk") => {
+            run(cargo()
+                .args(["bench", "-p", "alioth-devices", "--bench", "blk", "--"])
+                .args(&args[1..]))?;
+            e2e::bench_in_guest(&workspace_root(), &args[1..])
+        }
         _ => bail!("usage: cargo xtask bench blk [--secs N]"),
     }
 }

@@ -175,6 +175,20 @@ fn main() {
     // run proves the paths work.
     let smoke = !args.iter().any(|a| a == "--bench");
     let secs = if smoke { 0.05 } else { secs };
+    // `--baseline FILE --qd N`: only the plain io_uring loop on FILE (for the in-guest table of
+    // `cargo xtask bench blk`).
+    if let Some(i) = args.iter().position(|a| a == "--baseline") {
+        let file = std::path::PathBuf::from(&args[i + 1]);
+        let qd: usize = args
+            .iter()
+            .position(|a| a == "--qd")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1);
+        let _ = std::fs::read(&file).unwrap();
+        println!("baseline-iops {:.0}", baseline(&file, qd, secs));
+        return;
+    }
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let path = dir.path().join("bench.img");
     {

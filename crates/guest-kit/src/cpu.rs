@@ -427,6 +427,17 @@ pub unsafe fn outb(port: u16, v: u8) {
     unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack)) };
 }
 
+/// Reads a byte from an I/O port.
+///
+/// # Safety
+/// As for [`outb`].
+pub unsafe fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: per the caller.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack)) };
+    v
+}
+
 /// Writes a dword to an I/O port.
 ///
 /// # Safety

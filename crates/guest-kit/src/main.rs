@@ -111,6 +111,7 @@ pub extern "C" fn user_main(boot_params: u64) -> ! {
         b"blk-discard" => tests::blk_discard(&mut out),
         b"blk-mq" => tests::blk_mq(&mut out),
         b"hostile-chain" => tests::hostile_chain(&mut out),
+        b"bench" => tests::bench(&mut out, param(cmd, b"kit.bench").unwrap_or(b"")),
         other => {
             let _ = writeln!(
                 out,

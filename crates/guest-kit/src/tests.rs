@@ -7,10 +7,10 @@ use crate::virtio::Device;
 use crate::{cpu, exit};
 
 #[repr(C, align(4096))]
-struct Pages([u8; 0x20000]);
+struct Pages([u8; 0x80000]);
 
 /// Rings (16 KiB per queue) and buffers, identity-mapped (guest-physical = virtual).
-static mut MEMORY: Pages = Pages([0; 0x20000]);
+static mut MEMORY: Pages = Pages([0; 0x80000]);
 
 fn memory() -> usize {
     &raw mut MEMORY as usize
@@ -279,4 +279,132 @@ pub fn hostile_chain(out: &mut Com1) -> ! {
         status & NEEDS_RESET != 0,
         format_args!("status={status:#x}"),
     )
+}
+
+fn cmos(reg: u8) -> u8 {
+    // SAFETY: CMOS index/data port I/O (emulated by the #GP handler at CPL3).
+    unsafe {
+        cpu::outb(0x70, reg);
+        cpu::inb(0x71)
+    }
+}
+
+/// Seconds of the day from the RTC (BCD), the kit's only clock that needs no calibration.
+fn rtc_seconds() -> u32 {
+    let bcd = |v: u8| u32::from(v >> 4) * 10 + u32::from(v & 0xf);
+    bcd(cmos(4)) * 3600 + bcd(cmos(2)) * 60 + bcd(cmos(0))
+}
+
+fn wait_second_edge() -> u32 {
+    let s = rtc_seconds();
+    loop {
+        let t = rtc_seconds();
+        if t != s {
+            return t;
+        }
+    }
+}
+
+fn number(v: &[u8]) -> Option<u64> {
+    core::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// `kit.bench=blk-randread,qd=N,bs=4k,secs=S`: 4 KiB random reads at queue depth N for S
+/// seconds (RTC), printed as `ALIOTH-KIT bench blk-randread qd=N secs=S ios=X iops=Y`.
+pub fn bench(out: &mut Com1, spec: &[u8]) -> ! {
+    let mut qd = 1u64;
+    let mut secs = 3u64;
+    for item in spec.split(|b| *b == b',') {
+        if item == b"blk-randread" || item.is_empty() {
+            continue;
+        }
+        if let Some(v) = item.strip_prefix(b"bs=") {
+            if v != b"4k" && v != b"4096" {
+                verdict(out, "bench", false, format_args!("only bs=4k is supported"));
+            }
+        } else if let Some(v) = item.strip_prefix(b"qd=") {
+            qd = number(v).unwrap_or(1).clamp(1, 64);
+        } else if let Some(v) = item.strip_prefix(b"secs=") {
+            secs = number(v).unwrap_or(3).clamp(1, 60);
+        } else {
+            verdict(out, "bench", false, format_args!("unknown bench parameter"));
+        }
+    }
+    let mut dev = match Device::open_sized(
+        2,
+        memory(),
+        1,
+        PACKED.load(core::sync::atomic::Ordering::Relaxed),
+        256,
+    ) {
+        Ok(d) => d,
+        Err(e) => verdict(out, "bench", false, format_args!("open {e:?}")),
+    };
+    let blocks = dev.config_u64(0) / 8;
+    if blocks == 0 {
+        verdict(out, "bench", false, format_args!("disk too small"));
+    }
+    let base = buffers();
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let next = |rng: &mut u64| {
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        *rng % blocks
+    };
+    // Slot i: header at base + 32 i, status at base + 0x1000 + i, data at base + 0x2000 + 4 KiB i.
+    let submit = |dev: &mut Device, slot: u64, block: u64| -> u16 {
+        let hdr = base + 32 * slot as usize;
+        let status = base + 0x1000 + slot as usize;
+        let data = base + 0x2000 + 4096 * slot as usize;
+        // SAFETY: inside MEMORY.
+        unsafe {
+            core::ptr::write_volatile(hdr as *mut u32, IN);
+            core::ptr::write_volatile((hdr + 4) as *mut u32, 0);
+            core::ptr::write_volatile((hdr + 8) as *mut u64, block * 8);
+        }
+        dev.queue(0).add_slot(
+            slot as u16,
+            &[
+                (hdr as u64, 16, false),
+                (data as u64, 4096, true),
+                (status as u64, 1, true),
+            ],
+        )
+    };
+    // Polling mode: the loop below watches the used ring, so no interrupts.
+    dev.queue(0).set_interrupts(false);
+    let mut ids = [0u16; 64];
+    for (slot, id) in ids.iter_mut().enumerate().take(qd as usize) {
+        *id = submit(&mut dev, slot as u64, next(&mut rng));
+    }
+    dev.kick(0);
+    let start = wait_second_edge();
+    let mut ios = 0u64;
+    let mut now = start;
+    while now.wrapping_sub(start) < secs as u32 {
+        let mut batch = 0;
+        while let Some((id, _)) = dev.queue(0).used() {
+            let Some(slot) = ids[..qd as usize].iter().position(|i| *i == id) else {
+                verdict(out, "bench", false, format_args!("unknown chain {id}"));
+            };
+            ids[slot] = submit(&mut dev, slot as u64, next(&mut rng));
+            batch += 1;
+        }
+        if batch > 0 {
+            dev.kick(0);
+            ios += batch;
+            if ios % 1024 < batch {
+                now = rtc_seconds();
+            }
+        } else {
+            core::hint::spin_loop();
+        }
+    }
+    let _ = writeln!(
+        out,
+        "ALIOTH-KIT bench blk-randread qd={qd} secs={secs} ios={ios} iops={}",
+        ios / secs
+    );
+    verdict(out, "bench", ios > 0, format_args!("iops={}", ios / secs))
 }

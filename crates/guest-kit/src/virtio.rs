@@ -44,7 +44,8 @@ pub struct Device {
     pub queues: [Option<Ring>; MAX_QUEUES],
 }
 
-/// A queue in either format.
+/// A queue in either format. (No allocator: the packed variant's bookkeeping stays inline.)
+#[allow(clippy::large_enum_variant)]
 pub enum Ring {
     /// Split virtqueue.
     Split(SplitQueue),
@@ -59,6 +60,26 @@ impl Ring {
             Ring::Split(q) => q.add(bufs),
             Ring::Packed(q) => q.add(bufs),
         }
+    }
+
+    /// Publishes a chain in slot `slot` of `n`-descriptor slots (split rings reuse the slot's
+    /// descriptors; packed rings take the next positions anyway). Returns the chain's ID.
+    pub fn add_slot(&mut self, slot: u16, bufs: &[(u64, u32, bool)]) -> u16 {
+        match self {
+            Ring::Split(q) => q.add_at(slot * bufs.len() as u16, bufs),
+            Ring::Packed(q) => q.add(bufs),
+        }
+    }
+
+    /// Asks the device for interrupts, or not (polling mode).
+    pub fn set_interrupts(&mut self, on: bool) {
+        match self {
+            // VRING_AVAIL_F_NO_INTERRUPT
+            Ring::Split(q) => w16(q.avail, u16::from(!on)),
+            // Driver event suppression: ENABLE (0) or DISABLE (1).
+            Ring::Packed(q) => w16(q.driver + 2, u16::from(!on)),
+        }
+        fence(Ordering::SeqCst);
     }
 
     /// The next used element (ID, length), if any.
@@ -90,7 +111,7 @@ pub struct PackedQueue {
     device: usize,
     next_avail: u64,
     last_used: u64,
-    ndesc: [u16; 16],
+    ndesc: [u16; 256],
 }
 
 impl PackedQueue {
@@ -102,7 +123,7 @@ impl PackedQueue {
             device: base + 16 * usize::from(size) + 16,
             next_avail: 0,
             last_used: 0,
-            ndesc: [0; 16],
+            ndesc: [0; 256],
         }
     }
 
@@ -141,7 +162,7 @@ impl PackedQueue {
             }
             w16(d + 14, self.avail_flags(abs, flags));
         }
-        self.ndesc[usize::from(id) % 16] = bufs.len() as u16;
+        self.ndesc[usize::from(id) % 256] = bufs.len() as u16;
         self.next_avail += bufs.len() as u64;
         id
     }
@@ -174,7 +195,7 @@ impl PackedQueue {
         }
         let id = r16(d + 12);
         let len = r32(d + 8);
-        self.last_used += u64::from(self.ndesc[usize::from(id) % 16].max(1));
+        self.last_used += u64::from(self.ndesc[usize::from(id) % 256].max(1));
         Some((id, len))
     }
 }
@@ -254,6 +275,13 @@ impl SplitQueue {
         w16(self.avail + 2, self.next_avail);
     }
 
+    /// Publishes a chain whose descriptors start at `head` (callers that keep several chains
+    /// in flight give each its own range).
+    pub fn add_at(&mut self, head: u16, bufs: &[(u64, u32, bool)]) -> u16 {
+        self.free = head;
+        self.add(bufs)
+    }
+
     /// Publishes a chain of (address, length, device-writable) buffers; returns its head.
     pub fn add(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
         let head = self.free;
@@ -300,6 +328,17 @@ impl Device {
         ring: usize,
         nq: usize,
         packed: bool,
+    ) -> Result<Device, VirtioError> {
+        Self::open_sized(device_id, ring, nq, packed, 16)
+    }
+
+    /// Like [`Device::open`], with queues of up to `qsize` entries (at most 256).
+    pub fn open_sized(
+        device_id: u16,
+        ring: usize,
+        nq: usize,
+        packed: bool,
+        qsize: u16,
     ) -> Result<Device, VirtioError> {
         let slot = (0..32u8)
             .find(|&s| pci::read32(s, 0) == 0x1af4 | (u32::from(0x1040 + device_id) << 16))
@@ -382,7 +421,7 @@ impl Device {
             if max == 0 {
                 return Err(VirtioError::NoQueue);
             }
-            let size = max.min(16);
+            let size = max.min(qsize.min(256));
             let base = ring + i * 0x4000;
             let (queue, desc, driver, device) = if packed {
                 let p = PackedQueue::new(base, size);
