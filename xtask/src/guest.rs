@@ -17,7 +17,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use crate::cpio::Cpio;
-use crate::run;
+use crate::{output, run};
 
 const META_PACKAGE: &str = "linux-image-cloud-amd64";
 const BUSYBOX_PACKAGE: &str = "busybox-static";
@@ -31,19 +31,6 @@ const MODULES: &[&str] = &[
     "virtio_net",
     "virtio_console",
 ];
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// The versioned kernel package the meta package currently depends on.
 fn resolve_kernel_package() -> Result<String> {
