@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use alioth_boot::{BootProtocol, KernelSpec};
 use alioth_devices::virtio::blk::BlkConfig;
+use alioth_devices::{acpi_pm, cmos, i8042, serial};
 use alioth_hv::CpuFeatureEdit;
+use alioth_virtio::pci::{CONFIG_IO_LEN, CONFIG_IO_PORT};
 
 use crate::{Error, Result};
 
@@ -138,14 +140,15 @@ impl VmConfig {
         }
         if let Some(port) = self.exit_device {
             let reserved: &[(u16, u16, &str)] = &[
-                (0x3f8, 8, "COM1"),
-                (0x60, 5, "i8042"),
-                (0x70, 2, "CMOS"),
-                (0x3c0, 3, "ACPI PM"),
+                (serial::COM1_PORT, serial::LEN, "COM1"),
+                (i8042::BASE_PORT, i8042::LEN, "i8042"),
+                (cmos::BASE_PORT, cmos::LEN, "CMOS"),
+                (acpi_pm::BASE_PORT, acpi_pm::LEN, "ACPI PM"),
+                (CONFIG_IO_PORT, CONFIG_IO_LEN, "PCI config"),
+                // In-kernel devices of KVM's irqchip and PIT.
                 (0x20, 2, "PIC"),
                 (0xa0, 2, "PIC"),
                 (0x40, 4, "PIT"),
-                (0xcf8, 8, "PCI config"),
             ];
             if let Some((_, _, who)) = reserved.iter().find(|(b, l, _)| port >= *b && port < b + l)
             {

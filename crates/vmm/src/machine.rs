@@ -359,7 +359,9 @@ impl Machine {
                     .unwrap_or_else(|e| e.into_inner())
                     .send(Event::Device(e));
             });
-            let stdin_fd = std::io::stdin().as_fd_owned().map_err(io_err("stdin"))?;
+            let stdin_fd = std::os::fd::AsFd::as_fd(&std::io::stdin())
+                .try_clone_to_owned()
+                .map_err(io_err("stdin"))?;
             let (s, stop, fail_tx) = (s.clone(), input_stop.clone(), Mutex::new(tx.clone()));
             input_thread = Some(
                 std::thread::Builder::new()
@@ -472,16 +474,6 @@ impl Machine {
         }
         drop(_raw);
         outcome
-    }
-}
-
-trait AsFdOwned {
-    fn as_fd_owned(&self) -> std::io::Result<std::os::fd::OwnedFd>;
-}
-
-impl AsFdOwned for std::io::Stdin {
-    fn as_fd_owned(&self) -> std::io::Result<std::os::fd::OwnedFd> {
-        std::os::fd::AsFd::as_fd(self).try_clone_to_owned()
     }
 }
 
