@@ -46,6 +46,34 @@ pub trait Virtio: Send + 'static {
     fn reset(&mut self) {}
 }
 
+/// What the transport needs to know of a device (taken before the device moves into its worker).
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    /// Name for logs.
+    pub name: String,
+    /// Device type.
+    pub id: DeviceId,
+    /// Offered features.
+    pub features: u64,
+    /// Queue maximum sizes.
+    pub max_sizes: Vec<u16>,
+    /// Configuration space.
+    pub config: Vec<u8>,
+}
+
+impl DeviceInfo {
+    /// A snapshot of `dev`.
+    pub fn of<D: Virtio + ?Sized>(dev: &D) -> Self {
+        DeviceInfo {
+            name: dev.name().to_string(),
+            id: dev.device_id(),
+            features: dev.device_features(),
+            max_sizes: dev.queue_max_sizes(),
+            config: dev.config().to_vec(),
+        }
+    }
+}
+
 /// Host I/O a chain needs, performed by the backend.
 #[derive(Debug)]
 pub enum IoOp {

@@ -27,16 +27,13 @@
 mod device;
 mod epoll;
 mod irq;
-pub mod pci;
 mod status;
-pub mod transport;
 mod worker;
 
-pub use device::{BufferAction, ChainHandler, DeviceId, IoOp, Virtio};
+pub use device::{BufferAction, ChainHandler, DeviceId, DeviceInfo, IoOp, Virtio};
 pub use epoll::{EpollBackend, execute_sync};
 pub use irq::{EventFdIrq, IrqSender};
 pub use status::{DeviceStatus, StatusBits, StatusChange};
-pub use transport::{DeviceInfo, IoeventRegistry, MsiRouter, VirtioPci};
 pub use worker::{
     ActiveBackend, ActiveQueue, Backend, QueueSetup, WakeEvent, Worker, WorkerExit, WorkerState,
     process_queue,

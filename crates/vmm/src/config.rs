@@ -6,7 +6,7 @@ use alioth_boot::{BootProtocol, KernelSpec};
 use alioth_devices::virtio::blk::BlkConfig;
 use alioth_devices::{acpi_pm, cmos, i8042, serial};
 use alioth_hv::CpuFeatureEdit;
-use alioth_virtio::pci::{CONFIG_IO_LEN, CONFIG_IO_PORT};
+use alioth_pci::{CONFIG_IO_LEN, CONFIG_IO_PORT};
 
 use crate::{Error, Result};
 

@@ -18,8 +18,8 @@ use alioth_devices::{EventSink, VmEvent, acpi_pm, cmos, exit, i8042};
 use alioth_hv::{EventFd, Kvm, Vcpu, VcpuKicker, Vm, VmExit, install_kick_signal_handler};
 use alioth_mem::layout::{ECAM_BASE, ECAM_SIZE, MMIO32_START, PCI_MMIO_END, PCI_MMIO_START};
 use alioth_mem::{Bus, BusDevice, MemoryMap, RamBus};
-use alioth_virtio::VirtioPci;
-use alioth_virtio::pci::{CONFIG_IO_LEN, CONFIG_IO_PORT, PciBus, PciConfigIo, PciEcam};
+use alioth_pci::{CONFIG_IO_LEN, CONFIG_IO_PORT, PciBus, PciConfigIo, PciEcam};
+use alioth_virtio_pci::VirtioPci;
 
 use crate::config::{SerialConfig, VmConfig};
 use crate::pci::{KvmIoevents, KvmMsi, VirtioPlacer};

@@ -8,11 +8,9 @@ use std::sync::{Arc, Mutex};
 use alioth_hv::{DataMatch, EventFd, GsiRoute, IoEventAddress, Vm};
 use alioth_io_uring::{IoUringBackend, io_uring_available};
 use alioth_mem::Bus;
-use alioth_virtio::pci::PciBus;
-use alioth_virtio::transport::BAR_SIZE;
-use alioth_virtio::{
-    ChainHandler, DeviceInfo, EpollBackend, IoeventRegistry, MsiRouter, VirtioPci, Worker,
-};
+use alioth_pci::{MsiRouter, PciBus};
+use alioth_virtio::{ChainHandler, DeviceInfo, EpollBackend, Worker};
+use alioth_virtio_pci::{BAR_SIZE, IoeventRegistry, VirtioPci};
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::IoBackend;

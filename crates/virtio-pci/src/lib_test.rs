@@ -8,7 +8,7 @@ use alioth_queue::{DescChain, QueueFormat, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_
 use vm_memory::GuestMemoryMmap;
 
 use super::*;
-use crate::{BufferAction, ChainHandler, EpollBackend};
+use alioth_virtio::{BufferAction, ChainHandler, EpollBackend, Virtio};
 
 const BAR: u64 = 0xc000_0000;
 
@@ -272,8 +272,14 @@ fn masked_vectors_pend_and_fire_on_unmask() {
         state: Arc::downgrade(&r.pci.state),
     };
     irq.queue_irq(0);
-    let fd0 = r.pci.state.msix.lock().unwrap().vectors[0]
-        .irqfd
+    let fd0 = r
+        .pci
+        .state
+        .msix
+        .lock()
+        .unwrap()
+        .irqfd(0)
+        .unwrap()
         .try_clone()
         .unwrap();
     assert!(!readable(&fd0), "masked: no interrupt");
@@ -327,8 +333,14 @@ fn driver_handshake_queue_setup_and_a_request_end_to_end() {
     assert_eq!(st, 0xf);
     let id = d.add(&[b"echo me"], &[16]).unwrap();
     bar_write(&r.mmio, NOTIFY_OFFSET, 0, 2);
-    let fd0 = r.pci.state.msix.lock().unwrap().vectors[0]
-        .irqfd
+    let fd0 = r
+        .pci
+        .state
+        .msix
+        .lock()
+        .unwrap()
+        .irqfd(0)
+        .unwrap()
         .try_clone()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);

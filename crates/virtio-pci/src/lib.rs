@@ -1,4 +1,5 @@
-//! The virtio-pci modern transport (virtio 1.2 §4.1).
+//! `alioth-virtio-pci`: the virtio-pci modern transport (virtio 1.2 §4.1), where `alioth-virtio`
+//! (devices and workers, no PCI) meets `alioth-pci` (the bus, no virtio).
 //!
 //! BAR0 (64-bit memory, [`BAR_SIZE`]) holds the common configuration at 0x0000, the ISR at
 //! 0x1000, the device configuration at 0x2000, the notification area at 0x3000 (queue `i`
@@ -13,14 +14,15 @@
 use std::sync::{Arc, Mutex, Weak};
 
 use alioth_mem::{Bus, BusDevice};
+use alioth_pci::{ConfigSpace, MsixTable, PciFunction, add_msix_capability, read_le, write_le};
 use alioth_queue::QueueConfig;
+use alioth_virtio::{
+    DeviceId, DeviceInfo, DeviceStatus, IrqSender, QueueSetup, StatusBits, StatusChange, WakeEvent,
+    Worker,
+};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::irq::IrqSender;
-use crate::pci::{ConfigSpace, PciFunction};
-use crate::status::{DeviceStatus, StatusBits, StatusChange};
-use crate::worker::{QueueSetup, WakeEvent, Worker};
-use crate::{DeviceId, Virtio};
+pub use alioth_pci::MsiRouter;
 
 /// Size of BAR0.
 pub const BAR_SIZE: u64 = 0x1_0000;
@@ -43,18 +45,7 @@ pub const MSIX_PBA_OFFSET: u64 = 0x5000;
 /// "No vector".
 pub const NO_VECTOR: u16 = 0xffff;
 
-const CAP_START: u8 = 0x40;
 const PCI_COMMAND_MEMORY: u16 = 1 << 1;
-
-/// Sets up MSI routes and irqfds in the VM.
-pub trait MsiRouter: Send + Sync {
-    /// A free GSI for an MSI route.
-    fn alloc_gsi(&self) -> std::io::Result<u32>;
-    /// Routes `gsi` to the MSI message (`addr`, `data`).
-    fn set_route(&self, gsi: u32, addr: u64, data: u32) -> std::io::Result<()>;
-    /// Makes a write to `fd` inject `gsi`.
-    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> std::io::Result<()>;
-}
 
 /// Registers ioeventfds on guest-physical MMIO addresses.
 pub trait IoeventRegistry: Send + Sync {
@@ -62,50 +53,6 @@ pub trait IoeventRegistry: Send + Sync {
     fn register(&self, fd: &EventFd, addr: u64) -> std::io::Result<()>;
     /// Undoes [`IoeventRegistry::register`].
     fn deregister(&self, fd: &EventFd, addr: u64) -> std::io::Result<()>;
-}
-
-struct Vector {
-    addr: u64,
-    data: u32,
-    masked: bool,
-    pending: bool,
-    gsi: u32,
-    irqfd: EventFd,
-}
-
-struct Msix {
-    enabled: bool,
-    function_masked: bool,
-    vectors: Vec<Vector>,
-}
-
-impl Msix {
-    fn fire(&mut self, v: u16) {
-        let Some(vec) = self.vectors.get_mut(usize::from(v)) else {
-            return;
-        };
-        if !self.enabled || self.function_masked || vec.masked {
-            vec.pending = true;
-            return;
-        }
-        if let Err(e) = vec.irqfd.write(1) {
-            log::warn!("MSI-X vector {v}: irqfd write failed: {e}");
-        }
-    }
-
-    fn flush_pending(&mut self) {
-        if !self.enabled || self.function_masked {
-            return;
-        }
-        for (i, vec) in self.vectors.iter_mut().enumerate() {
-            if vec.pending && !vec.masked {
-                vec.pending = false;
-                if let Err(e) = vec.irqfd.write(1) {
-                    log::warn!("MSI-X vector {i}: irqfd write failed: {e}");
-                }
-            }
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -133,14 +80,15 @@ struct State {
     device_config: Vec<u8>,
     worker: Worker,
     common: Mutex<Common>,
-    msix: Mutex<Msix>,
+    msix: Mutex<MsixTable>,
+    /// Offset of the MSI-X capability in configuration space.
+    msix_cap: u16,
     ioeventfds: Vec<Arc<EventFd>>,
     cfg: Mutex<ConfigSpace>,
     mapped: Mutex<Option<u64>>,
     // Weak: the bus holds this device, so a strong reference would be a cycle.
     mmio: Weak<Bus>,
     ioevents: Arc<dyn IoeventRegistry>,
-    router: Arc<dyn MsiRouter>,
 }
 
 /// Interrupts of a virtio-pci device: queue and config vectors chosen by the driver.
@@ -185,47 +133,6 @@ pub struct VirtioPci {
     state: Arc<State>,
 }
 
-fn u64_from(data: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    let n = data.len().min(8);
-    b[..n].copy_from_slice(&data[..n]);
-    u64::from_le_bytes(b)
-}
-
-fn put(data: &mut [u8], v: u64) {
-    let b = v.to_le_bytes();
-    let n = data.len().min(8);
-    data[..n].copy_from_slice(&b[..n]);
-}
-
-/// What the transport needs to know of a device (taken before the device moves into its worker).
-#[derive(Debug, Clone)]
-pub struct DeviceInfo {
-    /// Name for logs.
-    pub name: String,
-    /// Device type.
-    pub id: DeviceId,
-    /// Offered features.
-    pub features: u64,
-    /// Queue maximum sizes.
-    pub max_sizes: Vec<u16>,
-    /// Configuration space.
-    pub config: Vec<u8>,
-}
-
-impl DeviceInfo {
-    /// A snapshot of `dev`.
-    pub fn of<D: Virtio + ?Sized>(dev: &D) -> Self {
-        DeviceInfo {
-            name: dev.name().to_string(),
-            id: dev.device_id(),
-            features: dev.device_features(),
-            max_sizes: dev.queue_max_sizes(),
-            config: dev.config().to_vec(),
-        }
-    }
-}
-
 impl VirtioPci {
     /// Wraps the device described by `dev`, whose worker is `worker`, at BAR0 address
     /// `bar_addr`. `mmio` is the bus BAR0 is mapped on once the guest enables memory decoding.
@@ -239,25 +146,16 @@ impl VirtioPci {
     ) -> std::io::Result<Self> {
         let max_sizes = dev.max_sizes.clone();
         let nq = max_sizes.len();
-        let nvec = nq + 1;
-        let mut vectors = Vec::with_capacity(nvec);
-        for _ in 0..nvec {
-            let gsi = router.alloc_gsi()?;
-            let irqfd = EventFd::new(libc::EFD_NONBLOCK)?;
-            router.register_irqfd(&irqfd, gsi)?;
-            vectors.push(Vector {
-                addr: 0,
-                data: 0,
-                masked: true,
-                pending: false,
-                gsi,
-                irqfd,
-            });
-        }
+        let nvec = u16::try_from(nq + 1)
+            .map_err(|_| std::io::Error::other(format!("{}: too many queues", dev.name)))?;
+        let msix = MsixTable::new(&dev.name, nvec, router)?;
         let ioeventfds = (0..nq)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).map(Arc::new))
             .collect::<std::io::Result<Vec<_>>>()?;
-        let cfg = Self::build_config(dev.id, dev.config.len(), nvec, bar_addr);
+        let (cfg, msix_cap) = Self::build_config(dev.id, dev.config.len(), nvec, bar_addr)
+            .ok_or_else(|| {
+                std::io::Error::other(format!("{}: capabilities do not fit", dev.name))
+            })?;
         let state = Arc::new(State {
             name: dev.name,
             max_sizes: max_sizes.clone(),
@@ -278,26 +176,27 @@ impl VirtioPci {
                     })
                     .collect(),
             }),
-            msix: Mutex::new(Msix {
-                enabled: false,
-                function_masked: false,
-                vectors,
-            }),
+            msix: Mutex::new(msix),
+            msix_cap,
             ioeventfds,
             cfg: Mutex::new(cfg),
             mapped: Mutex::new(None),
             mmio: Arc::downgrade(&mmio),
             ioevents,
-            router,
         });
         Ok(VirtioPci { state })
     }
 
-    fn build_config(id: DeviceId, dev_cfg_len: usize, nvec: usize, bar: u64) -> ConfigSpace {
+    /// The configuration space, and the offset of its MSI-X capability.
+    fn build_config(
+        id: DeviceId,
+        dev_cfg_len: usize,
+        nvec: u16,
+        bar: u64,
+    ) -> Option<(ConfigSpace, u16)> {
         let mut c = ConfigSpace::default();
         c.set_u16(0x00, 0x1af4); // Red Hat / virtio
         c.set_u16(0x02, 0x1040 + id as u16);
-        c.set_u16(0x06, 1 << 4); // status: capability list
         c.set(0x08, &[1]); // revision 1: modern
         let class: u32 = match id {
             DeviceId::Block => 0x01_8000,
@@ -315,8 +214,8 @@ impl VirtioPci {
         c.set_u32(0x14, (bar >> 32) as u32);
         c.set_wmask(0x10, &(!(BAR_SIZE as u32 - 1) & !0xf).to_le_bytes());
         c.set_wmask(0x14, &[0xff; 4]);
-        c.set(0x34, &[CAP_START]);
-        // Vendor capabilities: (type, offset, length[, extra]).
+        // Vendor capabilities (virtio 1.2 §4.1.4): cap_len, cfg_type, bar, id, padding,
+        // offset, length[, notify_off_multiplier].
         let dev_len = (dev_cfg_len as u32).max(4);
         let caps: [(u8, u64, u32); 4] = [
             (1, COMMON_OFFSET, COMMON_LEN as u32),
@@ -324,26 +223,24 @@ impl VirtioPci {
             (4, DEVICE_OFFSET, dev_len),
             (2, NOTIFY_OFFSET, 0x1000),
         ];
-        let mut at = usize::from(CAP_START);
-        for (typ, off, len) in caps.iter() {
-            let cap_len: u8 = if *typ == 2 { 20 } else { 16 };
-            let next = at + usize::from(cap_len);
-            // Each capability points at the next; the MSI-X capability follows the last one.
-            c.set(at, &[0x09, next as u8, cap_len, *typ, 0, 0, 0, 0]);
-            c.set_u32(at + 8, *off as u32);
-            c.set_u32(at + 12, *len);
-            if *typ == 2 {
-                c.set_u32(at + 16, NOTIFY_MULTIPLIER);
+        for (typ, off, len) in caps {
+            let cap_len: u8 = if typ == 2 { 20 } else { 16 };
+            let mut body = vec![cap_len, typ, 0, 0, 0, 0];
+            body.extend_from_slice(&(off as u32).to_le_bytes());
+            body.extend_from_slice(&len.to_le_bytes());
+            if typ == 2 {
+                body.extend_from_slice(&NOTIFY_MULTIPLIER.to_le_bytes());
             }
-            at = next;
+            c.add_capability(0x09, &body)?;
         }
-        // MSI-X capability, last in the list.
-        c.set(at, &[0x11, 0]);
-        c.set_u16(at + 2, (nvec - 1) as u16);
-        c.set_wmask(at + 3, &[0xc0]); // enable and function-mask bits
-        c.set_u32(at + 4, MSIX_TABLE_OFFSET as u32); // BIR 0
-        c.set_u32(at + 8, MSIX_PBA_OFFSET as u32);
-        c
+        let msix = add_msix_capability(
+            &mut c,
+            nvec,
+            0,
+            MSIX_TABLE_OFFSET as u32,
+            MSIX_PBA_OFFSET as u32,
+        )?;
+        Some((c, msix as u16))
     }
 
     /// Stops the device's worker after its in-flight requests complete.
@@ -353,7 +250,7 @@ impl VirtioPci {
 
     /// The offset of the MSI-X capability in configuration space.
     fn msix_cap(&self) -> u16 {
-        u16::from(CAP_START) + 16 + 16 + 16 + 20
+        self.state.msix_cap
     }
 
     /// The BAR0 device to place on the MMIO bus.
@@ -443,19 +340,14 @@ impl VirtioPci {
             0x34 => qv(|q| q.device >> 32),
             _ => 0,
         };
-        put(data, v);
+        write_le(data, v);
     }
 
     fn common_write(&self, off: u64, data: &[u8]) {
         let s = &self.state;
-        let v = u64_from(data);
+        let v = read_le(data);
         let mut c = s.common.lock().unwrap_or_else(|e| e.into_inner());
-        let nvec = s
-            .msix
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .vectors
-            .len() as u16;
+        let nvec = s.msix.lock().unwrap_or_else(|e| e.into_inner()).len() as u16;
         let sel = usize::from(c.queue_select);
         let before_ok = c.status.driver_ok();
         let set_q = |c: &mut Common, f: &dyn Fn(&mut QueueRegs)| {
@@ -569,41 +461,9 @@ impl VirtioPci {
     fn msix_read(&self, off: u64, data: &mut [u8]) {
         let m = self.state.msix.lock().unwrap_or_else(|e| e.into_inner());
         if off >= MSIX_PBA_OFFSET {
-            let word = (off - MSIX_PBA_OFFSET) / 8;
-            let mut bits = 0u64;
-            for (i, v) in m
-                .vectors
-                .iter()
-                .enumerate()
-                .skip(word as usize * 64)
-                .take(64)
-            {
-                if v.pending {
-                    bits |= 1 << (i % 64);
-                }
-            }
-            put(data, bits >> ((off % 8) * 8));
-            return;
-        }
-        let rel = off - MSIX_TABLE_OFFSET;
-        let Some(v) = m.vectors.get((rel / 16) as usize) else {
-            data.fill(0);
-            return;
-        };
-        let entry = [
-            v.addr as u32,
-            (v.addr >> 32) as u32,
-            v.data,
-            u32::from(v.masked),
-        ];
-        let field = ((rel % 16) / 4) as usize;
-        if data.len() == 8 && field % 2 == 0 {
-            put(
-                data,
-                u64::from(entry[field]) | (u64::from(entry[field + 1]) << 32),
-            );
+            m.pba_read(off - MSIX_PBA_OFFSET, data);
         } else {
-            put(data, u64::from(entry[field]));
+            m.table_read(off - MSIX_TABLE_OFFSET, data);
         }
     }
 
@@ -611,32 +471,8 @@ impl VirtioPci {
         if off >= MSIX_PBA_OFFSET {
             return; // read-only
         }
-        let rel = off - MSIX_TABLE_OFFSET;
-        let s = &self.state;
-        let mut m = s.msix.lock().unwrap_or_else(|e| e.into_inner());
-        let idx = (rel / 16) as usize;
-        let Some(v) = m.vectors.get_mut(idx) else {
-            return;
-        };
-        let val = u64_from(data);
-        let mut writes = vec![(((rel % 16) / 4) as usize, val as u32)];
-        if data.len() == 8 {
-            writes.push((writes[0].0 + 1, (val >> 32) as u32));
-        }
-        let mut route = false;
-        for (field, w) in writes {
-            match field {
-                0 => v.addr = (v.addr & !0xffff_ffff) | u64::from(w),
-                1 => v.addr = (v.addr & 0xffff_ffff) | (u64::from(w) << 32),
-                2 => v.data = w,
-                _ => v.masked = w & 1 == 1,
-            }
-            route |= field < 3;
-        }
-        if route && let Err(e) = s.router.set_route(v.gsi, v.addr, v.data) {
-            log::warn!("{}: MSI-X vector {idx}: route: {e}", s.name);
-        }
-        m.flush_pending();
+        let mut m = self.state.msix.lock().unwrap_or_else(|e| e.into_inner());
+        m.table_write(off - MSIX_TABLE_OFFSET, data);
     }
 
     fn msix_control_written(&self) {
@@ -645,9 +481,7 @@ impl VirtioPci {
             c.u16_at(usize::from(self.msix_cap()) + 2)
         };
         let mut m = self.state.msix.lock().unwrap_or_else(|e| e.into_inner());
-        m.enabled = ctrl & 0x8000 != 0;
-        m.function_masked = ctrl & 0x4000 != 0;
-        m.flush_pending();
+        m.set_control(ctrl);
     }
 }
 
@@ -719,5 +553,5 @@ impl BusDevice for VirtioPci {
 }
 
 #[cfg(test)]
-#[path = "transport_test.rs"]
+#[path = "lib_test.rs"]
 mod tests;

@@ -1,9 +1,11 @@
-//! A PCI bus with one host bridge: configuration access through ports 0xCF8/0xCFC and through
-//! an ECAM window (which the ACPI MCFG table describes).
+//! Bus 0 with a host bridge, reached through ports 0xCF8/0xCFC and through an ECAM window.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 
 use alioth_mem::BusDevice;
+
+use crate::ConfigSpace;
 
 /// Slots on bus 0.
 pub const SLOTS: usize = 32;
@@ -16,80 +18,6 @@ pub trait PciFunction: Send + Sync {
     fn config_read(&self, offset: u16, data: &mut [u8]);
     /// Writes `data` at `offset`.
     fn config_write(&self, offset: u16, data: &[u8]);
-}
-
-/// A 4 KiB configuration space with per-byte write masks.
-pub struct ConfigSpace {
-    bytes: Vec<u8>,
-    wmask: Vec<u8>,
-}
-
-impl Default for ConfigSpace {
-    fn default() -> Self {
-        ConfigSpace {
-            bytes: vec![0; 4096],
-            wmask: vec![0; 4096],
-        }
-    }
-}
-
-impl ConfigSpace {
-    /// Sets read-only bytes.
-    pub fn set(&mut self, offset: usize, v: &[u8]) {
-        self.bytes[offset..offset + v.len()].copy_from_slice(v);
-    }
-
-    /// Sets a little-endian u16.
-    pub fn set_u16(&mut self, offset: usize, v: u16) {
-        self.set(offset, &v.to_le_bytes());
-    }
-
-    /// Sets a little-endian u32.
-    pub fn set_u32(&mut self, offset: usize, v: u32) {
-        self.set(offset, &v.to_le_bytes());
-    }
-
-    /// Makes bits writable by the guest.
-    pub fn set_wmask(&mut self, offset: usize, mask: &[u8]) {
-        self.wmask[offset..offset + mask.len()].copy_from_slice(mask);
-    }
-
-    /// A little-endian u32.
-    pub fn u32_at(&self, offset: usize) -> u32 {
-        u32::from_le_bytes(
-            self.bytes[offset..offset + 4]
-                .try_into()
-                .unwrap_or_default(),
-        )
-    }
-
-    /// A little-endian u16.
-    pub fn u16_at(&self, offset: usize) -> u16 {
-        u16::from_le_bytes([self.bytes[offset], self.bytes[offset + 1]])
-    }
-
-    /// A guest read; out-of-range bytes read as 0xff.
-    pub fn read(&self, offset: u16, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = self
-                .bytes
-                .get(usize::from(offset) + i)
-                .copied()
-                .unwrap_or(0xff);
-        }
-    }
-
-    /// A guest write, honouring the write masks.
-    pub fn write(&mut self, offset: u16, data: &[u8]) {
-        for (i, &b) in data.iter().enumerate() {
-            let o = usize::from(offset) + i;
-            if o >= self.bytes.len() {
-                break;
-            }
-            let m = self.wmask[o];
-            self.bytes[o] = (self.bytes[o] & !m) | (b & m);
-        }
-    }
 }
 
 /// The host bridge at 00:00.0.
@@ -175,7 +103,7 @@ impl PciBus {
 /// Configuration mechanism #1: the address register at 0xCF8 and the data window at 0xCFC.
 pub struct PciConfigIo {
     bus: Arc<PciBus>,
-    address: std::sync::atomic::AtomicU32,
+    address: AtomicU32,
 }
 
 /// First port of [`PciConfigIo`].
@@ -188,12 +116,12 @@ impl PciConfigIo {
     pub fn new(bus: Arc<PciBus>) -> Self {
         PciConfigIo {
             bus,
-            address: std::sync::atomic::AtomicU32::new(0),
+            address: AtomicU32::new(0),
         }
     }
 
     fn target(&self, port_offset: u64) -> Option<(u8, u8, u16)> {
-        let a = self.address.load(std::sync::atomic::Ordering::Relaxed);
+        let a = self.address.load(Ordering::Relaxed);
         if a & (1 << 31) == 0 {
             return None;
         }
@@ -213,10 +141,7 @@ impl BusDevice for PciConfigIo {
 
     fn read(&self, offset: u64, data: &mut [u8]) {
         if offset < 4 {
-            let a = self
-                .address
-                .load(std::sync::atomic::Ordering::Relaxed)
-                .to_le_bytes();
+            let a = self.address.load(Ordering::Relaxed).to_le_bytes();
             for (i, b) in data.iter_mut().enumerate() {
                 *b = a.get(offset as usize + i).copied().unwrap_or(0xff);
             }
@@ -231,7 +156,7 @@ impl BusDevice for PciConfigIo {
     fn write(&self, offset: u64, data: &[u8]) {
         if offset == 0 && data.len() == 4 {
             let v = u32::from_le_bytes(data.try_into().unwrap_or_default());
-            self.address.store(v, std::sync::atomic::Ordering::Relaxed);
+            self.address.store(v, Ordering::Relaxed);
             return;
         }
         if offset >= 4
