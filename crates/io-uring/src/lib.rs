@@ -22,7 +22,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use alioth_queue::DescChain;
+use alioth_queue::{DescChain, VirtQueue};
 use alioth_virtio::{
     ActiveBackend, ActiveQueue, Backend, BufferAction, ChainHandler, Error, IoOp, IrqSender, Result,
 };
@@ -224,7 +224,7 @@ impl ActiveIoUring {
                     BufferAction::Written(n) => {
                         self.queues[q]
                             .queue
-                            .push_used(&self.mem, chain.token(), n)
+                            .push_used(&self.mem, &chain, n)
                             .map_err(Self::qerr(&name, index))?;
                         touched = true;
                     }
@@ -320,7 +320,7 @@ impl ActiveIoUring {
         let written = dev.complete(index, &f.chain, &self.mem, result);
         self.queues[f.queue]
             .queue
-            .push_used(&self.mem, f.chain.token(), written)
+            .push_used(&self.mem, &f.chain, written)
             .map_err(Self::qerr(dev.name(), index))?;
         Ok(f.queue)
     }

@@ -1,6 +1,7 @@
 //! Descriptor chains: validated lists of guest buffers.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::{QueueError, Result};
 
@@ -95,7 +96,7 @@ impl DescChain {
 
     /// Copies readable bytes starting `offset` bytes into the chain into `buf`; returns how many
     /// (fewer than `buf.len()` when the chain ends first).
-    pub fn read_at(&self, mem: &GuestMemoryMmap, offset: u64, buf: &mut [u8]) -> Result<usize> {
+    pub fn read_at<M: GuestMemory>(&self, mem: &M, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let mut done = 0;
         for (iov, skip) in span(&self.readable, offset) {
             let n = (iov.len as usize - skip).min(buf.len() - done);
@@ -112,7 +113,7 @@ impl DescChain {
 
     /// Copies `data` into the writable buffers starting `offset` bytes in; returns how many
     /// bytes fit.
-    pub fn write_at(&self, mem: &GuestMemoryMmap, offset: u64, data: &[u8]) -> Result<usize> {
+    pub fn write_at<M: GuestMemory>(&self, mem: &M, offset: u64, data: &[u8]) -> Result<usize> {
         let mut done = 0;
         for (iov, skip) in span(&self.writable, offset) {
             let n = (iov.len as usize - skip).min(data.len() - done);
@@ -125,6 +126,29 @@ impl DescChain {
             }
         }
         Ok(done)
+    }
+}
+
+impl DescChain {
+    /// Records in `mem`'s dirty bitmap that the first `len` bytes of the writable buffers were
+    /// written. Writes through [`Iov::host_ptr`] (readv, io_uring) bypass vm-memory, so whoever
+    /// returns the chain calls this; [`crate::VirtQueue::push_used`] does.
+    pub fn mark_written<M: GuestMemory>(&self, mem: &M, len: u32) {
+        let mut left = u64::from(len);
+        for iov in &self.writable {
+            if left == 0 {
+                break;
+            }
+            let n = left.min(u64::from(iov.len));
+            left -= n;
+            let Ok(slices) = mem.get_slices(GuestAddress(iov.gpa), n as usize, Permissions::Write)
+            else {
+                continue;
+            };
+            for slice in slices.flatten() {
+                slice.bitmap().mark_dirty(0, slice.len());
+            }
+        }
     }
 }
 
@@ -170,7 +194,13 @@ impl ChainBuilder {
     }
 
     /// Adds one buffer.
-    pub fn push(&mut self, mem: &GuestMemoryMmap, addr: u64, len: u32, write: bool) -> Result<()> {
+    pub fn push<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        addr: u64,
+        len: u32,
+        write: bool,
+    ) -> Result<()> {
         let head = self.head;
         self.count += 1;
         if self.count > self.limit {
@@ -187,19 +217,32 @@ impl ChainBuilder {
             return Ok(());
         }
         let outside = QueueError::OutsideRam { head, addr, len };
-        let slice = mem
-            .get_slice(GuestAddress(addr), len as usize)
-            .map_err(|_| outside.clone())?;
-        let host = slice.ptr_guard_mut().as_ptr();
-        let iov = Iov {
-            gpa: addr,
-            len,
-            host,
-        };
-        if write {
-            self.writable.push(iov);
+        let access = if write {
+            Permissions::Write
         } else {
-            self.readable.push(iov);
+            Permissions::Read
+        };
+        // A buffer that spans two memory regions becomes two iovecs.
+        let slices = mem
+            .get_slices(GuestAddress(addr), len as usize, access)
+            .map_err(|_| outside.clone())?;
+        let mut gpa = addr;
+        for slice in slices {
+            let slice = slice.map_err(|_| outside.clone())?;
+            let iov = Iov {
+                gpa,
+                len: slice.len() as u32,
+                host: slice.ptr_guard_mut().as_ptr(),
+            };
+            gpa += slice.len() as u64;
+            if write {
+                self.writable.push(iov);
+            } else {
+                self.readable.push(iov);
+            }
+        }
+        if gpa - addr != u64::from(len) {
+            return Err(outside);
         }
         Ok(())
     }
@@ -215,8 +258,8 @@ impl ChainBuilder {
 }
 
 /// Checks that a ring area is aligned and inside guest RAM.
-pub(crate) fn check_area(
-    mem: &GuestMemoryMmap,
+pub(crate) fn check_area<M: GuestMemory>(
+    mem: &M,
     area: &'static str,
     addr: u64,
     len: u64,
@@ -224,12 +267,7 @@ pub(crate) fn check_area(
 ) -> Result<()> {
     let ok = addr % align == 0
         && addr.checked_add(len).is_some()
-        && vm_memory::GuestMemory::check_range(
-            mem,
-            GuestAddress(addr),
-            len as usize,
-            vm_memory::Permissions::ReadWrite,
-        );
+        && mem.check_range(GuestAddress(addr), len as usize, Permissions::ReadWrite);
     if ok {
         Ok(())
     } else {

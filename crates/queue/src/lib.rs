@@ -12,22 +12,20 @@
 //! [`VirtQueue::push_used`].
 //!
 //! ```
-//! use alioth_mem::{MemoryMap, RamBus};
 //! use alioth_queue::testing::TestDriver;
-//! use alioth_queue::{QueueFormat, new_queue};
+//! use alioth_queue::{QueueFormat, VirtQueue, new_queue};
+//! use vm_memory::{GuestAddress, GuestMemoryMmap};
 //!
-//! let ram = RamBus::new(MemoryMap::new(16 << 20)?)?;
-//! let mem = ram.memory();
-//! let mut driver = TestDriver::new(mem, QueueFormat::Split, 8, 0x10_0000, 0);
+//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+//! let mut driver = TestDriver::new(&mem, QueueFormat::Split, 8, 0x10_0000, 0);
 //! let id = driver.add(&[b"ping"], &[16]).unwrap();
-//! let mut q = new_queue(8, driver.config(), driver.features(), mem).unwrap();
-//! let chain = q.pop(mem).unwrap().unwrap();
+//! let mut q = new_queue(8, driver.config(), driver.features(), &mem).unwrap();
+//! let chain = q.pop(&mem).unwrap().unwrap();
 //! assert_eq!(chain.readable_len(), 4);
-//! chain.write_at(mem, 0, b"pong").unwrap();
-//! q.push_used(mem, chain.token(), 4).unwrap();
+//! chain.write_at(&mem, 0, b"pong").unwrap();
+//! q.push_used(&mem, &chain, 4).unwrap();
 //! assert_eq!(driver.used(), Some((id, 4)));
 //! assert_eq!(driver.written(id), b"pong");
-//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 mod chain;
@@ -40,7 +38,7 @@ pub use chain::{ChainToken, DescChain, Iov};
 pub use packed::PackedQueue;
 pub use split::SplitQueue;
 
-use vm_memory::GuestMemoryMmap;
+use vm_memory::GuestMemory;
 
 /// Feature bit: indirect descriptors.
 pub const VIRTIO_F_INDIRECT_DESC: u32 = 28;
@@ -155,7 +153,8 @@ pub enum QueueError {
 /// Result type of this crate.
 pub type Result<T, E = QueueError> = std::result::Result<T, E>;
 
-/// A virtqueue from the device's side.
+/// A virtqueue from the device's side. `M` is any vm-memory [`GuestMemory`]:
+/// `GuestMemoryMmap` with or without a dirty bitmap, or the guard a `GuestMemoryAtomic` hands out.
 pub trait VirtQueue: Send {
     /// The ring format.
     fn format(&self) -> QueueFormat;
@@ -163,36 +162,82 @@ pub trait VirtQueue: Send {
     fn size(&self) -> u16;
     /// The next available chain, `None` if there is none. An error means the driver broke the
     /// ring's rules; the queue should not be used further until reset.
-    fn pop(&mut self, mem: &GuestMemoryMmap) -> Result<Option<DescChain>>;
-    /// Returns a chain to the driver with `len` bytes written to its writable buffers.
-    fn push_used(&mut self, mem: &GuestMemoryMmap, token: ChainToken, len: u32) -> Result<()>;
+    ///
+    /// The chain's [`Iov`]s point into `mem`'s mappings: they stay valid while `mem` (or a
+    /// clone sharing its regions, or the `GuestMemoryAtomic` snapshot it came from) is alive,
+    /// so keep it alive until the chain's I/O is done.
+    fn pop<M: GuestMemory>(&mut self, mem: &M) -> Result<Option<DescChain>>;
+    /// Returns a chain to the driver with `len` bytes written to its writable buffers (which
+    /// are marked dirty in `mem`'s bitmap).
+    fn push_used<M: GuestMemory>(&mut self, mem: &M, chain: &DescChain, len: u32) -> Result<()>;
     /// After one or more [`VirtQueue::push_used`]: whether the driver wants an interrupt
     /// (EVENT_IDX or the "no interrupt" flag decide).
-    fn needs_interrupt(&mut self, mem: &GuestMemoryMmap) -> Result<bool>;
+    fn needs_interrupt<M: GuestMemory>(&mut self, mem: &M) -> Result<bool>;
     /// Asks the driver to notify on new chains; returns whether chains are already waiting.
-    fn enable_notification(&mut self, mem: &GuestMemoryMmap) -> Result<bool>;
+    fn enable_notification<M: GuestMemory>(&mut self, mem: &M) -> Result<bool>;
     /// Asks the driver not to notify (the device is polling).
-    fn disable_notification(&mut self, mem: &GuestMemoryMmap) -> Result<()>;
+    fn disable_notification<M: GuestMemory>(&mut self, mem: &M) -> Result<()>;
+}
+
+/// A queue of either format, as the driver negotiated it.
+pub enum Queue {
+    /// A split ring.
+    Split(SplitQueue),
+    /// A packed ring.
+    Packed(PackedQueue),
+}
+
+macro_rules! each {
+    ($self:ident, $q:ident => $e:expr) => {
+        match $self {
+            Queue::Split($q) => $e,
+            Queue::Packed($q) => $e,
+        }
+    };
+}
+
+impl VirtQueue for Queue {
+    fn format(&self) -> QueueFormat {
+        each!(self, q => q.format())
+    }
+    fn size(&self) -> u16 {
+        each!(self, q => q.size())
+    }
+    fn pop<M: GuestMemory>(&mut self, mem: &M) -> Result<Option<DescChain>> {
+        each!(self, q => q.pop(mem))
+    }
+    fn push_used<M: GuestMemory>(&mut self, mem: &M, chain: &DescChain, len: u32) -> Result<()> {
+        each!(self, q => q.push_used(mem, chain, len))
+    }
+    fn needs_interrupt<M: GuestMemory>(&mut self, mem: &M) -> Result<bool> {
+        each!(self, q => q.needs_interrupt(mem))
+    }
+    fn enable_notification<M: GuestMemory>(&mut self, mem: &M) -> Result<bool> {
+        each!(self, q => q.enable_notification(mem))
+    }
+    fn disable_notification<M: GuestMemory>(&mut self, mem: &M) -> Result<()> {
+        each!(self, q => q.disable_notification(mem))
+    }
 }
 
 /// Builds the queue the driver configured: packed if VIRTIO_F_RING_PACKED is in the negotiated
 /// `features`, split otherwise; indirect descriptors and EVENT_IDX as negotiated. The size must
 /// be at most `max_size`, and the rings must be aligned and inside guest RAM.
-pub fn new_queue(
+pub fn new_queue<M: GuestMemory>(
     max_size: u16,
     config: QueueConfig,
     features: u64,
-    mem: &GuestMemoryMmap,
-) -> Result<Box<dyn VirtQueue>> {
+    mem: &M,
+) -> Result<Queue> {
     let has = |bit: u32| features & (1 << bit) != 0;
     let indirect = has(VIRTIO_F_INDIRECT_DESC);
     let event_idx = has(VIRTIO_F_EVENT_IDX);
     Ok(if has(VIRTIO_F_RING_PACKED) {
-        Box::new(PackedQueue::new(
+        Queue::Packed(PackedQueue::new(
             max_size, config, indirect, event_idx, mem,
         )?)
     } else {
-        Box::new(SplitQueue::new(max_size, config, indirect, event_idx, mem)?)
+        Queue::Split(SplitQueue::new(max_size, config, indirect, event_idx, mem)?)
     })
 }
 

@@ -7,12 +7,12 @@
 
 use std::sync::atomic::{Ordering, fence};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::chain::{ChainBuilder, check_area};
 use crate::{
-    ChainToken, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DescChain, QueueConfig, QueueError,
-    QueueFormat, Result, VirtQueue,
+    DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DescChain, QueueConfig, QueueError, QueueFormat,
+    Result, VirtQueue,
 };
 
 /// Packed descriptor flag: available (driver's wrap counter).
@@ -52,12 +52,12 @@ pub struct PackedQueue {
 
 impl PackedQueue {
     /// A queue of the driver's `config`, at most `max_size` entries.
-    pub fn new(
+    pub fn new<M: GuestMemory>(
         max_size: u16,
         config: QueueConfig,
         indirect: bool,
         event_idx: bool,
-        mem: &GuestMemoryMmap,
+        mem: &M,
     ) -> Result<Self> {
         let size = config.size;
         if size == 0 || size > max_size || size > MAX_PACKED_SIZE {
@@ -102,7 +102,7 @@ impl PackedQueue {
         self.desc + u64::from(self.pos(abs)) * 16
     }
 
-    fn read_raw(mem: &GuestMemoryMmap, at: u64) -> Result<RawDesc> {
+    fn read_raw<M: GuestMemory>(mem: &M, at: u64) -> Result<RawDesc> {
         let mut b = [0u8; 16];
         mem.read_slice(&mut b, GuestAddress(at))
             .map_err(|_| QueueError::Memory(at))?;
@@ -114,13 +114,13 @@ impl PackedQueue {
         })
     }
 
-    fn load_u16(mem: &GuestMemoryMmap, at: u64, order: Ordering) -> Result<u16> {
+    fn load_u16<M: GuestMemory>(mem: &M, at: u64, order: Ordering) -> Result<u16> {
         mem.load::<u16>(GuestAddress(at), order)
             .map(u16::from_le)
             .map_err(|_| QueueError::Memory(at))
     }
 
-    fn store_u16(mem: &GuestMemoryMmap, at: u64, v: u16, order: Ordering) -> Result<()> {
+    fn store_u16<M: GuestMemory>(mem: &M, at: u64, v: u16, order: Ordering) -> Result<()> {
         mem.store(v.to_le(), GuestAddress(at), order)
             .map_err(|_| QueueError::Memory(at))
     }
@@ -129,12 +129,17 @@ impl PackedQueue {
         (flags & DESC_F_AVAIL != 0) == wrap && (flags & DESC_F_USED != 0) != wrap
     }
 
-    fn head_available(&self, mem: &GuestMemoryMmap) -> Result<bool> {
+    fn head_available<M: GuestMemory>(&self, mem: &M) -> Result<bool> {
         let flags = Self::load_u16(mem, self.slot(self.next_avail) + 14, Ordering::Acquire)?;
         Ok(self.is_avail(flags, self.wrap(self.next_avail)))
     }
 
-    fn walk_indirect(&self, mem: &GuestMemoryMmap, b: &mut ChainBuilder, d: RawDesc) -> Result<()> {
+    fn walk_indirect<M: GuestMemory>(
+        &self,
+        mem: &M,
+        b: &mut ChainBuilder,
+        d: RawDesc,
+    ) -> Result<()> {
         let head = b.head();
         if !self.indirect || d.flags & DESC_F_NEXT != 0 || d.len % 16 != 0 || d.len == 0 {
             return Err(QueueError::BadIndirect { head });
@@ -174,7 +179,7 @@ impl VirtQueue for PackedQueue {
         self.size
     }
 
-    fn pop(&mut self, mem: &GuestMemoryMmap) -> Result<Option<DescChain>> {
+    fn pop<M: GuestMemory>(&mut self, mem: &M) -> Result<Option<DescChain>> {
         if !self.head_available(mem)? {
             return Ok(None);
         }
@@ -205,10 +210,12 @@ impl VirtQueue for PackedQueue {
         Ok(Some(b.finish(id, ndesc)))
     }
 
-    fn push_used(&mut self, mem: &GuestMemoryMmap, token: ChainToken, len: u32) -> Result<()> {
+    fn push_used<M: GuestMemory>(&mut self, mem: &M, chain: &DescChain, len: u32) -> Result<()> {
+        let token = chain.token();
         if self.in_flight == 0 || token.ndesc == 0 {
             return Err(QueueError::NotInFlight(token.id));
         }
+        chain.mark_written(mem, len);
         let at = self.slot(self.next_used);
         let mut b = [0u8; 6];
         b[0..4].copy_from_slice(&len.to_le_bytes());
@@ -227,7 +234,7 @@ impl VirtQueue for PackedQueue {
         Ok(())
     }
 
-    fn needs_interrupt(&mut self, mem: &GuestMemoryMmap) -> Result<bool> {
+    fn needs_interrupt<M: GuestMemory>(&mut self, mem: &M) -> Result<bool> {
         // The used entries must be visible before the driver's suppression state is read.
         fence(Ordering::SeqCst);
         let old = std::mem::replace(&mut self.signalled_used, self.next_used);
@@ -255,7 +262,7 @@ impl VirtQueue for PackedQueue {
         })
     }
 
-    fn enable_notification(&mut self, mem: &GuestMemoryMmap) -> Result<bool> {
+    fn enable_notification<M: GuestMemory>(&mut self, mem: &M) -> Result<bool> {
         if self.event_idx {
             let off_wrap = self.pos(self.next_avail)
                 | if self.wrap(self.next_avail) {
@@ -283,7 +290,7 @@ impl VirtQueue for PackedQueue {
         self.head_available(mem)
     }
 
-    fn disable_notification(&mut self, mem: &GuestMemoryMmap) -> Result<()> {
+    fn disable_notification<M: GuestMemory>(&mut self, mem: &M) -> Result<()> {
         Self::store_u16(
             mem,
             self.device_event + 2,

@@ -47,7 +47,7 @@ fn chains_round_trip_in_every_format() {
             10,
             "spans both writable buffers"
         );
-        q.push_used(mem, c.token(), 10).unwrap();
+        q.push_used(mem, &c, 10).unwrap();
         assert!(q.pop(mem).unwrap().is_none());
         assert_eq!(d.used(), Some((id, 10)), "{format:?} {feats:#x}");
         assert_eq!(d.written(id), msg);
@@ -77,7 +77,7 @@ fn many_laps_with_out_of_order_completion() {
                 let mut b = [0u8; 4];
                 c.read_at(mem, 0, &mut b).unwrap();
                 c.write_at(mem, 0, &b).unwrap();
-                q.push_used(mem, c.token(), 4).unwrap();
+                q.push_used(mem, &c, 4).unwrap();
             }
             let mut got = Vec::new();
             while let Some((id, len)) = d.used() {
@@ -107,7 +107,7 @@ fn event_idx_interrupts_only_when_the_driver_asked() {
         let mut wants = Vec::new();
         for _ in 0..4 {
             let c = q.pop(mem).unwrap().unwrap();
-            q.push_used(mem, c.token(), 0).unwrap();
+            q.push_used(mem, &c, 0).unwrap();
             wants.push(q.needs_interrupt(mem).unwrap());
         }
         assert_eq!(wants, vec![false, false, true, false], "{format:?}");
@@ -118,12 +118,12 @@ fn event_idx_interrupts_only_when_the_driver_asked() {
         d.set_interrupts(false);
         d.add(&[b"x"], &[]).unwrap();
         let c = q.pop(mem).unwrap().unwrap();
-        q.push_used(mem, c.token(), 0).unwrap();
+        q.push_used(mem, &c, 0).unwrap();
         assert!(!q.needs_interrupt(mem).unwrap(), "{format:?}: suppressed");
         d.set_interrupts(true);
         d.add(&[b"x"], &[]).unwrap();
         let c = q.pop(mem).unwrap().unwrap();
-        q.push_used(mem, c.token(), 0).unwrap();
+        q.push_used(mem, &c, 0).unwrap();
         assert!(q.needs_interrupt(mem).unwrap(), "{format:?}: enabled");
     }
 }
@@ -141,7 +141,7 @@ fn notification_suppression_reaches_the_driver() {
         // Enabling reports the chain already waiting.
         assert!(q.enable_notification(mem).unwrap());
         while let Some(c) = q.pop(mem).unwrap() {
-            q.push_used(mem, c.token(), 0).unwrap();
+            q.push_used(mem, &c, 0).unwrap();
         }
         assert!(!q.enable_notification(mem).unwrap());
         d.add(&[b"b"], &[]).unwrap();
@@ -332,10 +332,70 @@ fn returning_a_chain_that_is_not_in_flight_is_an_error() {
         let mut q = new_queue(8, d.config(), d.features(), mem).unwrap();
         d.add(&[b"x"], &[]).unwrap();
         let c = q.pop(mem).unwrap().unwrap();
-        q.push_used(mem, c.token(), 0).unwrap();
+        q.push_used(mem, &c, 0).unwrap();
         assert!(matches!(
-            q.push_used(mem, c.token(), 0),
+            q.push_used(mem, &c, 0),
             Err(QueueError::NotInFlight(_))
         ));
+    }
+}
+
+#[test]
+fn chains_popped_from_a_guest_memory_atomic_snapshot_outlive_a_memory_swap() {
+    use vm_memory::{
+        GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+        GuestMemoryRegion,
+    };
+    let mmap = |size| GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+    let atomic = GuestMemoryAtomic::new(mmap(16 << 20));
+    let snapshot = atomic.memory();
+    let mut d = TestDriver::new(&*snapshot, QueueFormat::Split, 8, BASE, 0);
+    let mut q = new_queue(8, d.config(), d.features(), &*snapshot).unwrap();
+    let id = d.add(&[b"req"], &[8]).unwrap();
+    let c = q.pop(&*snapshot).unwrap().unwrap();
+    // The VMM swaps in a new memory map (hotplug) while the chain is in flight.
+    atomic.lock().unwrap().replace(mmap(32 << 20));
+    assert_ne!(
+        atomic.memory().iter().next().map(|r| r.len()),
+        snapshot.iter().next().map(|r| r.len())
+    );
+    // The snapshot keeps the old mapping alive: the chain's host pointer is still valid.
+    let iov = c.writable[0];
+    // SAFETY: `snapshot` holds the mapping `iov` points into, and `iov.len` is 8.
+    unsafe { std::ptr::copy_nonoverlapping(b"reply!!!".as_ptr(), iov.host_ptr(), 8) };
+    q.push_used(&*snapshot, &c, 8).unwrap();
+    assert_eq!(d.used(), Some((id, 8)));
+    assert_eq!(d.written(id), b"reply!!!");
+}
+
+#[test]
+fn used_bytes_written_through_host_pointers_are_marked_dirty() {
+    use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+    use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+    let mem = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+    let page = |gpa: u64| {
+        let (region, offset) = mem.to_region_addr(GuestAddress(gpa)).unwrap();
+        region.bitmap().dirty_at(offset.0 as usize)
+    };
+    for format in [QueueFormat::Split, QueueFormat::Packed] {
+        let mut d = TestDriver::new(&mem, format, 8, BASE, 0);
+        let mut q = new_queue(8, d.config(), d.features(), &mem).unwrap();
+        let id = d.add(&[], &[4096, 4096]).unwrap();
+        let c = q.pop(&mem).unwrap().unwrap();
+        let (first, second) = (c.writable[0].gpa, c.writable[1].gpa);
+        mem.iter().for_each(|r| r.bitmap().reset());
+        assert!(!page(first) && !page(second));
+        // The device fills the first buffer through its host pointer (as readv would).
+        // SAFETY: `mem` is alive and the buffer is 4096 bytes.
+        unsafe { std::ptr::write_bytes(c.writable[0].host_ptr(), 0xab, 4096) };
+        q.push_used(&mem, &c, 4096).unwrap();
+        assert!(page(first), "{format:?}: written buffer is dirty");
+        assert!(!page(second), "{format:?}: unwritten buffer stays clean");
+        let used_ring = match format {
+            QueueFormat::Split => d.config().device,
+            QueueFormat::Packed => d.config().desc,
+        };
+        assert!(page(used_ring), "{format:?}: the used ring is dirty");
+        assert_eq!(d.used(), Some((id, 4096)));
     }
 }

@@ -9,12 +9,12 @@ use std::sync::atomic::Ordering;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::chain::{ChainBuilder, check_area};
 use crate::{
-    ChainToken, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DescChain, QueueConfig, QueueError,
-    QueueFormat, Result, VirtQueue,
+    DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DescChain, QueueConfig, QueueError, QueueFormat,
+    Result, VirtQueue,
 };
 
 /// A split virtqueue.
@@ -29,12 +29,12 @@ pub struct SplitQueue {
 impl SplitQueue {
     /// A queue of the driver's `config`, at most `max_size` entries; `indirect` and `event_idx`
     /// are the negotiated features.
-    pub fn new(
+    pub fn new<M: GuestMemory>(
         max_size: u16,
         config: QueueConfig,
         indirect: bool,
         event_idx: bool,
-        mem: &GuestMemoryMmap,
+        mem: &M,
     ) -> Result<Self> {
         let size = config.size;
         if size == 0 || size > max_size || !size.is_power_of_two() {
@@ -75,16 +75,16 @@ impl SplitQueue {
         })
     }
 
-    fn read_desc(mem: &GuestMemoryMmap, table: u64, idx: u16) -> Result<Descriptor> {
+    fn read_desc<M: GuestMemory>(mem: &M, table: u64, idx: u16) -> Result<Descriptor> {
         let at = table + u64::from(idx) * 16;
         mem.read_obj(GuestAddress(at))
             .map_err(|_| QueueError::Memory(at))
     }
 
     /// Walks from `start` in a table of `len` descriptors at `table`.
-    fn walk(
+    fn walk<M: GuestMemory>(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &M,
         b: &mut ChainBuilder,
         table: u64,
         len: u16,
@@ -140,7 +140,7 @@ impl VirtQueue for SplitQueue {
         self.size
     }
 
-    fn pop(&mut self, mem: &GuestMemoryMmap) -> Result<Option<DescChain>> {
+    fn pop<M: GuestMemory>(&mut self, mem: &M) -> Result<Option<DescChain>> {
         let avail = self
             .q
             .avail_idx(mem, Ordering::Acquire)
@@ -165,10 +165,12 @@ impl VirtQueue for SplitQueue {
         Ok(Some(b.finish(head, 1)))
     }
 
-    fn push_used(&mut self, mem: &GuestMemoryMmap, token: ChainToken, len: u32) -> Result<()> {
+    fn push_used<M: GuestMemory>(&mut self, mem: &M, chain: &DescChain, len: u32) -> Result<()> {
+        let token = chain.token();
         if self.in_flight == 0 || token.id >= self.size {
             return Err(QueueError::NotInFlight(token.id));
         }
+        chain.mark_written(mem, len);
         self.q
             .add_used(mem, token.id, len)
             .map_err(|_| QueueError::Memory(self.q.used_ring()))?;
@@ -176,7 +178,7 @@ impl VirtQueue for SplitQueue {
         Ok(())
     }
 
-    fn needs_interrupt(&mut self, mem: &GuestMemoryMmap) -> Result<bool> {
+    fn needs_interrupt<M: GuestMemory>(&mut self, mem: &M) -> Result<bool> {
         let avail = self.q.avail_ring();
         // Fences, then decides by used_event when EVENT_IDX is on.
         let wants = self
@@ -196,13 +198,13 @@ impl VirtQueue for SplitQueue {
         Ok(flags & VRING_AVAIL_F_NO_INTERRUPT == 0)
     }
 
-    fn enable_notification(&mut self, mem: &GuestMemoryMmap) -> Result<bool> {
+    fn enable_notification<M: GuestMemory>(&mut self, mem: &M) -> Result<bool> {
         self.q
             .enable_notification(mem)
             .map_err(|_| QueueError::Memory(self.q.used_ring()))
     }
 
-    fn disable_notification(&mut self, mem: &GuestMemoryMmap) -> Result<()> {
+    fn disable_notification<M: GuestMemory>(&mut self, mem: &M) -> Result<()> {
         if self.event_idx {
             // With EVENT_IDX the driver ignores the flags; an avail_event just behind our
             // position is one its index will not cross again (until 2^16 more chains).

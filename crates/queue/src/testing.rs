@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{Ordering, fence};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use crate::packed::{
     DESC_F_AVAIL, DESC_F_USED, EVENT_FLAGS_DESC, EVENT_FLAGS_DISABLE, EVENT_FLAGS_ENABLE,
@@ -24,9 +24,9 @@ struct InFlight {
     writable: Vec<(u64, u32)>,
 }
 
-/// The guest side of one virtqueue.
-pub struct TestDriver<'a> {
-    mem: &'a GuestMemoryMmap,
+/// The guest side of one virtqueue, in any vm-memory [`GuestMemory`].
+pub struct TestDriver<'a, M: GuestMemory = GuestMemoryMmap> {
+    mem: &'a M,
     format: QueueFormat,
     size: u16,
     features: u64,
@@ -48,17 +48,11 @@ fn align(x: u64, a: u64) -> u64 {
     x.div_ceil(a) * a
 }
 
-impl<'a> TestDriver<'a> {
+impl<'a, M: GuestMemory> TestDriver<'a, M> {
     /// A driver for a queue of `size` entries whose rings start at `base`, followed by
     /// [`DATA_SIZE`] bytes of buffers. `features` may hold VIRTIO_F_EVENT_IDX and
     /// VIRTIO_F_INDIRECT_DESC (as bits); the ring format adds VIRTIO_F_RING_PACKED itself.
-    pub fn new(
-        mem: &'a GuestMemoryMmap,
-        format: QueueFormat,
-        size: u16,
-        base: u64,
-        features: u64,
-    ) -> Self {
+    pub fn new(mem: &'a M, format: QueueFormat, size: u16, base: u64, features: u64) -> Self {
         let n = u64::from(size);
         let desc = base;
         let driver = desc + 16 * n;

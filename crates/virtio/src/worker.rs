@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 
-use alioth_queue::{QueueConfig, VirtQueue, new_queue};
+use alioth_queue::{Queue, QueueConfig, VirtQueue, new_queue};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -46,7 +46,7 @@ pub struct ActiveQueue {
     /// Queue index.
     pub index: u16,
     /// The ring.
-    pub queue: Box<dyn VirtQueue>,
+    pub queue: Queue,
     /// Its notification eventfd.
     pub ioeventfd: Arc<EventFd>,
 }
@@ -397,9 +397,7 @@ pub fn process_queue<D: ChainHandler>(
                     });
                 }
             };
-            aq.queue
-                .push_used(mem, chain.token(), written)
-                .map_err(qerr)?;
+            aq.queue.push_used(mem, &chain, written).map_err(qerr)?;
             done = true;
         }
         if !aq.queue.enable_notification(mem).map_err(qerr)? {

@@ -4,7 +4,9 @@ use std::time::{Duration, Instant};
 use alioth_io_uring::IoUringBackend;
 use alioth_mem::{MemoryMap, RamBus};
 use alioth_queue::testing::TestDriver;
-use alioth_queue::{QueueFormat, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1};
+use alioth_queue::{
+    QueueFormat, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, VirtQueue,
+};
 use alioth_test_util::wait_eventfd;
 use alioth_virtio::{EpollBackend, EventFdIrq, QueueSetup, WakeEvent, Worker};
 use vmm_sys_util::eventfd::EventFd;
