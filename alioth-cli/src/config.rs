@@ -270,7 +270,7 @@ pub fn build(args: &BootArgs) -> Result<VmConfig> {
         _ => SerialConfig::Stdio,
     };
     if let Some(f) = args.cpu_features.as_ref().or(file.cpu_features.as_ref()) {
-        config.cpu_features = alioth_hv::parse_cpu_features(f)?;
+        config.cpu_features = alioth_vmm::parse_cpu_features(f)?;
     }
     if let Some(p) = args.boot_protocol.as_ref().or(file.boot_protocol.as_ref()) {
         config.kernel.protocol = parse_protocol(p)?;

@@ -33,7 +33,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use alioth_hv::BootCpuState;
+use alioth_arch::BootCpuState;
 
 pub use linux::{ZERO_PAGE_ADDR, load_kernel};
 

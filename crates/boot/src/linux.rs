@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use alioth_hv::{BootCpuState, CpuMode};
+use alioth_arch::{BootCpuState, CpuMode};
 use alioth_mem::layout::HIGH_RAM_START;
 use alioth_mem::{E820Kind, RamBus};
 use linux_loader::loader::KernelLoader;

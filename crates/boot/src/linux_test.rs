@@ -121,7 +121,7 @@ fn vmlinux_offers_pvh_and_linux64() {
     let auto = load_kernel(&ram, &spec(&vmlinux, None, "x"), &acpi(1)).unwrap();
     assert_eq!(auto.format, KernelFormat::Elf);
     assert_eq!(auto.protocol, BootProtocol::Pvh);
-    assert_eq!(auto.cpu.mode, alioth_hv::CpuMode::Protected32);
+    assert_eq!(auto.cpu.mode, alioth_arch::CpuMode::Protected32);
     assert_eq!(auto.cpu.rbx, crate::x86::PVH_INFO_ADDR);
     let magic: u32 = ram
         .memory()
@@ -132,7 +132,7 @@ fn vmlinux_offers_pvh_and_linux64() {
     let mut s = spec(&vmlinux, None, "x");
     s.protocol = BootProtocol::Linux64;
     let l64 = load_kernel(&ram, &s, &acpi(1)).unwrap();
-    assert_eq!(l64.cpu.mode, alioth_hv::CpuMode::Long64);
+    assert_eq!(l64.cpu.mode, alioth_arch::CpuMode::Long64);
     assert_eq!(l64.cpu.rip, 0x100_0000, "startup_64 at the ELF entry");
 }
 

@@ -1,6 +1,6 @@
 //! The fixed low-memory layout of the boot structures, page tables and GDTs.
 
-use alioth_hv::CpuMode;
+use alioth_arch::CpuMode;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::{Error, Result};

@@ -10,6 +10,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use alioth_arch::{BootCpuState, CpuMode};
+
 use crate::cpuid::Cpuid;
 use crate::{Error, Result};
 
@@ -234,46 +236,6 @@ macro_rules! regs_conversions {
 regs_conversions!(
     rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8, r9, r10, r11, r12, r13, r14, r15, rip, rflags
 );
-
-/// The CPU mode a boot protocol starts the vCPU in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CpuMode {
-    /// 64-bit long mode with paging (Linux 64-bit boot protocol).
-    Long64,
-    /// 32-bit protected mode, paging off (PVH).
-    Protected32,
-}
-
-/// The register state a boot protocol hands over on the boot vCPU. The GDT itself is written to
-/// guest memory by the loader; its descriptors are repeated here so the hidden segment state
-/// matches them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BootCpuState {
-    /// The CPU mode.
-    pub mode: CpuMode,
-    /// Entry point.
-    pub rip: u64,
-    /// Stack pointer (0 if the protocol sets none).
-    pub rsp: u64,
-    /// RSI (boot_params for the Linux protocol).
-    pub rsi: u64,
-    /// RBX (start_info for PVH).
-    pub rbx: u64,
-    /// Page-table root (long mode).
-    pub cr3: u64,
-    /// Guest-physical address of the GDT.
-    pub gdt_addr: u64,
-    /// The GDT's descriptors.
-    pub gdt: Vec<u64>,
-    /// Guest-physical address of the (empty) IDT.
-    pub idt_addr: u64,
-    /// GDT index of the code segment.
-    pub code_index: u16,
-    /// GDT index of the data segment.
-    pub data_index: u16,
-    /// GDT index of the TSS.
-    pub tss_index: u16,
-}
 
 // MSR numbers set at boot.
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;

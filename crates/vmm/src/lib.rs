@@ -26,6 +26,7 @@ mod terminal;
 
 pub use alioth_boot::{BootProtocol, KernelSpec};
 pub use alioth_devices::virtio::blk::BlkConfig;
+pub use alioth_hv::parse_cpu_features;
 pub use config::{DiskConfig, IoBackend, RngConfig, SerialConfig, VmConfig};
 pub use machine::{ExitReason, Machine, MachineOptions};
 
