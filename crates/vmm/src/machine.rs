@@ -112,180 +112,250 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
+/// The devices the guest sees, on the buses they were placed on.
+struct Devices {
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    serial: Option<Arc<Serial>>,
+    /// Serial ports for the ACPI tables.
+    serials: Vec<LegacySerial>,
+    virtio: Vec<VirtioPci>,
+}
+
+/// Step 1: the KVM VM, with the vCPU count checked against what KVM allows.
+fn create_vm(config: &VmConfig) -> Result<(Kvm, Arc<Vm>)> {
+    let kvm = Kvm::new()?;
+    if config.cpus as usize > kvm.max_vcpus() {
+        return Err(Error::Config(format!(
+            "cpus = {} exceeds what KVM allows here ({})",
+            config.cpus,
+            kvm.max_vcpus()
+        )));
+    }
+    let vm = Arc::new(kvm.create_vm()?);
+    Ok((kvm, vm))
+}
+
+/// Step 2: guest RAM laid out by the x86 memory map, registered as the VM's memory slots.
+fn map_memory(vm: &Vm, config: &VmConfig) -> Result<Arc<RamBus>> {
+    let ram = Arc::new(RamBus::new(MemoryMap::new(config.memory)?)?);
+    for (slot, r) in ram.regions().iter().enumerate() {
+        // SAFETY: the regions stay mapped as long as `ram`, which the machine drops after
+        // the VM and its vCPUs (field order), and which is never remapped.
+        unsafe {
+            vm.set_memory_slot(slot as u32, r.gpa, r.size, r.host_addr, false)?;
+        }
+    }
+    Ok(ram)
+}
+
+/// Where device events (power-off, reset, exit) go: the machine's event channel.
+fn event_sink(tx: &Sender<Event>) -> EventSink {
+    let tx = Mutex::new(tx.clone());
+    Arc::new(move |e| {
+        let _ = tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(Event::Device(e));
+    })
+}
+
+/// Step 3a: COM1, if the serial console is on, with its interrupt through an irqfd.
+fn add_serial(
+    vm: &Vm,
+    pio: &Bus,
+    config: &VmConfig,
+    output: Option<Box<dyn Write + Send>>,
+) -> Result<Option<Arc<Serial>>> {
+    let out: Box<dyn Write + Send> = match (output, &config.serial) {
+        (Some(w), _) => w,
+        (None, SerialConfig::Stdio) => Box::new(std::io::stdout()),
+        (None, SerialConfig::File(p)) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| Error::Config(format!("serial file {}: {e}", p.display())))?,
+        ),
+        (None, SerialConfig::Off) => return Ok(None),
+    };
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("serial irqfd"))?;
+    vm.register_irqfd(&irq, COM1_IRQ)?;
+    let s = Arc::new(Serial::new("serial0", irq, out).map_err(io_err("serial0"))?);
+    pio.insert(
+        u64::from(COM1_PORT),
+        u64::from(alioth_devices::serial::LEN),
+        s.clone(),
+    )?;
+    Ok(Some(s))
+}
+
+/// Step 3b: the legacy port devices (i8042 reset, CMOS with the memory sizes, ACPI PM) and the
+/// exit device if configured.
+fn add_legacy_devices(pio: &Bus, ram: &RamBus, sink: &EventSink, config: &VmConfig) -> Result<()> {
+    let map = ram.map();
+    let regions = map.ram_regions();
+    let below = regions.first().map(|r| r.1).unwrap_or(0).min(MMIO32_START);
+    let above = regions.get(1).map(|r| r.1).unwrap_or(0);
+    let mut legacy: Vec<(u16, u16, Arc<dyn BusDevice>)> = vec![
+        (
+            i8042::BASE_PORT,
+            i8042::LEN,
+            Arc::new(i8042::I8042::new(sink.clone())),
+        ),
+        (
+            cmos::BASE_PORT,
+            cmos::LEN,
+            Arc::new(cmos::Cmos::new(below, above)),
+        ),
+        (
+            acpi_pm::BASE_PORT,
+            acpi_pm::LEN,
+            Arc::new(acpi_pm::AcpiPm::new(sink.clone())),
+        ),
+    ];
+    if let Some(port) = config.exit_device {
+        legacy.push((port, 1, Arc::new(exit::ExitDevice::new(sink.clone()))));
+    }
+    for (port, len, dev) in legacy {
+        pio.insert(u64::from(port), u64::from(len), dev)?;
+    }
+    Ok(())
+}
+
+/// Step 3c: the PCI host bridge on the configuration ports and ECAM, and the virtio devices
+/// behind it, each with its worker thread.
+fn add_pci_devices(
+    vm: &Arc<Vm>,
+    pio: &Bus,
+    mmio: &Arc<Bus>,
+    ram: &RamBus,
+    config: &VmConfig,
+) -> Result<Vec<VirtioPci>> {
+    let pci = Arc::new(PciBus::default());
+    pio.insert(
+        u64::from(CONFIG_IO_PORT),
+        u64::from(CONFIG_IO_LEN),
+        Arc::new(PciConfigIo::new(pci.clone())),
+    )?;
+    mmio.insert(ECAM_BASE, ECAM_SIZE, Arc::new(PciEcam::new(pci.clone())))?;
+    let mut placer = VirtioPlacer {
+        pci,
+        mmio: mmio.clone(),
+        mem: ram.memory().clone(),
+        msi: Arc::new(KvmMsi::new(vm.clone())),
+        ioevents: Arc::new(KvmIoevents::new(vm.clone())),
+        next_bar: PCI_MMIO_START,
+        bar_end: PCI_MMIO_END,
+        devices: Vec::new(),
+    };
+    for (i, d) in config.disks.iter().enumerate() {
+        let dev = VirtioBlk::open(&format!("virtio-blk{i}"), &d.blk)
+            .map_err(|e| Error::Device(e.to_string()))?;
+        placer.add(dev, d.backend)?;
+    }
+    if let Some(r) = &config.rng {
+        placer.add(VirtioRng::new("virtio-rng0"), r.backend)?;
+    }
+    Ok(placer.devices)
+}
+
+/// Step 3: every device, on fresh port and MMIO buses.
+fn add_devices(
+    vm: &Arc<Vm>,
+    ram: &RamBus,
+    sink: &EventSink,
+    config: &VmConfig,
+    serial_output: Option<Box<dyn Write + Send>>,
+) -> Result<Devices> {
+    let pio = Arc::new(Bus::new("pio"));
+    let mmio = Arc::new(Bus::new("mmio"));
+    let serial = add_serial(vm, &pio, config, serial_output)?;
+    let serials = match serial {
+        Some(_) => vec![LegacySerial {
+            port: COM1_PORT,
+            irq: COM1_IRQ,
+        }],
+        None => Vec::new(),
+    };
+    add_legacy_devices(&pio, ram, sink, config)?;
+    let virtio = add_pci_devices(vm, &pio, &mmio, ram, config)?;
+    Ok(Devices {
+        pio,
+        mmio,
+        serial,
+        serials,
+        virtio,
+    })
+}
+
+/// Step 4: the kernel, initramfs, command line and ACPI tables (describing the devices) in
+/// guest RAM, by the configured boot protocol.
+fn load_guest(ram: &RamBus, config: &VmConfig, serials: Vec<LegacySerial>) -> Result<BootedKernel> {
+    let acpi = AcpiConfig {
+        nr_vcpus: config.cpus,
+        serials,
+        pm: PmPorts {
+            sleep_control: acpi_pm::BASE_PORT,
+            sleep_status: acpi_pm::BASE_PORT + 1,
+            reset: acpi_pm::BASE_PORT + 2,
+            reset_value: acpi_pm::RESET_VALUE,
+        },
+        ecam: Some((ECAM_BASE, 0, 0)),
+    };
+    debug_assert_eq!(alioth_boot::acpi::S5_SLP_TYP, acpi_pm::S5_SLP_TYP);
+    let booted = load_kernel(ram, &config.kernel, &acpi)?;
+    log::info!(
+        "loaded {:?} kernel at {:#x}-{:#x}, entry {:#x} via {:?}",
+        booted.format,
+        booted.kernel_range.0,
+        booted.kernel_range.1,
+        booted.cpu.rip,
+        booted.protocol
+    );
+    Ok(booted)
+}
+
+/// Step 5: the vCPUs, with CPUID (and the configured edits), boot MSRs and LAPIC LINTs; the
+/// boot vCPU gets the state the boot protocol hands over.
+fn create_vcpus(kvm: &Kvm, vm: &Vm, config: &VmConfig, booted: &BootedKernel) -> Result<Vec<Vcpu>> {
+    let mut cpuid = kvm.supported_cpuid()?;
+    cpuid.apply_edits(&config.cpu_features);
+    install_kick_signal_handler();
+    let mut vcpus = Vec::with_capacity(config.cpus as usize);
+    for id in 0..config.cpus {
+        let vcpu = vm.create_vcpu(id)?;
+        vcpu.set_cpuid(&cpuid.for_vcpu(id, config.cpus))?;
+        vcpu.set_boot_msrs()?;
+        vcpu.set_lapic_lint()?;
+        vcpus.push(vcpu);
+    }
+    if let Some(bsp) = vcpus.first() {
+        bsp.set_boot_state(&booted.cpu)?;
+    }
+    Ok(vcpus)
+}
+
 impl Machine {
-    /// Builds the VM: RAM and memory slots, devices, kernel, ACPI tables and vCPUs.
+    /// Builds the VM, in the order of the boot path: the KVM VM, guest RAM and its memory
+    /// slots, the devices, the guest image (kernel, initramfs, ACPI tables), then the vCPUs.
     pub fn new(config: &VmConfig, options: MachineOptions) -> Result<Machine> {
         config.validate()?;
-        let kvm = Kvm::new()?;
-        if config.cpus as usize > kvm.max_vcpus() {
-            return Err(Error::Config(format!(
-                "cpus = {} exceeds what KVM allows here ({})",
-                config.cpus,
-                kvm.max_vcpus()
-            )));
-        }
-        let vm = Arc::new(kvm.create_vm()?);
-        let ram = Arc::new(RamBus::new(MemoryMap::new(config.memory)?)?);
-        for (slot, r) in ram.regions().iter().enumerate() {
-            // SAFETY: the regions stay mapped as long as `ram`, which the machine drops after
-            // the VM and its vCPUs (field order), and which is never remapped.
-            unsafe {
-                vm.set_memory_slot(slot as u32, r.gpa, r.size, r.host_addr, false)?;
-            }
-        }
-
+        let (kvm, vm) = create_vm(config)?;
+        let ram = map_memory(&vm, config)?;
         let (tx, rx) = channel();
-        let sink: EventSink = {
-            let tx = Mutex::new(tx.clone());
-            Arc::new(move |e| {
-                let _ = tx
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .send(Event::Device(e));
-            })
-        };
-        let pio = Arc::new(Bus::new("pio"));
-        let mmio = Arc::new(Bus::new("mmio"));
-
-        let mut serials = Vec::new();
-        let serial_out: Option<Box<dyn Write + Send>> =
-            match (options.serial_output, &config.serial) {
-                (Some(w), _) => Some(w),
-                (None, SerialConfig::Stdio) => Some(Box::new(std::io::stdout())),
-                (None, SerialConfig::File(p)) => {
-                    let f = std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(p)
-                        .map_err(|e| Error::Config(format!("serial file {}: {e}", p.display())))?;
-                    Some(Box::new(f))
-                }
-                (None, SerialConfig::Off) => None,
-            };
-        let serial = match serial_out {
-            Some(out) => {
-                let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("serial irqfd"))?;
-                vm.register_irqfd(&irq, COM1_IRQ)?;
-                let s = Arc::new(Serial::new("serial0", irq, out).map_err(io_err("serial0"))?);
-                pio.insert(
-                    u64::from(COM1_PORT),
-                    u64::from(alioth_devices::serial::LEN),
-                    s.clone(),
-                )?;
-                serials.push(LegacySerial {
-                    port: COM1_PORT,
-                    irq: COM1_IRQ,
-                });
-                Some(s)
-            }
-            None => None,
-        };
-        let map = ram.map();
-        let regions = map.ram_regions();
-        let below = regions.first().map(|r| r.1).unwrap_or(0).min(MMIO32_START);
-        let above = regions.get(1).map(|r| r.1).unwrap_or(0);
-        let legacy: Vec<(u16, u16, Arc<dyn BusDevice>)> = vec![
-            (
-                i8042::BASE_PORT,
-                i8042::LEN,
-                Arc::new(i8042::I8042::new(sink.clone())),
-            ),
-            (
-                cmos::BASE_PORT,
-                cmos::LEN,
-                Arc::new(cmos::Cmos::new(below, above)),
-            ),
-            (
-                acpi_pm::BASE_PORT,
-                acpi_pm::LEN,
-                Arc::new(acpi_pm::AcpiPm::new(sink.clone())),
-            ),
-        ];
-        for (port, len, dev) in legacy {
-            pio.insert(u64::from(port), u64::from(len), dev)?;
-        }
-        if let Some(port) = config.exit_device {
-            pio.insert(
-                u64::from(port),
-                1,
-                Arc::new(exit::ExitDevice::new(sink.clone())),
-            )?;
-        }
-
-        // PCI: the host bridge on the configuration ports and ECAM, virtio devices behind it.
-        let pci = Arc::new(PciBus::default());
-        pio.insert(
-            u64::from(CONFIG_IO_PORT),
-            u64::from(CONFIG_IO_LEN),
-            Arc::new(PciConfigIo::new(pci.clone())),
-        )?;
-        mmio.insert(ECAM_BASE, ECAM_SIZE, Arc::new(PciEcam::new(pci.clone())))?;
-        let mut placer = VirtioPlacer {
-            pci,
-            mmio: mmio.clone(),
-            mem: ram.memory().clone(),
-            msi: Arc::new(KvmMsi::new(vm.clone())),
-            ioevents: Arc::new(KvmIoevents::new(vm.clone())),
-            next_bar: PCI_MMIO_START,
-            bar_end: PCI_MMIO_END,
-            devices: Vec::new(),
-        };
-        for (i, d) in config.disks.iter().enumerate() {
-            let dev = VirtioBlk::open(&format!("virtio-blk{i}"), &d.blk)
-                .map_err(|e| Error::Device(e.to_string()))?;
-            placer.add(dev, d.backend)?;
-        }
-        if let Some(r) = &config.rng {
-            placer.add(VirtioRng::new("virtio-rng0"), r.backend)?;
-        }
-        let virtio = placer.devices;
-
-        let acpi = AcpiConfig {
-            nr_vcpus: config.cpus,
-            serials,
-            pm: PmPorts {
-                sleep_control: acpi_pm::BASE_PORT,
-                sleep_status: acpi_pm::BASE_PORT + 1,
-                reset: acpi_pm::BASE_PORT + 2,
-                reset_value: acpi_pm::RESET_VALUE,
-            },
-            ecam: Some((ECAM_BASE, 0, 0)),
-        };
-        debug_assert_eq!(alioth_boot::acpi::S5_SLP_TYP, acpi_pm::S5_SLP_TYP);
-        let booted = load_kernel(&ram, &config.kernel, &acpi)?;
-        log::info!(
-            "loaded {:?} kernel at {:#x}-{:#x}, entry {:#x} via {:?}",
-            booted.format,
-            booted.kernel_range.0,
-            booted.kernel_range.1,
-            booted.cpu.rip,
-            booted.protocol
-        );
-
-        let mut cpuid = kvm.supported_cpuid()?;
-        cpuid.apply_edits(&config.cpu_features);
-        install_kick_signal_handler();
-        let mut vcpus = Vec::with_capacity(config.cpus as usize);
-        for id in 0..config.cpus {
-            let vcpu = vm.create_vcpu(id)?;
-            vcpu.set_cpuid(&cpuid.for_vcpu(id, config.cpus))?;
-            vcpu.set_boot_msrs()?;
-            vcpu.set_lapic_lint()?;
-            vcpus.push(vcpu);
-        }
-        if let Some(bsp) = vcpus.first() {
-            bsp.set_boot_state(&booted.cpu)?;
-        }
-
+        let devices = add_devices(&vm, &ram, &event_sink(&tx), config, options.serial_output)?;
+        let booted = load_guest(&ram, config, devices.serials)?;
+        let vcpus = create_vcpus(&kvm, &vm, config, &booted)?;
         Ok(Machine {
             vcpus,
             booted,
             vm,
-            pio,
-            mmio,
-            serial,
+            pio: devices.pio,
+            mmio: devices.mmio,
+            serial: devices.serial,
             serial_stdin: config.serial == SerialConfig::Stdio,
-            virtio,
+            virtio: devices.virtio,
             handle_signals: options.handle_signals,
             tx,
             rx,
