@@ -35,7 +35,9 @@ use std::path::{Path, PathBuf};
 
 use alioth_arch::BootCpuState;
 
-pub use linux::{ZERO_PAGE_ADDR, load_kernel};
+pub use linux::{ZERO_PAGE_ADDR, load_kernel, read_setup_header, zero_page};
+/// The zero page and setup header types (from linux-loader).
+pub use linux_loader::loader::bootparam::{boot_params, setup_header};
 
 /// How to enter the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

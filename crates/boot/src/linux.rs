@@ -6,9 +6,9 @@ use std::path::Path;
 
 use alioth_arch::{BootCpuState, CpuMode};
 use alioth_mem::layout::HIGH_RAM_START;
-use alioth_mem::{E820Kind, RamBus};
+use alioth_mem::{E820Entry, E820Kind, RamBus};
 use linux_loader::loader::KernelLoader;
-use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
@@ -46,7 +46,7 @@ struct Loaded {
     end: u64,
     cmdline_size: u32,
     initrd_addr_max: u64,
-    header: Option<linux_loader::loader::bootparam::setup_header>,
+    header: Option<setup_header>,
 }
 
 fn bad_kernel(path: &Path, reason: impl ToString) -> Error {
@@ -121,20 +121,7 @@ fn load_image(mem: &GuestMemoryMmap, spec: &KernelSpec, low_end: u64) -> Result<
                     path: path.to_path_buf(),
                 });
             }
-            let mut hdr = linux_loader::loader::bootparam::setup_header::default();
-            f.seek(SeekFrom::Start(0x1f1))
-                .and_then(|_| f.read_exact(hdr.as_mut_slice()))
-                .map_err(|_| bad_kernel(path, "truncated setup header"))?;
-            let version = hdr.version;
-            if version < 0x0206 {
-                return Err(bad_kernel(
-                    path,
-                    format!("boot protocol {version:#x} is older than 2.06"),
-                ));
-            }
-            if hdr.xloadflags & XLF_KERNEL_64 == 0 {
-                return Err(bad_kernel(path, "bzImage has no 64-bit entry point"));
-            }
+            let hdr = read_setup_header(path)?;
             let needed = decompress_end(&hdr);
             if needed > low_end {
                 return Err(too_large(needed));
@@ -332,15 +319,49 @@ pub fn load_kernel(ram: &RamBus, spec: &KernelSpec, acpi: &AcpiConfig) -> Result
     })
 }
 
-fn write_zero_page(
-    ram: &RamBus,
-    header: Option<linux_loader::loader::bootparam::setup_header>,
+/// Reads and checks a bzImage's setup header: boot protocol 2.06 or later with a 64-bit entry
+/// point.
+pub fn read_setup_header(path: &Path) -> Result<setup_header> {
+    let mut f = File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut hdr = setup_header::default();
+    f.seek(SeekFrom::Start(0x1f1))
+        .and_then(|_| f.read_exact(hdr.as_mut_slice()))
+        .map_err(|_| bad_kernel(path, "truncated setup header"))?;
+    let (flag, magic, version) = (hdr.boot_flag, hdr.header, hdr.version);
+    if flag != 0xaa55 || magic != 0x5372_6448 {
+        return Err(bad_kernel(
+            path,
+            "no bzImage setup header (boot flag or HdrS missing)",
+        ));
+    }
+    if version < 0x0206 {
+        return Err(bad_kernel(
+            path,
+            format!("boot protocol {version:#x} is older than 2.06"),
+        ));
+    }
+    if hdr.xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(bad_kernel(path, "bzImage has no 64-bit entry point"));
+    }
+    Ok(hdr)
+}
+
+/// Builds the zero page (`struct boot_params`) of the Linux 64-bit boot protocol: the image's
+/// setup `header` (a minimal one for an ELF vmlinux), the command line at its fixed address,
+/// the initramfs (address, size), the ACPI RSDP and the `e820` map. Writes nothing anywhere:
+/// the caller places it (at [`ZERO_PAGE_ADDR`] for [`load_kernel`]).
+pub fn zero_page(
+    header: Option<&setup_header>,
+    e820: &[E820Entry],
     initramfs: Option<(u64, u64)>,
     rsdp_addr: u64,
-) -> Result<()> {
+) -> boot_params {
     let mut params = boot_params::default();
     match header {
-        Some(h) => params.hdr = h,
+        Some(h) => params.hdr = *h,
         None => {
             params.hdr.boot_flag = 0xaa55;
             params.hdr.header = 0x5372_6448; // "HdrS"
@@ -358,15 +379,24 @@ fn write_zero_page(
         params.ext_ramdisk_size = (size >> 32) as u32;
     }
     params.acpi_rsdp_addr = rsdp_addr;
-    let e820 = ram.map().e820();
-    for (i, e) in e820.iter().enumerate().take(params.e820_table.len()) {
-        params.e820_table[i] = boot_e820_entry {
+    for (slot, e) in params.e820_table.iter_mut().zip(e820) {
+        *slot = boot_e820_entry {
             addr: e.addr,
             size: e.size,
             r#type: e.kind as u32,
         };
     }
     params.e820_entries = e820.len().min(params.e820_table.len()) as u8;
+    params
+}
+
+fn write_zero_page(
+    ram: &RamBus,
+    header: Option<setup_header>,
+    initramfs: Option<(u64, u64)>,
+    rsdp_addr: u64,
+) -> Result<()> {
+    let params = zero_page(header.as_ref(), &ram.map().e820(), initramfs, rsdp_addr);
     ram.memory()
         .write_obj(params, GuestAddress(ZERO_PAGE_ADDR))
         .map_err(|_| Error::GuestMemory {
