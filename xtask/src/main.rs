@@ -3,7 +3,9 @@
 //! - `cargo xtask guest`: fetch Debian's cloud kernel and busybox-static with `apt-get download`
 //!   and build the test guest artifacts under `target/guest/`.
 //! - `cargo xtask ci`: what CI runs: guest artifacts, `cargo fmt --check`, clippy with
-//!   `-D warnings`, and every test.
+//!   `-D warnings`, every test, `crates` and `e2e`.
+//! - `cargo xtask crates`: the library crates as other VMMs take them: no unused dependencies
+//!   (cargo-machete), the layering of docs/architecture.md, each crate's example, `cargo package`.
 
 mod cpio;
 mod e2e;
@@ -83,7 +85,90 @@ fn ci() -> Result<()> {
     run(cargo()
         .args(["test", "--workspace", "--doc"])
         .env("ALIOTH_GUEST_DIR", &guest_dir))?;
+    crates_stand_alone(&guest_dir)?;
     e2e::e2e(&workspace_root())?;
+    Ok(())
+}
+
+/// The library crates as other VMMs would take them: no unused dependencies, the layering the
+/// architecture promises, each crate's example run on its own, and every publishable crate
+/// packaged (which fails if anything refers outside its crate).
+fn crates_stand_alone(guest_dir: &Path) -> Result<()> {
+    let machete = || {
+        let mut c = Command::new("cargo-machete");
+        c.current_dir(workspace_root());
+        c
+    };
+    if !machete()
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        run(cargo().args(["install", "cargo-machete", "--locked", "--version", "0.9.2"]))?;
+    }
+    run(machete().arg("."))?;
+    check_layering()?;
+    let vmlinuz = guest_dir.join("vmlinuz");
+    let vmlinuz = vmlinuz.to_string_lossy();
+    for (krate, example, args) in [
+        ("alioth-queue", "walk_chain", vec![]),
+        ("alioth-io-uring", "blk_over_io_uring", vec![]),
+        ("alioth-boot", "zero_page", vec![vmlinuz.as_ref(), "256M"]),
+        ("alioth-hv", "three_instructions", vec![]),
+        ("alioth-pci", "enumerate", vec![]),
+    ] {
+        run(cargo()
+            .args(["run", "-q", "-p", krate, "--example", example, "--"])
+            .args(args))?;
+    }
+    run(cargo().args([
+        "package",
+        "--workspace",
+        "--allow-dirty",
+        "--exclude",
+        "xtask",
+        "--exclude",
+        "alioth-test-util",
+    ]))
+}
+
+/// What each crate may depend on (normal dependencies, transitively): the crates other VMMs
+/// embed must not drag in the layers above them or KVM.
+fn check_layering() -> Result<()> {
+    let forbidden: [(&str, &[&str]); 6] = [
+        ("alioth-queue", &["alioth-", "kvm-ioctls", "io-uring"]),
+        (
+            "alioth-virtio",
+            &["alioth-pci", "alioth-mem", "kvm-ioctls", "io-uring"],
+        ),
+        (
+            "alioth-io-uring",
+            &["alioth-pci", "alioth-virtio-pci", "kvm-ioctls"],
+        ),
+        (
+            "alioth-pci",
+            &["alioth-virtio", "alioth-queue", "kvm-ioctls"],
+        ),
+        ("alioth-boot", &["alioth-hv", "kvm-ioctls", "kvm-bindings"]),
+        ("alioth-arch", &["alioth-", "kvm-ioctls"]),
+    ];
+    for (krate, banned) in forbidden {
+        let tree = output(cargo().args([
+            "tree", "-p", krate, "-e", "normal", "--prefix", "none", "--format", "{p}",
+        ]))?;
+        let deps: Vec<&str> = tree
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        if let Some(bad) = deps
+            .iter()
+            .find(|d| banned.iter().any(|b| d.starts_with(b) && **d != krate))
+        {
+            bail!("{krate} depends on {bad}, which its layer must not (see docs/architecture.md)");
+        }
+    }
+    eprintln!("xtask: crate layering holds");
     Ok(())
 }
 
@@ -104,7 +189,8 @@ fn usage() -> ! {
         "usage: cargo xtask <task>\n\n\
          tasks:\n  \
          guest   fetch Debian's cloud kernel + busybox and build target/guest/\n  \
-         ci      guest artifacts, fmt check, clippy -D warnings, all tests\n  \
+         ci      guest artifacts, fmt check, clippy -D warnings, all tests, crates, e2e\n  \
+         crates  unused dependencies, crate layering, each crate's example, cargo package\n  \
          e2e     build the guest kit and run its tests under alioth\n  \
          bench blk [--secs N]  virtio-blk 4 KiB random-read IOPS vs a plain io_uring loop"
     );
@@ -118,6 +204,7 @@ fn main() -> Result<()> {
             eprintln!("xtask: guest artifacts in {}", dir.display());
         }),
         Some("ci") => ci(),
+        Some("crates") => crates_stand_alone(&guest::build(&workspace_root())?),
         Some("bench") => bench(&args[1..]),
         Some("e2e") => e2e::e2e(&workspace_root()),
         _ => usage(),

@@ -64,7 +64,7 @@ impl MemoryMap {
         if size < MIN_RAM {
             return Err(bad(&format!("at least {} MiB is needed", MIN_RAM >> 20)));
         }
-        if size % 4096 != 0 {
+        if !size.is_multiple_of(4096) {
             return Err(bad("must be a multiple of 4 KiB"));
         }
         let map = MemoryMap { size };

@@ -178,7 +178,7 @@ impl MsixTable {
             u32::from(v.masked),
         ];
         let field = ((offset % MSIX_ENTRY_SIZE) / 4) as usize;
-        if data.len() == 8 && field % 2 == 0 {
+        if data.len() == 8 && field.is_multiple_of(2) {
             write_le(
                 data,
                 u64::from(entry[field]) | (u64::from(entry[field + 1]) << 32),

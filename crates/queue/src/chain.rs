@@ -265,7 +265,7 @@ pub(crate) fn check_area<M: GuestMemory>(
     len: u64,
     align: u64,
 ) -> Result<()> {
-    let ok = addr % align == 0
+    let ok = addr.is_multiple_of(align)
         && addr.checked_add(len).is_some()
         && mem.check_range(GuestAddress(addr), len as usize, Permissions::ReadWrite);
     if ok {

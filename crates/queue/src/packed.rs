@@ -95,7 +95,7 @@ impl PackedQueue {
     }
 
     fn wrap(&self, abs: u64) -> bool {
-        (abs / u64::from(self.size)) % 2 == 0
+        (abs / u64::from(self.size)).is_multiple_of(2)
     }
 
     fn slot(&self, abs: u64) -> u64 {
@@ -141,7 +141,7 @@ impl PackedQueue {
         d: RawDesc,
     ) -> Result<()> {
         let head = b.head();
-        if !self.indirect || d.flags & DESC_F_NEXT != 0 || d.len % 16 != 0 || d.len == 0 {
+        if !self.indirect || d.flags & DESC_F_NEXT != 0 || !d.len.is_multiple_of(16) || d.len == 0 {
             return Err(QueueError::BadIndirect { head });
         }
         let n = d.len / 16;

@@ -77,7 +77,7 @@ fn many_laps_with_out_of_order_completion() {
                 let mut b = [0u8; 4];
                 c.read_at(mem, 0, &mut b).unwrap();
                 c.write_at(mem, 0, &b).unwrap();
-                q.push_used(mem, &c, 4).unwrap();
+                q.push_used(mem, c, 4).unwrap();
             }
             let mut got = Vec::new();
             while let Some((id, len)) = d.used() {

@@ -105,7 +105,7 @@ impl<'a, M: GuestMemory> TestDriver<'a, M> {
     }
 
     fn wrap(&self, abs: u64) -> bool {
-        (abs / u64::from(self.size)) % 2 == 0
+        (abs / u64::from(self.size)).is_multiple_of(2)
     }
 
     fn slot(&self, abs: u64) -> u64 {

@@ -193,7 +193,7 @@ impl VirtioBlk {
     }
 
     fn in_range(&self, sector: u64, bytes: u64) -> bool {
-        bytes % SECTOR_SIZE == 0
+        bytes.is_multiple_of(SECTOR_SIZE)
             && sector
                 .checked_add(bytes / SECTOR_SIZE)
                 .is_some_and(|end| end <= self.capacity)
