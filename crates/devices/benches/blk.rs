@@ -117,6 +117,7 @@ fn device(path: &std::path::Path, uring: bool, qd: usize, secs: f64) -> f64 {
         queues: vec![Some(QueueSetup {
             config: d.config(),
             ioeventfd: kick.clone(),
+            base: 0,
         })],
         irq: irq.clone(),
     });

@@ -73,6 +73,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         queues: vec![Some(QueueSetup {
             config: driver.config(),
             ioeventfd: kick.clone(),
+            base: 0,
         })],
         irq: irq.clone(),
     });

@@ -410,6 +410,10 @@ impl<D: ChainHandler> ActiveBackend<D> for ActiveIoUring {
         }
     }
 
+    fn queues(&self) -> &[ActiveQueue] {
+        &self.queues
+    }
+
     fn drain(&mut self, dev: &mut D) -> Result<()> {
         let name = dev.name().to_string();
         let n = self.queues.len();

@@ -177,6 +177,14 @@ pub trait VirtQueue: Send {
     fn enable_notification<M: GuestMemory>(&mut self, mem: &M) -> Result<bool>;
     /// Asks the driver not to notify (the device is polling).
     fn disable_notification<M: GuestMemory>(&mut self, mem: &M) -> Result<()>;
+    /// The ring position, encoded as vhost-user's GET_VRING_BASE encodes it: the next available
+    /// index; for a packed ring the available wrap counter in bit 15 and the used index and
+    /// its wrap counter in bits 16-31. Meaningful when nothing is in flight.
+    fn ring_base(&self) -> u32;
+    /// Continues a ring at `base` (the encoding of [`VirtQueue::ring_base`]; a packed base
+    /// whose used half is 0 takes the available half for both), as vhost-user's
+    /// SET_VRING_BASE asks. Only for a queue with nothing in flight.
+    fn set_ring_base<M: GuestMemory>(&mut self, mem: &M, base: u32) -> Result<()>;
 }
 
 /// A queue of either format, as the driver negotiated it.
@@ -217,6 +225,12 @@ impl VirtQueue for Queue {
     }
     fn disable_notification<M: GuestMemory>(&mut self, mem: &M) -> Result<()> {
         each!(self, q => q.disable_notification(mem))
+    }
+    fn ring_base(&self) -> u32 {
+        each!(self, q => q.ring_base())
+    }
+    fn set_ring_base<M: GuestMemory>(&mut self, mem: &M, base: u32) -> Result<()> {
+        each!(self, q => q.set_ring_base(mem, base))
     }
 }
 

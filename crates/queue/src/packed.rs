@@ -298,4 +298,32 @@ impl VirtQueue for PackedQueue {
             Ordering::Relaxed,
         )
     }
+
+    fn ring_base(&self) -> u32 {
+        let enc = |abs: u64| u32::from(self.pos(abs)) | (u32::from(self.wrap(abs)) << 15);
+        enc(self.next_avail) | (enc(self.next_used) << 16)
+    }
+
+    fn set_ring_base<M: GuestMemory>(&mut self, mem: &M, base: u32) -> Result<()> {
+        let size = u64::from(self.size);
+        let dec = |half: u32| {
+            let idx = u64::from(half & 0x7fff) % size;
+            if half & 0x8000 != 0 { idx } else { idx + size }
+        };
+        // Base 0 is ambiguous: index 0 after an odd number of laps (wrap counter 0), or what
+        // frontends that predate packed rings send for a fresh ring (Linux's virtio_uml does).
+        // Descriptor 0 tells: after a lap the device has written it with the USED flag set; in
+        // a fresh ring it is zero or only made available (USED clear).
+        let base = if base == 0 {
+            let flags = Self::read_raw(mem, self.desc)?.flags;
+            if flags & DESC_F_USED != 0 { 0 } else { 0x8000 }
+        } else {
+            base
+        };
+        let used = if base >> 16 == 0 { base } else { base >> 16 };
+        self.next_avail = dec(base & 0xffff);
+        self.next_used = dec(used & 0xffff);
+        self.signalled_used = self.next_used;
+        Ok(())
+    }
 }

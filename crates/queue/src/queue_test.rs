@@ -399,3 +399,43 @@ fn used_bytes_written_through_host_pointers_are_marked_dirty() {
         assert_eq!(d.used(), Some((id, 4096)));
     }
 }
+
+#[test]
+fn a_ring_continues_from_its_base_in_a_new_queue() {
+    let ram = ram(16 << 20);
+    let mem = ram.memory();
+    for format in [QueueFormat::Split, QueueFormat::Packed] {
+        let mut d = TestDriver::new(mem, format, 4, BASE, 1 << VIRTIO_F_EVENT_IDX);
+        let mut q = new_queue(4, d.config(), d.features(), mem).unwrap();
+        let fresh = q.ring_base();
+        // Six chains through a ring of four: the position wraps once.
+        for i in 0..6u8 {
+            let id = d.add(&[&[i]], &[1]).unwrap();
+            let c = q.pop(mem).unwrap().unwrap();
+            q.push_used(mem, &c, 0).unwrap();
+            assert_eq!(d.used(), Some((id, 0)));
+        }
+        let base = q.ring_base();
+        assert_ne!(base, fresh, "{format:?}");
+        // A new queue (a backend that reconnected) continues where the old one stopped.
+        let mut q2 = new_queue(4, d.config(), d.features(), mem).unwrap();
+        q2.set_ring_base(mem, base).unwrap();
+        assert_eq!(q2.ring_base(), base, "{format:?}");
+        let id = d.add(&[b"next"], &[4]).unwrap();
+        let c = q2
+            .pop(mem)
+            .unwrap()
+            .expect("the next chain, not an old one");
+        assert_eq!(c.id(), id);
+        let mut b = [0u8; 4];
+        c.read_at(mem, 0, &mut b).unwrap();
+        assert_eq!(&b, b"next");
+        q2.push_used(mem, &c, 4).unwrap();
+        assert_eq!(d.used(), Some((id, 4)), "{format:?}");
+        // Base 0 on a fresh ring is the start of the ring for both formats.
+        let d3 = TestDriver::new(mem, format, 4, BASE + 0x20_0000, 0);
+        let mut q3 = new_queue(4, d3.config(), d3.features(), mem).unwrap();
+        q3.set_ring_base(mem, 0).unwrap();
+        assert_eq!(q3.ring_base(), fresh, "{format:?}");
+    }
+}

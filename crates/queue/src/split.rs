@@ -218,4 +218,15 @@ impl VirtQueue for SplitQueue {
             .disable_notification(mem)
             .map_err(|_| QueueError::Memory(self.q.used_ring()))
     }
+
+    fn ring_base(&self) -> u32 {
+        u32::from(self.q.next_avail())
+    }
+
+    fn set_ring_base<M: GuestMemory>(&mut self, _mem: &M, base: u32) -> Result<()> {
+        // Nothing is in flight, so the used index has caught up with the available one.
+        self.q.set_next_avail(base as u16);
+        self.q.set_next_used(base as u16);
+        Ok(())
+    }
 }

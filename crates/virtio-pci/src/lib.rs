@@ -428,6 +428,7 @@ impl VirtioPci {
                                     device: q.device,
                                 },
                                 ioeventfd: s.ioeventfds[i].clone(),
+                                base: 0,
                             })
                         })
                         .collect()
@@ -442,7 +443,7 @@ impl VirtioPci {
                 });
             }
             StatusChange::Reset => {
-                s.worker.reset();
+                let _ = s.worker.reset();
                 let mut c = s.common.lock().unwrap_or_else(|e| e.into_inner());
                 c.config_vector = NO_VECTOR;
                 c.queue_select = 0;

@@ -137,6 +137,10 @@ impl<D: ChainHandler> ActiveBackend<D> for ActiveEpoll {
         }
     }
 
+    fn queues(&self) -> &[ActiveQueue] {
+        &self.queues
+    }
+
     fn drain(&mut self, _dev: &mut D) -> Result<()> {
         // Every chain completes before `serve` returns: nothing is ever in flight.
         Ok(())

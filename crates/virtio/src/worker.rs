@@ -20,7 +20,13 @@ pub struct QueueSetup {
     pub config: QueueConfig,
     /// Signalled (by KVM) when the driver notifies the queue.
     pub ioeventfd: Arc<EventFd>,
+    /// Where the ring continues, in [`VirtQueue::ring_base`]'s encoding: 0 for a fresh ring, or
+    /// what a previous worker reported (vhost-user's SET_VRING_BASE).
+    pub base: u32,
 }
+
+/// A queue's index and its ring position ([`VirtQueue::ring_base`]) when its worker stopped.
+pub type QueueState = (u16, u32);
 
 /// What the transport tells a worker.
 pub enum WakeEvent {
@@ -35,8 +41,8 @@ pub enum WakeEvent {
         irq: Arc<dyn IrqSender>,
     },
     /// The driver reset the device: finish in-flight requests, then stop using the queues.
-    /// The sender (if any) is told when the reset is complete.
-    Reset(Option<Sender<()>>),
+    /// The sender (if any) gets the queues' final positions when the reset is complete.
+    Reset(Option<Sender<Vec<QueueState>>>),
     /// The VM is going away: like reset, then the thread ends.
     Shutdown,
 }
@@ -75,6 +81,8 @@ pub trait ActiveBackend<D: ChainHandler>: Send {
     /// Completes every request in flight, updating the used rings and interrupting the driver,
     /// so that nothing acknowledged is lost across a reset.
     fn drain(&mut self, dev: &mut D) -> Result<()>;
+    /// The queues served.
+    fn queues(&self) -> &[ActiveQueue];
 }
 
 /// What a worker is doing.
@@ -168,13 +176,15 @@ impl Worker {
     }
 
     /// Resets the device and waits until in-flight requests are complete and the queues are
-    /// released (what a driver's write of status 0 requires before it reads 0 back).
-    pub fn reset(&self) {
+    /// released (what a driver's write of status 0 requires before it reads 0 back). Returns
+    /// where each queue that was running stopped (what vhost-user's GET_VRING_BASE reports).
+    pub fn reset(&self) -> Vec<QueueState> {
         let (tx, rx) = channel();
         self.wake(WakeEvent::Reset(Some(tx)));
-        if rx.recv().is_err() {
+        rx.recv().unwrap_or_else(|_| {
             log::warn!("{}: worker ended during reset", self.name);
-        }
+            Vec::new()
+        })
     }
 
     /// Whether the device hit a driver error and waits for a reset (the transport reflects it as
@@ -294,11 +304,11 @@ impl<D: ChainHandler, B: Backend<D>> WorkerThread<D, B> {
                         }
                     }
                     WakeEvent::Reset(done) => {
-                        self.stop(&mut active);
+                        let stopped = self.stop(&mut active);
                         broken = false;
                         self.set(WorkerState::Idle);
                         if let Some(done) = done {
-                            let _ = done.send(());
+                            let _ = done.send(stopped);
                         }
                     }
                     WakeEvent::Shutdown => {
@@ -329,14 +339,13 @@ impl<D: ChainHandler, B: Backend<D>> WorkerThread<D, B> {
                     reason: "the device has no such queue".into(),
                 });
             };
-            let queue =
-                new_queue(max_size, setup.config, features, &self.mem).map_err(|source| {
-                    Error::Queue {
-                        dev: name.clone(),
-                        queue: index,
-                        source,
-                    }
-                })?;
+            let qerr = |source| Error::Queue {
+                dev: name.clone(),
+                queue: index,
+                source,
+            };
+            let mut queue = new_queue(max_size, setup.config, features, &self.mem).map_err(qerr)?;
+            queue.set_ring_base(&self.mem, setup.base).map_err(qerr)?;
             active.push(ActiveQueue {
                 index,
                 queue,
@@ -353,13 +362,21 @@ impl<D: ChainHandler, B: Backend<D>> WorkerThread<D, B> {
         )
     }
 
-    fn stop(&mut self, active: &mut Option<(B::Active, Arc<dyn IrqSender>)>) {
-        if let Some((mut a, _)) = active.take() {
-            if let Err(e) = a.drain(&mut self.dev) {
-                log::error!("{}: draining in-flight requests: {e}", self.dev.name());
-            }
-            self.dev.reset();
+    /// Drains and drops the running backend; returns where its queues stopped.
+    fn stop(&mut self, active: &mut Option<(B::Active, Arc<dyn IrqSender>)>) -> Vec<QueueState> {
+        let Some((mut a, _)) = active.take() else {
+            return Vec::new();
+        };
+        if let Err(e) = a.drain(&mut self.dev) {
+            log::error!("{}: draining in-flight requests: {e}", self.dev.name());
         }
+        let stopped = a
+            .queues()
+            .iter()
+            .map(|q| (q.index, q.queue.ring_base()))
+            .collect();
+        self.dev.reset();
+        stopped
     }
 }
 

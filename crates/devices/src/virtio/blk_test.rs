@@ -87,6 +87,7 @@ impl<'a> Rig<'a> {
             queues.push(Some(QueueSetup {
                 config: d.config(),
                 ioeventfd: k.clone(),
+                base: 0,
             }));
             kicks.push(k);
             drivers.push(d);

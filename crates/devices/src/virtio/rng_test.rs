@@ -29,6 +29,7 @@ fn start_with(ram: &RamBus, features: u64, config: alioth_queue::QueueConfig) ->
         queues: vec![Some(QueueSetup {
             config,
             ioeventfd: kick.clone(),
+            base: 0,
         })],
         irq: irq.clone(),
     });
@@ -113,6 +114,7 @@ fn hostile_chain_sets_needs_reset_and_reset_recovers() {
             queues: vec![Some(QueueSetup {
                 config: d.config(),
                 ioeventfd: rig2.kick.clone(),
+                base: 0,
             })],
             irq: rig2.irq.clone(),
         });
@@ -133,4 +135,42 @@ fn bad_queue_size_at_start_sets_needs_reset() {
     let rig = start_with(&ram, 0, config);
     assert!(wait_eventfd(&rig.irq.config, 5000));
     assert!(rig.worker.needs_reset());
+}
+
+#[test]
+fn a_reset_reports_where_each_ring_stopped_and_a_restart_continues_there() {
+    let ram = RamBus::new(MemoryMap::new(16 << 20).unwrap()).unwrap();
+    for format in [QueueFormat::Split, QueueFormat::Packed] {
+        let mut d = TestDriver::new(ram.memory(), format, 4, 0x10_0000, 0);
+        let rig = start(&ram, &d);
+        // Five one-descriptor chains through a ring of four.
+        for _ in 0..5 {
+            let id = d.add(&[], &[8]).unwrap();
+            rig.kick.write(1).unwrap();
+            assert!(wait_eventfd(&rig.irq.queues[0], 5000), "{format:?}");
+            assert_eq!(d.used(), Some((id, 8)));
+        }
+        let stopped = rig.worker.reset();
+        let want = match format {
+            QueueFormat::Split => 5,
+            // Index 1 after one lap: both wrap counters 0.
+            QueueFormat::Packed => 1 | (1 << 16),
+        };
+        assert_eq!(stopped, vec![(0, want)], "{format:?}");
+        // A new start from that base serves the next chain, not the ring's first slot again.
+        rig.worker.wake(WakeEvent::Start {
+            features: d.features() | (1 << VIRTIO_F_VERSION_1),
+            queues: vec![Some(QueueSetup {
+                config: d.config(),
+                ioeventfd: rig.kick.clone(),
+                base: want,
+            })],
+            irq: rig.irq.clone(),
+        });
+        let id = d.add(&[], &[16]).unwrap();
+        rig.kick.write(1).unwrap();
+        assert!(wait_eventfd(&rig.irq.queues[0], 5000), "{format:?}");
+        assert_eq!(d.used(), Some((id, 16)), "{format:?}");
+        rig.worker.shutdown();
+    }
 }
