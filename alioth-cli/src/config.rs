@@ -6,10 +6,11 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
 use alioth_vmm::{
-    BlkConfig, BootProtocol, DiskConfig, IoBackend, RngConfig, SerialConfig, VmConfig,
+    BlkConfig, BootProtocol, DiskConfig, IoBackend, RngConfig, SerialConfig, VhostUserConfig,
+    VhostUserDeviceConfig, VmConfig,
 };
 
-use crate::BootArgs;
+use crate::{BootArgs, VhostUserArgs, VhostUserDevice};
 
 /// The TOML schema (docs/config.md). Unknown keys are errors.
 #[derive(Debug, Default, Deserialize)]
@@ -311,3 +312,61 @@ pub fn build(args: &BootArgs) -> Result<VmConfig> {
 #[cfg(test)]
 #[path = "config_test.rs"]
 mod tests;
+
+/// The TOML schema of `alioth vhost-user --config`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VhostUserFile {
+    pub socket: Option<PathBuf>,
+    pub blk: Option<DiskFile>,
+    pub rng: Option<RngFile>,
+}
+
+/// `alioth vhost-user`: a device subcommand, or the file named by `--config`.
+pub fn build_vhost_user(args: &VhostUserArgs) -> Result<VhostUserConfig> {
+    let cwd = PathBuf::from(".");
+    match (&args.device, &args.config) {
+        (Some(_), Some(_)) => bail!("give either a device subcommand or --config, not both"),
+        (None, None) => bail!("give a device (`blk` or `rng`) or --config FILE"),
+        (Some(VhostUserDevice::Blk { socket, disk }), None) => Ok(VhostUserConfig {
+            socket: socket.clone(),
+            device: VhostUserDeviceConfig::Blk(parse_disk_flag(disk)?.into_config(&cwd)?),
+        }),
+        (Some(VhostUserDevice::Rng { socket, backend }), None) => Ok(VhostUserConfig {
+            socket: socket.clone(),
+            device: VhostUserDeviceConfig::Rng(RngConfig {
+                backend: backend
+                    .as_deref()
+                    .map(parse_backend)
+                    .transpose()?
+                    .unwrap_or_default(),
+            }),
+        }),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            let file: VhostUserFile =
+                toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let base = path.parent().map(Path::to_path_buf).unwrap_or(cwd);
+            let Some(socket) = file.socket else {
+                bail!("{}: `socket` is missing", path.display());
+            };
+            let device = match (file.blk, file.rng) {
+                (Some(b), None) => VhostUserDeviceConfig::Blk(b.into_config(&base)?),
+                (None, Some(r)) => VhostUserDeviceConfig::Rng(RngConfig {
+                    backend: r
+                        .backend
+                        .as_deref()
+                        .map(parse_backend)
+                        .transpose()?
+                        .unwrap_or_default(),
+                }),
+                _ => bail!("{}: give exactly one of [blk] and [rng]", path.display()),
+            };
+            Ok(VhostUserConfig {
+                socket: base.join(socket),
+                device,
+            })
+        }
+    }
+}

@@ -32,6 +32,44 @@ struct Cli {
 enum Command {
     /// Boot a VM. Flags override the values of the --config file.
     Boot(BootArgs),
+    /// Serve a device as a vhost-user backend (to QEMU, Cloud Hypervisor, User-Mode Linux or
+    /// alioth itself) until stopped. Either a device subcommand or --config.
+    VhostUser(VhostUserArgs),
+}
+
+/// Options of `alioth vhost-user`.
+#[derive(Args, Debug, Default)]
+pub struct VhostUserArgs {
+    /// TOML file: `socket = "PATH"` and a `[blk]` table (the keys of `[[disk]]`) or an `[rng]`
+    /// table. Relative paths are relative to the file's directory.
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+    /// The device.
+    #[command(subcommand)]
+    pub device: Option<VhostUserDevice>,
+}
+
+/// A device `alioth vhost-user` serves.
+#[derive(Subcommand, Debug)]
+pub enum VhostUserDevice {
+    /// virtio-blk on a disk image.
+    Blk {
+        /// The Unix socket to listen on (a stale socket is replaced; one in use is an error).
+        #[arg(long, value_name = "PATH")]
+        socket: std::path::PathBuf,
+        /// The disk, as for `alioth boot --disk`: PATH or `path=PATH[,read_only=on]...`.
+        #[arg(long, value_name = "SPEC")]
+        disk: String,
+    },
+    /// virtio-rng, fed by the host's getrandom.
+    Rng {
+        /// The Unix socket to listen on.
+        #[arg(long, value_name = "PATH")]
+        socket: std::path::PathBuf,
+        /// Event loop: auto, io_uring or epoll.
+        #[arg(long, value_name = "B")]
+        backend: Option<String>,
+    },
 }
 
 /// Options of `alioth boot`.
@@ -98,6 +136,28 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match cli.command {
         Command::Boot(args) => boot(args),
+        Command::VhostUser(args) => vhost_user(args),
+    }
+}
+
+fn vhost_user(args: VhostUserArgs) -> ExitCode {
+    let config = match config::build_vhost_user(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("alioth: {e:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match alioth_vmm::serve_vhost_user(&config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("alioth: {e}");
+            ExitCode::from(if e.is_user_error() {
+                EXIT_USAGE
+            } else {
+                EXIT_RUNTIME
+            })
+        }
     }
 }
 

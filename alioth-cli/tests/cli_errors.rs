@@ -127,3 +127,52 @@ fn help_explains_every_option() {
     assert_eq!(alioth(&["boot", "--bogus"]).status.code(), Some(2));
     assert!(Path::new(env!("CARGO_BIN_EXE_alioth")).exists());
 }
+
+#[test]
+fn vhost_user_bad_specs_and_sockets_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
+    let img = d("disk.img");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let sock = d("blk.sock");
+    // The disk image is missing.
+    let out = alioth(&[
+        "vhost-user",
+        "blk",
+        "--socket",
+        &sock,
+        "--disk",
+        &d("none.img"),
+    ]);
+    assert_usage_error(&out, "none.img");
+    // A bad disk spec.
+    let out = alioth(&[
+        "vhost-user",
+        "blk",
+        "--socket",
+        &sock,
+        "--disk",
+        "path=x,bogus=1",
+    ]);
+    assert_usage_error(&out, "unknown key `bogus`");
+    // The socket path exists and is not a socket.
+    let out = alioth(&["vhost-user", "blk", "--socket", &img, "--disk", &img]);
+    assert_usage_error(&out, "not a socket");
+    // A socket another process accepts on.
+    let _live = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let out = alioth(&["vhost-user", "blk", "--socket", &sock, "--disk", &img]);
+    assert_usage_error(&out, "in use");
+    // Neither a device nor a file; both; a file with two devices.
+    assert_usage_error(&alioth(&["vhost-user"]), "give a device");
+    let cfg = d("vu.toml");
+    std::fs::write(
+        &cfg,
+        "socket = \"s.sock\"\n[rng]\n[blk]\npath = \"disk.img\"\n",
+    )
+    .unwrap();
+    assert_usage_error(&alioth(&["vhost-user", "--config", &cfg]), "exactly one of");
+    let out = alioth(&["vhost-user", "--config", &cfg, "rng", "--socket", &sock]);
+    assert_usage_error(&out, "not both");
+    std::fs::write(&cfg, "sockett = 1\n").unwrap();
+    assert_usage_error(&alioth(&["vhost-user", "--config", &cfg]), "unknown field");
+}

@@ -23,12 +23,14 @@ mod machine;
 mod pci;
 mod signals;
 mod terminal;
+mod vhost_user;
 
 pub use alioth_boot::{BootProtocol, KernelSpec};
 pub use alioth_devices::virtio::blk::BlkConfig;
 pub use alioth_hv::parse_cpu_features;
 pub use config::{DiskConfig, IoBackend, RngConfig, SerialConfig, VmConfig};
 pub use machine::{ExitReason, Machine, MachineOptions};
+pub use vhost_user::{VhostUserConfig, VhostUserDeviceConfig, serve_vhost_user};
 
 /// Errors of building or running a VM.
 #[derive(Debug, thiserror::Error)]

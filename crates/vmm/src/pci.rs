@@ -19,7 +19,7 @@ use crate::{Error, Result};
 /// The first GSI above the IOAPIC's 24 pins.
 const FIRST_MSI_GSI: u32 = 24;
 /// io_uring submission ring size per device.
-const IO_URING_ENTRIES: u32 = 256;
+pub const IO_URING_ENTRIES: u32 = 256;
 
 /// MSI routes over KVM's GSI routing table (which is replaced whole on every change).
 pub struct KvmMsi {
@@ -89,6 +89,29 @@ impl IoeventRegistry for KvmIoevents {
     }
 }
 
+/// Whether `backend` means io_uring for device `name`: `auto` falls back to epoll (with a log
+/// line) where io_uring is unavailable, `io_uring` there is an error.
+pub fn use_io_uring(name: &str, backend: IoBackend) -> Result<bool> {
+    Ok(match backend {
+        IoBackend::Epoll => false,
+        IoBackend::IoUring => {
+            if !io_uring_available() {
+                return Err(Error::Device(format!(
+                    "{name}: io_uring is not available here (blocked or unsupported); use backend = \"epoll\" or \"auto\""
+                )));
+            }
+            true
+        }
+        IoBackend::Auto => {
+            let ok = io_uring_available();
+            if !ok {
+                log::warn!("{name}: io_uring is not available; using the epoll backend");
+            }
+            ok
+        }
+    })
+}
+
 /// Places virtio devices on the PCI bus, one BAR window each.
 pub struct VirtioPlacer {
     pub pci: Arc<PciBus>,
@@ -106,24 +129,7 @@ impl VirtioPlacer {
     pub fn add<D: ChainHandler>(&mut self, dev: D, backend: IoBackend) -> Result<()> {
         let info = DeviceInfo::of(&dev);
         let name = info.name.clone();
-        let use_uring = match backend {
-            IoBackend::Epoll => false,
-            IoBackend::IoUring => {
-                if !io_uring_available() {
-                    return Err(Error::Device(format!(
-                        "{name}: io_uring is not available here (blocked or unsupported); use backend = \"epoll\" or \"auto\""
-                    )));
-                }
-                true
-            }
-            IoBackend::Auto => {
-                let ok = io_uring_available();
-                if !ok {
-                    log::warn!("{name}: io_uring is not available; using the epoll backend");
-                }
-                ok
-            }
-        };
+        let use_uring = use_io_uring(&name, backend)?;
         let worker = if use_uring {
             Worker::spawn(dev, IoUringBackend::new(IO_URING_ENTRIES), self.mem.clone())
         } else {
