@@ -3,13 +3,15 @@
 //! - `cargo xtask guest`: fetch Debian's cloud kernel and busybox-static with `apt-get download`
 //!   and build the test guest artifacts under `target/guest/`.
 //! - `cargo xtask ci`: what CI runs: guest artifacts, `cargo fmt --check`, clippy with
-//!   `-D warnings`, every test, `crates` and `e2e`.
+//!   `-D warnings`, every test, `crates`, `e2e` and `uml`.
+//! - `cargo xtask uml`: User-Mode Linux's own virtio_blk driver against `alioth vhost-user`.
 //! - `cargo xtask crates`: the library crates as other VMMs take them: no unused dependencies
 //!   (cargo-machete), the layering of docs/architecture.md, each crate's example, `cargo package`.
 
 mod cpio;
 mod e2e;
 mod guest;
+mod uml;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -87,6 +89,7 @@ fn ci() -> Result<()> {
         .env("ALIOTH_GUEST_DIR", &guest_dir))?;
     crates_stand_alone(&guest_dir)?;
     e2e::e2e(&workspace_root())?;
+    uml::uml(&workspace_root())?;
     Ok(())
 }
 
@@ -180,7 +183,8 @@ fn bench(args: &[String]) -> Result<()> {
                 .args(&args[1..]))?;
             e2e::bench_in_guest(&workspace_root(), &args[1..])
         }
-        _ => bail!("usage: cargo xtask bench blk [--secs N]"),
+        Some("vhost-user-blk") => uml::bench(&workspace_root(), &args[1..]),
+        _ => bail!("usage: cargo xtask bench blk|vhost-user-blk [--secs N]"),
     }
 }
 
@@ -192,7 +196,9 @@ fn usage() -> ! {
          ci      guest artifacts, fmt check, clippy -D warnings, all tests, crates, e2e\n  \
          crates  unused dependencies, crate layering, each crate's example, cargo package\n  \
          e2e     build the guest kit and run its tests under alioth\n  \
-         bench blk [--secs N]  virtio-blk 4 KiB random-read IOPS vs a plain io_uring loop"
+         uml     User-Mode Linux's virtio_blk against alioth's vhost-user backend\n  \
+         bench blk [--secs N]  virtio-blk 4 KiB random-read IOPS vs a plain io_uring loop\n  \
+         bench vhost-user-blk [--secs N]  UML random reads: alioth's backend vs qemu-storage-daemon"
     );
     std::process::exit(2);
 }
@@ -207,6 +213,7 @@ fn main() -> Result<()> {
         Some("crates") => crates_stand_alone(&guest::build(&workspace_root())?),
         Some("bench") => bench(&args[1..]),
         Some("e2e") => e2e::e2e(&workspace_root()),
+        Some("uml") => uml::uml(&workspace_root()),
         _ => usage(),
     }
 }

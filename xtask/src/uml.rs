@@ -1,0 +1,478 @@
+//! `cargo xtask uml`: Linux's own virtio drivers against Alioth's vhost-user backends.
+//!
+//! User-Mode Linux (Debian's `user-mode-linux`, a Linux kernel that runs as a process) boots a
+//! busybox initramfs in about a second here and drives virtio devices over vhost-user with its
+//! `virtio_uml` transport. The initramfs holds busybox, UML's `virtio_blk` module and `uml-io`
+//! (our static I/O program); `/init` runs the test named by `alioth.test=` on the kernel command
+//! line and prints one `ALIOTH-UML result <check> pass|fail|skip <why>` line per check.
+//!
+//! Checks, on the io_uring and the epoll backend:
+//! - `blk`: a marker written with fsync reads back after dropping caches (and the host finds it
+//!   in the image); the write cache is on and `sync`/flush succeed; a discarded and a
+//!   zeroed range read back as zeros (also host-side); `uml-io verify` writes 2000 random blocks
+//!   with 16 in flight and reads them back.
+//! - `blk-ro`: a read-only disk reports itself read-only, refuses writes, and reads the
+//!   host's marker.
+//!
+//! `cargo xtask bench vhost-user-blk` runs `uml-io randread` at QD1 and QD32 against our
+//! backend and against `qemu-storage-daemon --export type=vhost-user-blk` on the same file.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::cpio::Cpio;
+use crate::{cargo, run};
+
+const UML_PACKAGE: &str = "user-mode-linux";
+const BUSYBOX_PACKAGE: &str = "busybox-static";
+/// A UML boot plus its checks takes a few seconds here; this bounds a hang.
+const TIMEOUT: Duration = Duration::from_secs(120);
+/// What the blk check writes at sector 10 and the host looks for.
+const MARKER: &str = "ALIOTH-UML-MARKER-0001";
+/// What the host writes at sector 0 of the read-only disk.
+const RO_MARKER: &str = "ALIOTH-UML-READ-ONLY";
+const DISK_SIZE: u64 = 64 << 20;
+
+/// The UML kernel and the test initramfs.
+pub struct Uml {
+    linux: PathBuf,
+    initrd: PathBuf,
+    dir: PathBuf,
+}
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+r() { echo "ALIOTH-UML result $1 $2"; }
+insmod /lib/modules/virtio_blk.ko
+i=0; while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+test=$(sed -n 's/.*alioth\.test=\([^ ]*\).*/\1/p' /proc/cmdline)
+q=/sys/block/vda/queue
+zeros() { [ "$(dd if=/dev/vda bs=4096 skip=$1 count=$2 2>/dev/null | tr -d '\000' | wc -c)" = 0 ]; }
+case "$test" in
+blk)
+  echo @MARKER@ | dd of=/dev/vda bs=512 seek=10 conv=fsync 2>/dev/null
+  echo 3 > /proc/sys/vm/drop_caches
+  got=$(dd if=/dev/vda bs=512 skip=10 count=1 2>/dev/null | head -c @MARKERLEN@)
+  [ "$got" = @MARKER@ ] && r marker pass || r marker "fail read back '$got'"
+  if [ "$(cat $q/write_cache)" = "write back" ]; then
+    sync && blockdev --flushbufs /dev/vda && r flush pass || r flush "fail flush failed"
+  else
+    r flush "fail no volatile write cache: the device offers no flush"
+  fi
+  dd if=/dev/urandom of=/dev/vda bs=4096 seek=256 count=512 conv=fsync 2>/dev/null
+  if [ "$(cat $q/discard_max_bytes)" != 0 ]; then
+    blkdiscard -o 1048576 -l 1048576 /dev/vda && echo 3 > /proc/sys/vm/drop_caches
+    zeros 256 256 && r discard pass || r discard "fail discarded range is not zero"
+  else
+    r discard "skip discard not offered"
+  fi
+  if [ "$(cat $q/write_zeroes_max_bytes)" != 0 ]; then
+    uml-io zeroout /dev/vda 2097152 1048576 && echo 3 > /proc/sys/vm/drop_caches
+    zeros 512 256 && r write-zeroes pass || r write-zeroes "fail zeroed range is not zero"
+  else
+    r write-zeroes "skip write-zeroes not offered"
+  fi
+  out=$(uml-io verify /dev/vda 2000 16)
+  case "$out" in *pass*) r verify pass ;; *) r verify "fail $out" ;; esac
+  ;;
+blk-ro)
+  [ "$(blockdev --getro /dev/vda)" = 1 ] && r ro-flag pass || r ro-flag "fail not read-only"
+  echo x | dd of=/dev/vda bs=512 seek=20 conv=fsync 2>/dev/null && r ro-write "fail write accepted" || r ro-write pass
+  got=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c @ROLEN@)
+  [ "$got" = @ROMARKER@ ] && r ro-read pass || r ro-read "fail read '$got'"
+  ;;
+bench)
+  secs=$(sed -n 's/.*alioth\.secs=\([0-9]*\).*/\1/p' /proc/cmdline)
+  uml-io randread /dev/vda ${secs:-3} 1
+  uml-io randread /dev/vda ${secs:-3} 32
+  ;;
+*) r "$test" "fail unknown test" ;;
+esac
+echo ALIOTH-UML done
+poweroff -f
+"#;
+
+fn init_script() -> String {
+    INIT.replace("@MARKERLEN@", &MARKER.len().to_string())
+        .replace("@MARKER@", MARKER)
+        .replace("@ROLEN@", &RO_MARKER.len().to_string())
+        .replace("@ROMARKER@", RO_MARKER)
+}
+
+/// Fetches UML and busybox, builds `uml-io` statically and the initramfs, under `target/uml/`.
+pub fn prepare(root: &Path) -> Result<Uml> {
+    let dir = root.join("target/uml");
+    let work = dir.join("work");
+    let linux = dir.join("linux.uml");
+    if !linux.is_file() || !dir.join("modules/virtio_blk.ko").is_file() {
+        if work.exists() {
+            std::fs::remove_dir_all(&work)?;
+        }
+        std::fs::create_dir_all(&work)?;
+        run(Command::new("apt-get").current_dir(&work).args([
+            "download",
+            "-q",
+            UML_PACKAGE,
+            BUSYBOX_PACKAGE,
+        ]))
+        .context("apt-get download (run `apt-get update` first on a fresh machine)")?;
+        for deb in std::fs::read_dir(&work)?.filter_map(|e| e.ok().map(|e| e.path())) {
+            if deb.extension().is_some_and(|x| x == "deb") {
+                run(Command::new("dpkg-deb")
+                    .arg("-x")
+                    .arg(&deb)
+                    .arg(work.join("root")))?;
+            }
+        }
+        let ko = find(&work.join("root/usr/lib/uml/modules"), "virtio_blk.ko")?
+            .context("user-mode-linux ships no virtio_blk.ko")?;
+        std::fs::create_dir_all(dir.join("modules"))?;
+        std::fs::copy(ko, dir.join("modules/virtio_blk.ko"))?;
+        std::fs::copy(work.join("root/bin/busybox"), dir.join("busybox"))?;
+        std::fs::copy(work.join("root/usr/bin/linux.uml"), &linux)?;
+        std::fs::remove_dir_all(&work)?;
+    }
+    // uml-io, static (glibc's static libraries come with gcc's libc6-dev).
+    run(cargo()
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "alioth-uml-io",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+            "--target-dir",
+        ])
+        .arg(root.join("target/uml-io"))
+        .env(
+            "RUSTFLAGS",
+            "-C target-feature=+crt-static -C debuginfo=0 -C strip=symbols",
+        ))?;
+    let uml_io = std::fs::read(root.join("target/uml-io/x86_64-unknown-linux-gnu/release/uml-io"))?;
+    let mut cpio = Cpio::default();
+    for d in ["bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"] {
+        cpio.dir(d);
+    }
+    cpio.char_dev("dev/console", 0o600, 5, 1);
+    cpio.char_dev("dev/null", 0o666, 1, 3);
+    cpio.file("bin/busybox", 0o755, &std::fs::read(dir.join("busybox"))?);
+    cpio.symlink("bin/sh", "busybox");
+    cpio.file("bin/uml-io", 0o755, &uml_io);
+    cpio.file(
+        "lib/modules/virtio_blk.ko",
+        0o644,
+        &std::fs::read(dir.join("modules/virtio_blk.ko"))?,
+    );
+    cpio.file("init", 0o755, init_script().as_bytes());
+    let initrd = dir.join("initramfs.cpio");
+    std::fs::write(&initrd, cpio.finish())?;
+    Ok(Uml { linux, initrd, dir })
+}
+
+fn find(dir: &Path, name: &str) -> Result<Option<PathBuf>> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            if let Some(f) = find(&p, name)? {
+                return Ok(Some(f));
+            }
+        } else if p.file_name().is_some_and(|n| n == name) {
+            return Ok(Some(p));
+        }
+    }
+    Ok(None)
+}
+
+/// A vhost-user backend process, stopped on drop.
+struct BackendProcess(Child);
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for_socket(p: &mut Child, sock: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        if let Some(st) = p.try_wait()? {
+            bail!("the vhost-user backend exited with {st} before listening");
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the vhost-user backend did not listen on {} within 20 s",
+                sock.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Starts `alioth vhost-user blk` on `image`.
+fn alioth_backend(alioth: &Path, sock: &Path, image: &Path, extra: &str) -> Result<BackendProcess> {
+    let _ = std::fs::remove_file(sock);
+    let mut p = Command::new(alioth)
+        .args(["vhost-user", "blk", "--socket"])
+        .arg(sock)
+        .arg("--disk")
+        .arg(format!("path={}{extra}", image.display()))
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting alioth vhost-user")?;
+    // The connection probe counts as a frontend that connects and leaves; fine.
+    wait_for_socket(&mut p, sock)?;
+    Ok(BackendProcess(p))
+}
+
+/// Starts qemu-storage-daemon exporting `image` over vhost-user-blk.
+fn qsd_backend(sock: &Path, image: &Path) -> Result<BackendProcess> {
+    let _ = std::fs::remove_file(sock);
+    let mut p = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=disk,filename={},aio=io_uring",
+            image.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},writable=on",
+            sock.display()
+        ))
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting qemu-storage-daemon (Debian's qemu-system-common or qemu-utils)")?;
+    wait_for_socket(&mut p, sock)?;
+    Ok(BackendProcess(p))
+}
+
+impl Uml {
+    /// Boots UML against the blk backend on `sock` with `alioth.test=<test>`; returns its
+    /// console output.
+    fn boot(&self, sock: &Path, test: &str, extra: &str) -> Result<String> {
+        let tmp = self.dir.join("run");
+        std::fs::create_dir_all(&tmp)?;
+        let mut child = Command::new(&self.linux)
+            .arg("mem=128M")
+            .arg(format!("initrd={}", self.initrd.display()))
+            .arg("rdinit=/init")
+            .arg("con=null")
+            .arg("con0=null,fd:1")
+            .arg(format!("uml_dir={}", tmp.display()))
+            .arg(format!("virtio_uml.device={}:2", sock.display()))
+            .arg(format!("alioth.test={test}"))
+            .args(extra.split_whitespace())
+            .env("TMPDIR", &tmp)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting User-Mode Linux")?;
+        let mut stdout = child.stdout.take().context("UML stdout")?;
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stdout.read_to_string(&mut s);
+            s
+        });
+        let deadline = Instant::now() + TIMEOUT;
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("User-Mode Linux did not finish `{test}` within {TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = reader.join().unwrap_or_default();
+        if !out.contains("ALIOTH-UML done") {
+            bail!("`{test}`: UML ended before its checks finished:\n{out}");
+        }
+        Ok(out)
+    }
+}
+
+/// The `ALIOTH-UML result` lines: (check, verdict).
+fn results(out: &str) -> Vec<(String, String)> {
+    out.lines()
+        .filter_map(|l| l.trim().strip_prefix("ALIOTH-UML result "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(c, v)| (c.to_string(), v.to_string()))
+        .collect()
+}
+
+fn image(path: &Path) -> Result<()> {
+    let f = std::fs::File::create(path)?;
+    f.set_len(DISK_SIZE)?;
+    Ok(())
+}
+
+fn read_at(path: &Path, off: u64, len: usize) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut b = vec![0u8; len];
+    std::fs::File::open(path)?.read_exact_at(&mut b, off)?;
+    Ok(b)
+}
+
+/// `cargo xtask uml`.
+pub fn uml(root: &Path) -> Result<()> {
+    let u = prepare(root)?;
+    run(cargo().args(["build", "--quiet", "-p", "alioth-cli"]))?;
+    let alioth = root.join("target/debug/alioth");
+    let (mut passed, mut failed) = (0, 0);
+    for backend in ["io_uring", "epoll"] {
+        let sock = u.dir.join(format!("blk-{backend}.sock"));
+        // Read-write disk.
+        let img = u.dir.join(format!("rw-{backend}.img"));
+        image(&img)?;
+        let mut checks = {
+            let _b = alioth_backend(&alioth, &sock, &img, &format!(",backend={backend}"))?;
+            results(&u.boot(&sock, "blk", "")?)
+        };
+        // Host side: what the guest wrote is in the image.
+        let host = |ok: bool, why: &str| {
+            if ok {
+                "pass".to_string()
+            } else {
+                format!("fail {why}")
+            }
+        };
+        let marker = read_at(&img, 10 * 512, MARKER.len())?;
+        checks.push((
+            "host-marker".into(),
+            host(marker == MARKER.as_bytes(), "marker not in the image"),
+        ));
+        let zeroed = read_at(&img, 1 << 20, 2 << 20)?;
+        checks.push((
+            "host-zeroes".into(),
+            host(
+                zeroed.iter().all(|b| *b == 0),
+                "discarded/zeroed ranges hold data",
+            ),
+        ));
+        // Read-only disk with a marker from the host.
+        let ro = u.dir.join(format!("ro-{backend}.img"));
+        image(&ro)?;
+        {
+            use std::os::unix::fs::FileExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&ro)?
+                .write_all_at(RO_MARKER.as_bytes(), 0)?;
+        }
+        {
+            let _b = alioth_backend(
+                &alioth,
+                &sock,
+                &ro,
+                &format!(",backend={backend},read_only=on"),
+            )?;
+            checks.extend(results(&u.boot(&sock, "blk-ro", "")?));
+        }
+        checks.push((
+            "host-ro-untouched".into(),
+            host(
+                read_at(&ro, 20 * 512, 1)? == [0],
+                "the read-only image was written",
+            ),
+        ));
+        for (check, verdict) in checks {
+            let ok = verdict == "pass" || verdict.starts_with("skip");
+            println!("uml: {check}/{backend} ... {verdict}");
+            if ok {
+                passed += 1;
+            } else {
+                failed += 1;
+            }
+        }
+    }
+    println!("uml: {passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} UML checks failed");
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench vhost-user-blk [--secs N]`.
+pub fn bench(root: &Path, args: &[String]) -> Result<()> {
+    let secs: u64 = match args {
+        [] => 5,
+        [flag, n] if flag == "--secs" => n.parse().context("--secs")?,
+        _ => bail!("usage: cargo xtask bench vhost-user-blk [--secs N]"),
+    };
+    let u = prepare(root)?;
+    run(cargo().args(["build", "--quiet", "--release", "-p", "alioth-cli"]))?;
+    let alioth = root.join("target/release/alioth");
+    let img = u.dir.join("bench.img");
+    // A page-cached file: write it whole, then read it once.
+    std::fs::write(&img, vec![0x5au8; 256 << 20])?;
+    let _ = std::fs::read(&img)?;
+    let sock = u.dir.join("bench.sock");
+    let extra = format!("alioth.secs={secs}");
+    let iops = |out: &str, qd: u32| -> Result<u64> {
+        out.lines()
+            .find(|l| l.contains(&format!("UML-IO randread qd={qd} ")))
+            .and_then(|l| l.split("iops=").nth(1))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no QD{qd} figure in:\n{out}"))
+    };
+    let mut rows = Vec::new();
+    for (name, start) in [
+        ("alioth io_uring", 0),
+        ("alioth epoll", 1),
+        ("qemu-storage-daemon", 2),
+    ] {
+        let out = {
+            let _b = match start {
+                0 => alioth_backend(&alioth, &sock, &img, ",backend=io_uring")?,
+                1 => alioth_backend(&alioth, &sock, &img, ",backend=epoll")?,
+                _ => qsd_backend(&sock, &img)?,
+            };
+            u.boot(&sock, "bench", &extra)?
+        };
+        rows.push((name, iops(&out, 1)?, iops(&out, 32)?));
+    }
+    let (_, q1, q32) = rows[2];
+    println!(
+        "\nvhost-user-blk: UML virtio_blk, 4 KiB O_DIRECT random reads, {secs} s each, page-cached 256 MiB file"
+    );
+    println!(
+        "| backend | QD1 IOPS | QD32 IOPS | QD1 vs qemu-storage-daemon | QD32 vs qemu-storage-daemon |"
+    );
+    println!("| --- | --- | --- | --- | --- |");
+    for (name, a, b) in &rows {
+        println!(
+            "| {name} | {a} | {b} | {:.2} | {:.2} |",
+            *a as f64 / q1.max(1) as f64,
+            *b as f64 / q32.max(1) as f64
+        );
+    }
+    let _ = std::fs::remove_file(&img);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_lines_are_parsed_and_the_init_script_is_filled_in() {
+        let out = "noise\nALIOTH-UML result marker pass\nALIOTH-UML result discard skip discard not offered\n";
+        assert_eq!(
+            results(out),
+            vec![
+                ("marker".into(), "pass".into()),
+                ("discard".into(), "skip discard not offered".into())
+            ]
+        );
+        let s = init_script();
+        assert!(s.contains(MARKER) && s.contains(RO_MARKER));
+        assert!(!s.contains('@'), "a placeholder is left");
+    }
+}
