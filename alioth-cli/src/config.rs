@@ -36,7 +36,9 @@ pub struct FileConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskFile {
-    pub path: PathBuf,
+    pub path: Option<PathBuf>,
+    /// The socket of a vhost-user backend that serves the disk instead.
+    pub vhost_user: Option<PathBuf>,
     pub read_only: Option<bool>,
     pub num_queues: Option<u16>,
     pub queue_size: Option<u16>,
@@ -75,9 +77,27 @@ fn parse_bool(key: &str, v: &str) -> Result<bool> {
 
 impl DiskFile {
     fn into_config(self, base: &Path) -> Result<DiskConfig> {
+        let path = match (&self.path, &self.vhost_user) {
+            (Some(p), None) => base.join(p),
+            (None, Some(_)) => PathBuf::new(),
+            (Some(_), Some(_)) => bail!("a disk has either a path or vhost_user, not both"),
+            (None, None) => bail!("a disk needs a path (or vhost_user)"),
+        };
+        if self.vhost_user.is_some()
+            && (self.read_only.is_some()
+                || self.num_queues.is_some()
+                || self.queue_size.is_some()
+                || self.direct.is_some()
+                || self.backend.is_some())
+        {
+            bail!(
+                "a vhost_user disk takes its settings from the backend; read_only, num_queues, queue_size, direct and backend belong there"
+            );
+        }
         Ok(DiskConfig {
+            vhost_user: self.vhost_user.map(|s| base.join(s)),
             blk: BlkConfig {
-                path: base.join(&self.path),
+                path,
                 read_only: self.read_only.unwrap_or(false),
                 num_queues: self.num_queues.unwrap_or(DISK_QUEUES),
                 queue_size: self.queue_size.unwrap_or(DISK_QUEUE_SIZE),
@@ -95,7 +115,8 @@ impl DiskFile {
 pub fn parse_disk_flag(spec: &str) -> Result<DiskFile> {
     if !spec.contains('=') {
         return Ok(DiskFile {
-            path: PathBuf::from(spec),
+            path: Some(PathBuf::from(spec)),
+            vhost_user: None,
             read_only: None,
             num_queues: None,
             queue_size: None,
@@ -104,7 +125,8 @@ pub fn parse_disk_flag(spec: &str) -> Result<DiskFile> {
         });
     }
     let mut d = DiskFile {
-        path: PathBuf::new(),
+        path: None,
+        vhost_user: None,
         read_only: None,
         num_queues: None,
         queue_size: None,
@@ -116,7 +138,8 @@ pub fn parse_disk_flag(spec: &str) -> Result<DiskFile> {
             bail!("--disk `{item}`: expected key=value");
         };
         match k {
-            "path" => d.path = PathBuf::from(v),
+            "path" => d.path = Some(PathBuf::from(v)),
+            "vhost_user" => d.vhost_user = Some(PathBuf::from(v)),
             "read_only" | "readonly" => d.read_only = Some(parse_bool(k, v)?),
             "direct" => d.direct = Some(parse_bool(k, v)?),
             "num_queues" => {
@@ -127,12 +150,12 @@ pub fn parse_disk_flag(spec: &str) -> Result<DiskFile> {
             }
             "backend" => d.backend = Some(v.to_string()),
             _ => bail!(
-                "--disk: unknown key `{k}` (path, read_only, num_queues, queue_size, direct, backend)"
+                "--disk: unknown key `{k}` (path, vhost_user, read_only, num_queues, queue_size, direct, backend)"
             ),
         }
     }
-    if d.path.as_os_str().is_empty() {
-        bail!("--disk `{spec}`: path= is missing");
+    if d.path.is_none() && d.vhost_user.is_none() {
+        bail!("--disk `{spec}`: path= (or vhost_user=) is missing");
     }
     Ok(d)
 }
@@ -328,10 +351,16 @@ pub fn build_vhost_user(args: &VhostUserArgs) -> Result<VhostUserConfig> {
     match (&args.device, &args.config) {
         (Some(_), Some(_)) => bail!("give either a device subcommand or --config, not both"),
         (None, None) => bail!("give a device (`blk` or `rng`) or --config FILE"),
-        (Some(VhostUserDevice::Blk { socket, disk }), None) => Ok(VhostUserConfig {
-            socket: socket.clone(),
-            device: VhostUserDeviceConfig::Blk(parse_disk_flag(disk)?.into_config(&cwd)?),
-        }),
+        (Some(VhostUserDevice::Blk { socket, disk }), None) => {
+            let d = parse_disk_flag(disk)?;
+            if d.vhost_user.is_some() {
+                bail!("--disk: a vhost-user backend serves an image (path=), not another socket");
+            }
+            Ok(VhostUserConfig {
+                socket: socket.clone(),
+                device: VhostUserDeviceConfig::Blk(d.into_config(&cwd)?),
+            })
+        }
         (Some(VhostUserDevice::Rng { socket, backend }), None) => Ok(VhostUserConfig {
             socket: socket.clone(),
             device: VhostUserDeviceConfig::Rng(RngConfig {
@@ -352,6 +381,12 @@ pub fn build_vhost_user(args: &VhostUserArgs) -> Result<VhostUserConfig> {
                 bail!("{}: `socket` is missing", path.display());
             };
             let device = match (file.blk, file.rng) {
+                (Some(b), None) if b.vhost_user.is_some() => {
+                    bail!(
+                        "{}: [blk] serves an image (path), not another socket",
+                        path.display()
+                    )
+                }
                 (Some(b), None) => VhostUserDeviceConfig::Blk(b.into_config(&base)?),
                 (None, Some(r)) => VhostUserDeviceConfig::Rng(RngConfig {
                     backend: r

@@ -107,7 +107,8 @@ pub struct BootArgs {
     pub boot_protocol: Option<String>,
     /// Add a virtio-blk disk (repeatable; replaces the file's [[disk]] list): a raw image PATH,
     /// or `path=PATH[,read_only=on][,num_queues=N][,queue_size=N][,direct=on][,backend=B]` with
-    /// B one of auto, io_uring, epoll.
+    /// B one of auto, io_uring, epoll; or `vhost_user=SOCKET` for a disk served by a vhost-user
+    /// backend (`alioth vhost-user blk`, qemu-storage-daemon, ...).
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<String>,
     /// Add a virtio-rng entropy device (fed by the host's getrandom).

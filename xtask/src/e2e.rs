@@ -21,6 +21,45 @@ struct Case {
     args: Vec<String>,
     /// A disk image and the sector that must hold the kit's pattern afterwards.
     check_image: Option<(PathBuf, usize)>,
+    /// A vhost-user backend to run during the test: its command line and the socket it serves.
+    server: Option<(Vec<String>, PathBuf)>,
+}
+
+/// A backend process for one case, killed when the case ends.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_server(cmd: &[String], sock: &Path) -> Result<Server> {
+    let _ = std::fs::remove_file(sock);
+    let mut child = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", cmd[0]))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        if let Some(st) = child.try_wait()? {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            bail!("{} exited with {st}: {err}", cmd[0]);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("{} did not create {} within 20 s", cmd[0], sock.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(Server(child))
 }
 
 /// What `blk-rw` and `blk-flush` write (crates/guest-kit/src/tests.rs).
@@ -38,6 +77,10 @@ pub fn build_kit(root: &Path) -> Result<PathBuf> {
 }
 
 fn run_case(alioth: &Path, kit: &Path, case: &Case) -> Result<()> {
+    let _server = match &case.server {
+        Some((cmd, sock)) => Some(start_server(cmd, sock)?),
+        None => None,
+    };
     let mut child = Command::new(alioth)
         .args([
             "boot",
@@ -113,6 +156,7 @@ pub fn e2e(root: &Path) -> Result<()> {
         ring: "split",
         args: vec![],
         check_image: None,
+        server: None,
     };
     let mut cases = vec![plain("hello")];
     let pci_disk = image("pci")?;
@@ -126,6 +170,7 @@ pub fn e2e(root: &Path) -> Result<()> {
             "--rng".into(),
         ],
         check_image: None,
+        server: None,
     });
     for backend in ["io_uring", "epoll"] {
         for ring in ["split", "packed"] {
@@ -138,6 +183,7 @@ pub fn e2e(root: &Path) -> Result<()> {
                     rng_config(&dir, backend)?.display().to_string(),
                 ],
                 check_image: None,
+                server: None,
             });
             // (test, extra disk options, sector the host checks afterwards)
             let blk: [(&'static str, &str, Option<usize>); 6] = [
@@ -159,8 +205,69 @@ pub fn e2e(root: &Path) -> Result<()> {
                         format!("path={},backend={backend}{opts}", img.display()),
                     ],
                     check_image: sector.map(|s| (img, s)),
+                    server: None,
                 });
             }
+        }
+    }
+    // The same blk tests with the disk served over vhost-user: by `alioth vhost-user blk` on
+    // each backend and both ring formats, and by qemu-storage-daemon (which offers no packed
+    // ring) where it is installed.
+    let qsd = Command::new("qemu-storage-daemon")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !qsd {
+        eprintln!("e2e: qemu-storage-daemon is not installed; its vhost-user cases are skipped");
+    }
+    let vu_tests: [(&'static str, Option<usize>); 4] = [
+        ("blk-rw", Some(1)),
+        ("blk-flush", Some(3)),
+        ("blk-discard", None),
+        ("blk-mq", None),
+    ];
+    let mut servers: Vec<(String, &'static str)> = Vec::new();
+    for backend in ["io_uring", "epoll"] {
+        for ring in ["split", "packed"] {
+            servers.push((format!("alioth-{backend}"), ring));
+        }
+    }
+    if qsd {
+        servers.push(("qsd".into(), "split"));
+    }
+    for (server, ring) in servers {
+        for (test, sector) in vu_tests {
+            let img = image(&format!("vu-{test}-{server}-{ring}"))?;
+            let sock = dir.join(format!("vu-{server}.sock"));
+            let cmd: Vec<String> = match server.strip_prefix("alioth-") {
+                Some(backend) => vec![
+                    alioth.display().to_string(),
+                    "vhost-user".into(),
+                    "blk".into(),
+                    "--socket".into(),
+                    sock.display().to_string(),
+                    "--disk".into(),
+                    format!("path={},backend={backend},num_queues=2", img.display()),
+                ],
+                None => vec![
+                    "qemu-storage-daemon".into(),
+                    "--blockdev".into(),
+                    format!("driver=file,node-name=disk,filename={}", img.display()),
+                    "--export".into(),
+                    format!(
+                        "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},writable=on,num-queues=2",
+                        sock.display()
+                    ),
+                ],
+            };
+            cases.push(Case {
+                name: format!("{test}/vhost-user-{server}/{ring}"),
+                test,
+                ring,
+                args: vec!["--disk".into(), format!("vhost_user={}", sock.display())],
+                check_image: sector.map(|s| (img, s)),
+                server: Some((cmd, sock)),
+            });
         }
     }
     // `auto` boots the kit through its PVH note; these run it through the 64-bit protocol too.
@@ -178,6 +285,7 @@ pub fn e2e(root: &Path) -> Result<()> {
             ring: "split",
             args,
             check_image: check,
+            server: None,
         });
     }
     let (mut passed, mut failed) = (0, 0);

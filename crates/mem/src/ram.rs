@@ -17,6 +17,8 @@ pub struct RamRegion {
     pub size: u64,
     /// Where the region is mapped in this process.
     pub host_addr: *mut u8,
+    /// Offset of the region in the memfd ([`RamBus::fd`]).
+    pub file_offset: u64,
 }
 
 /// Guest RAM backed by a memfd and described by a [`MemoryMap`].
@@ -102,6 +104,7 @@ impl RamBus {
                 gpa: r.start_addr().0,
                 size: r.len(),
                 host_addr: r.as_ptr(),
+                file_offset: r.file_offset().map_or(0, |f| f.start()),
             })
             .collect()
     }

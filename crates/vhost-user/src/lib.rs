@@ -1,5 +1,8 @@
 //! `alioth-vhost-user`: Alioth's virtio devices as vhost-user backends.
 //!
+//! The other direction, [`VhostUserFrontend`], lets a VMM hand a device's queues to an external
+//! backend; it is an `alioth_virtio::DeviceRunner`, so a transport drives it like a worker.
+//!
 //! A [`VhostUserDevice`] speaks the vhost-user protocol (through rust-vmm's `vhost` crate) to a
 //! frontend — QEMU, Cloud Hypervisor, Linux's `virtio_uml`, Alioth's own VMM — and runs an
 //! unchanged Alioth device on an unchanged worker: the frontend's memory table becomes the
@@ -23,6 +26,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod frontend;
 mod memory;
 mod relay;
 
@@ -46,6 +50,7 @@ use vhost::vhost_user::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+pub use frontend::{QUEUE_SIZE, SharedRegion, VhostUserFrontend};
 pub use memory::{MAX_REGIONS, Memory, Region};
 
 /// Errors of the vhost-user backend.
@@ -71,7 +76,7 @@ pub enum Error {
 }
 
 /// virtio's VERSION_1 feature bit.
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub(crate) const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// What the frontend told us about one vring.
 #[derive(Default)]

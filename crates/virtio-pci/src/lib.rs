@@ -16,9 +16,11 @@ use std::sync::{Arc, Mutex, Weak};
 use alioth_mem::{Bus, BusDevice};
 use alioth_pci::{ConfigSpace, MsixTable, PciFunction, add_msix_capability, read_le, write_le};
 use alioth_queue::QueueConfig;
+#[cfg(doc)]
+use alioth_virtio::Worker;
 use alioth_virtio::{
-    DeviceId, DeviceInfo, DeviceStatus, IrqSender, QueueSetup, StatusBits, StatusChange, WakeEvent,
-    Worker,
+    DeviceId, DeviceInfo, DeviceRunner, DeviceStatus, IrqSender, QueueSetup, StatusBits,
+    StatusChange,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -78,7 +80,7 @@ struct State {
     name: String,
     max_sizes: Vec<u16>,
     device_config: Vec<u8>,
-    worker: Worker,
+    runner: Box<dyn DeviceRunner>,
     common: Mutex<Common>,
     msix: Mutex<MsixTable>,
     /// Offset of the MSI-X capability in configuration space.
@@ -134,11 +136,12 @@ pub struct VirtioPci {
 }
 
 impl VirtioPci {
-    /// Wraps the device described by `dev`, whose worker is `worker`, at BAR0 address
+    /// Wraps the device described by `dev`, whose queues `runner` serves (its [`Worker`], or a
+    /// vhost-user backend), at BAR0 address
     /// `bar_addr`. `mmio` is the bus BAR0 is mapped on once the guest enables memory decoding.
     pub fn new(
         dev: DeviceInfo,
-        worker: Worker,
+        runner: impl DeviceRunner + 'static,
         bar_addr: u64,
         mmio: Arc<Bus>,
         ioevents: Arc<dyn IoeventRegistry>,
@@ -160,7 +163,7 @@ impl VirtioPci {
             name: dev.name,
             max_sizes: max_sizes.clone(),
             device_config: dev.config,
-            worker,
+            runner: Box::new(runner),
             common: Mutex::new(Common {
                 status: DeviceStatus::new(dev.features),
                 dev_feature_select: 0,
@@ -245,7 +248,7 @@ impl VirtioPci {
 
     /// Stops the device's worker after its in-flight requests complete.
     pub fn shutdown(&self) {
-        self.state.worker.stop();
+        self.state.runner.stop();
     }
 
     /// The offset of the MSI-X capability in configuration space.
@@ -319,7 +322,7 @@ impl VirtioPci {
             0x12 => c.queues.len() as u64,
             0x14 => {
                 let mut st = c.status.status();
-                if s.worker.needs_reset() && c.status.driver_ok() {
+                if s.runner.needs_reset() && c.status.driver_ok() {
                     st |= StatusBits::NEEDS_RESET;
                 }
                 u64::from(st)
@@ -436,14 +439,10 @@ impl VirtioPci {
                 let irq = Arc::new(PciIrq {
                     state: Arc::downgrade(&self.state),
                 });
-                s.worker.wake(WakeEvent::Start {
-                    features,
-                    queues,
-                    irq,
-                });
+                s.runner.start(features, queues, irq);
             }
             StatusChange::Reset => {
-                let _ = s.worker.reset();
+                let _ = s.runner.reset();
                 let mut c = s.common.lock().unwrap_or_else(|e| e.into_inner());
                 c.config_vector = NO_VECTOR;
                 c.queue_select = 0;

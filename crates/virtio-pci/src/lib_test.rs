@@ -8,7 +8,7 @@ use alioth_queue::{DescChain, QueueFormat, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_
 use vm_memory::GuestMemoryMmap;
 
 use super::*;
-use alioth_virtio::{BufferAction, ChainHandler, EpollBackend, Virtio};
+use alioth_virtio::{BufferAction, ChainHandler, EpollBackend, Virtio, Worker};
 
 const BAR: u64 = 0xc000_0000;
 

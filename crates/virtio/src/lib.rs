@@ -35,8 +35,8 @@ pub use epoll::{EpollBackend, execute_sync};
 pub use irq::{EventFdIrq, IrqSender};
 pub use status::{DeviceStatus, StatusBits, StatusChange};
 pub use worker::{
-    ActiveBackend, ActiveQueue, Backend, QueueSetup, QueueState, WakeEvent, Worker, WorkerExit,
-    WorkerState, process_queue,
+    ActiveBackend, ActiveQueue, Backend, DeviceRunner, QueueSetup, QueueState, WakeEvent, Worker,
+    WorkerExit, WorkerState, process_queue,
 };
 
 /// Errors of the virtio layer.

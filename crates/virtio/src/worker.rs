@@ -119,6 +119,21 @@ pub enum WorkerExit {
     Disconnected,
 }
 
+/// What serves a device's queues for a transport: an in-process [`Worker`], or an external
+/// process (a vhost-user backend). The transport calls it on the driver's status changes.
+pub trait DeviceRunner: Send + Sync {
+    /// DRIVER_OK: serve `queues` (`None` for a queue the driver left disabled) with the
+    /// negotiated `features`, interrupting the driver through `irq`.
+    fn start(&self, features: u64, queues: Vec<Option<QueueSetup>>, irq: Arc<dyn IrqSender>);
+    /// The driver reset the device: complete what is in flight and stop; returns where each
+    /// queue stopped.
+    fn reset(&self) -> Vec<QueueState>;
+    /// Whether the device hit a driver error and waits for a reset.
+    fn needs_reset(&self) -> bool;
+    /// The VM is going away: stop for good.
+    fn stop(&self);
+}
+
 /// A device's worker thread.
 pub struct Worker {
     name: String,
@@ -213,6 +228,28 @@ impl Worker {
                 Err(_) => log::error!("{}: worker panicked", self.name),
             }
         }
+    }
+}
+
+impl DeviceRunner for Worker {
+    fn start(&self, features: u64, queues: Vec<Option<QueueSetup>>, irq: Arc<dyn IrqSender>) {
+        self.wake(WakeEvent::Start {
+            features,
+            queues,
+            irq,
+        });
+    }
+
+    fn reset(&self) -> Vec<QueueState> {
+        Worker::reset(self)
+    }
+
+    fn needs_reset(&self) -> bool {
+        Worker::needs_reset(self)
+    }
+
+    fn stop(&self) {
+        Worker::stop(self)
     }
 }
 

@@ -37,10 +37,12 @@ pub enum IoBackend {
 /// A virtio-blk disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
-    /// Image and queue settings.
+    /// Image and queue settings (unused when `vhost_user` is set).
     pub blk: BlkConfig,
     /// Event loop.
     pub backend: IoBackend,
+    /// Served by the vhost-user backend listening on this socket instead of in-process.
+    pub vhost_user: Option<PathBuf>,
 }
 
 /// The virtio-rng device.
@@ -125,7 +127,15 @@ impl VmConfig {
             )));
         }
         for d in &self.disks {
-            if !d.blk.path.is_file() {
+            if let Some(sock) = &d.vhost_user {
+                use std::os::unix::fs::FileTypeExt;
+                if !std::fs::metadata(sock).is_ok_and(|m| m.file_type().is_socket()) {
+                    return Err(Error::Config(format!(
+                        "vhost-user disk socket {} does not exist or is not a socket",
+                        sock.display()
+                    )));
+                }
+            } else if !d.blk.path.is_file() {
                 return Err(Error::Config(format!(
                     "disk {} does not exist or is not a file",
                     d.blk.path.display()

@@ -19,6 +19,8 @@ use alioth_hv::{EventFd, Kvm, Vcpu, VcpuKicker, Vm, VmExit, install_kick_signal_
 use alioth_mem::layout::{ECAM_BASE, ECAM_SIZE, MMIO32_START, PCI_MMIO_END, PCI_MMIO_START};
 use alioth_mem::{Bus, BusDevice, MemoryMap, RamBus};
 use alioth_pci::{CONFIG_IO_LEN, CONFIG_IO_PORT, PciBus, PciConfigIo, PciEcam};
+use alioth_vhost_user::{SharedRegion, VhostUserFrontend};
+use alioth_virtio::DeviceId;
 use alioth_virtio_pci::VirtioPci;
 
 use crate::config::{SerialConfig, VmConfig};
@@ -250,14 +252,45 @@ fn add_pci_devices(
         devices: Vec::new(),
     };
     for (i, d) in config.disks.iter().enumerate() {
-        let dev = VirtioBlk::open(&format!("virtio-blk{i}"), &d.blk)
-            .map_err(|e| Error::Device(e.to_string()))?;
+        let name = format!("virtio-blk{i}");
+        if let Some(sock) = &d.vhost_user {
+            let regions = shared_regions(ram)?;
+            let (frontend, info) =
+                VhostUserFrontend::connect(sock, &name, DeviceId::Block, regions)
+                    .map_err(|e| Error::Device(e.to_string()))?;
+            placer.add_runner(
+                info,
+                frontend,
+                &format!("vhost-user backend at {}", sock.display()),
+            )?;
+            continue;
+        }
+        let dev = VirtioBlk::open(&name, &d.blk).map_err(|e| Error::Device(e.to_string()))?;
         placer.add(dev, d.backend)?;
     }
     if let Some(r) = &config.rng {
         placer.add(VirtioRng::new("virtio-rng0"), r.backend)?;
     }
     Ok(placer.devices)
+}
+
+/// Guest RAM as a vhost-user backend maps it: the memfd and each region's offset in it.
+fn shared_regions(ram: &RamBus) -> Result<Vec<SharedRegion>> {
+    ram.regions()
+        .iter()
+        .map(|r| {
+            Ok(SharedRegion {
+                gpa: r.gpa,
+                size: r.size,
+                host_addr: r.host_addr as u64,
+                file: ram
+                    .fd()
+                    .try_clone_to_owned()
+                    .map_err(io_err("guest RAM descriptor"))?,
+                offset: r.file_offset,
+            })
+        })
+        .collect()
 }
 
 /// Step 3: every device, on fresh port and MMIO buses.

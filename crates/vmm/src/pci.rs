@@ -9,7 +9,7 @@ use alioth_hv::{DataMatch, EventFd, GsiRoute, IoEventAddress, Vm};
 use alioth_io_uring::{IoUringBackend, io_uring_available};
 use alioth_mem::Bus;
 use alioth_pci::{MsiRouter, PciBus};
-use alioth_virtio::{ChainHandler, DeviceInfo, EpollBackend, Worker};
+use alioth_virtio::{ChainHandler, DeviceInfo, DeviceRunner, EpollBackend, Worker};
 use alioth_virtio_pci::{BAR_SIZE, IoeventRegistry, VirtioPci};
 use vm_memory::GuestMemoryMmap;
 
@@ -125,6 +125,40 @@ pub struct VirtioPlacer {
 }
 
 impl VirtioPlacer {
+    /// Plugs a device served by `runner` (described by `info`) into the next PCI slot.
+    pub fn add_runner(
+        &mut self,
+        info: DeviceInfo,
+        runner: impl DeviceRunner + 'static,
+        what: &str,
+    ) -> Result<()> {
+        let name = info.name.clone();
+        let bar = self.next_bar;
+        if bar + BAR_SIZE > self.bar_end {
+            return Err(Error::Config("the PCI BAR window is full".into()));
+        }
+        self.next_bar += BAR_SIZE;
+        let pci = VirtioPci::new(
+            info,
+            runner,
+            bar,
+            self.mmio.clone(),
+            self.ioevents.clone(),
+            self.msi.clone(),
+        )
+        .map_err(|source| Error::Io {
+            what: format!("{name}: interrupt setup"),
+            source,
+        })?;
+        let slot = self
+            .pci
+            .add(Arc::new(pci.clone()))
+            .ok_or_else(|| Error::Config("no free PCI slot".into()))?;
+        log::info!("{name}: PCI 00:{slot:02x}.0, BAR0 {bar:#x}, {what}");
+        self.devices.push(pci);
+        Ok(())
+    }
+
     /// Spawns `dev`'s worker under `backend` and plugs it into the next PCI slot.
     pub fn add<D: ChainHandler>(&mut self, dev: D, backend: IoBackend) -> Result<()> {
         let info = DeviceInfo::of(&dev);
@@ -139,32 +173,11 @@ impl VirtioPlacer {
             thread: name.clone(),
             reason: e.to_string(),
         })?;
-        let bar = self.next_bar;
-        if bar + BAR_SIZE > self.bar_end {
-            return Err(Error::Config("the PCI BAR window is full".into()));
-        }
-        self.next_bar += BAR_SIZE;
-        let pci = VirtioPci::new(
-            info,
-            worker,
-            bar,
-            self.mmio.clone(),
-            self.ioevents.clone(),
-            self.msi.clone(),
-        )
-        .map_err(|source| Error::Io {
-            what: format!("{name}: interrupt setup"),
-            source,
-        })?;
-        let slot = self
-            .pci
-            .add(Arc::new(pci.clone()))
-            .ok_or_else(|| Error::Config("no free PCI slot".into()))?;
-        log::info!(
-            "{name}: PCI 00:{slot:02x}.0, BAR0 {bar:#x}, {} backend",
-            if use_uring { "io_uring" } else { "epoll" }
-        );
-        self.devices.push(pci);
-        Ok(())
+        let what = if use_uring {
+            "io_uring backend"
+        } else {
+            "epoll backend"
+        };
+        self.add_runner(info, worker, what)
     }
 }
