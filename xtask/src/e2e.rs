@@ -308,6 +308,37 @@ pub fn e2e(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Runs the kit's polling-mode 4 KiB random-read bench at `qd` against the disk `disk` (an
+/// `alioth boot --disk` spec); returns the IOPS the guest measured.
+pub fn kit_bench_iops(alioth: &Path, kit: &Path, disk: &str, qd: u32, secs: u64) -> Result<f64> {
+    let out = Command::new(alioth)
+        .args([
+            "boot",
+            "--memory",
+            "256M",
+            "--exit-device",
+            "on",
+            "--serial",
+            "stdio",
+        ])
+        .arg("--kernel")
+        .arg(kit)
+        .arg("--cmdline")
+        .arg(format!(
+            "kit.test=bench kit.bench=blk-randread,qd={qd},secs={secs}"
+        ))
+        .arg("--disk")
+        .arg(disk)
+        .stdin(Stdio::null())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("ALIOTH-KIT bench "))
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("iops=")))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no bench line from the guest:\n{text}"))
+}
+
 /// The in-guest half of `cargo xtask bench blk`: 4 KiB random reads measured inside the guest
 /// kit through the whole path (notify -> ioeventfd -> worker -> used ring -> MSI-X irqfd ->
 /// guest), next to a plain io_uring loop on the same file.
@@ -362,36 +393,13 @@ pub fn bench_in_guest(root: &Path, args: &[String]) -> Result<()> {
             .and_then(|v| v.trim().parse().ok())
             .context("baseline output")?;
         for backend in ["io_uring", "epoll"] {
-            let out = Command::new(&alioth)
-                .args([
-                    "boot",
-                    "--memory",
-                    "256M",
-                    "--exit-device",
-                    "on",
-                    "--serial",
-                    "stdio",
-                ])
-                .arg("--kernel")
-                .arg(&kit)
-                .arg("--cmdline")
-                .arg(format!(
-                    "kit.test=bench kit.bench=blk-randread,qd={qd},secs={secs}"
-                ))
-                .arg("--disk")
-                .arg(format!(
-                    "path={},read_only=on,backend={backend}",
-                    img.display()
-                ))
-                .stdin(Stdio::null())
-                .output()?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            let iops: f64 = text
-                .lines()
-                .find_map(|l| l.strip_prefix("ALIOTH-KIT bench "))
-                .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("iops=")))
-                .and_then(|v| v.parse().ok())
-                .with_context(|| format!("no bench line from the guest:\n{text}"))?;
+            let iops = kit_bench_iops(
+                &alioth,
+                &kit,
+                &format!("path={},read_only=on,backend={backend}", img.display()),
+                qd,
+                secs,
+            )?;
             println!(
                 "{backend:<10} {qd:>4} {iops:>14.0} {base:>14.0} {:>8.2}",
                 iops / base

@@ -124,6 +124,7 @@ fn crates_stand_alone(guest_dir: &Path) -> Result<()> {
             .args(["run", "-q", "-p", krate, "--example", example, "--"])
             .args(args))?;
     }
+    forget_packaged_sources()?;
     run(cargo().args([
         "package",
         "--workspace",
@@ -133,6 +134,32 @@ fn crates_stand_alone(guest_dir: &Path) -> Result<()> {
         "--exclude",
         "alioth-test-util",
     ]))
+}
+
+/// `cargo package` verifies each crate against the others unpacked from a temporary registry,
+/// and cargo caches that unpacking under `$CARGO_HOME/registry/src/-<hash of the path>/`. A
+/// later run from the same folder with the same version number would verify against those stale
+/// sources, so they go first.
+fn forget_packaged_sources() -> Result<()> {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    let Ok(registries) = std::fs::read_dir(home.join("registry/src")) else {
+        return Ok(());
+    };
+    for reg in registries.flatten() {
+        // Local (path) registries are named `-<hash>`; crates.io's are `index.crates.io-...`.
+        if !reg.file_name().to_string_lossy().starts_with('-') {
+            continue;
+        }
+        for krate in std::fs::read_dir(reg.path())?.flatten() {
+            if krate.file_name().to_string_lossy().starts_with("alioth-") {
+                std::fs::remove_dir_all(krate.path())?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What each crate may depend on (normal dependencies, transitively): the crates other VMMs

@@ -453,6 +453,39 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
             *b as f64 / q32.max(1) as f64
         );
     }
+    // Alioth's VMM with the guest kit, its disk served over vhost-user (--disk vhost_user=).
+    let kit = crate::e2e::build_kit(root)?;
+    println!(
+        "\nvhost-user-blk: alioth VMM + guest kit (polling driver), 4 KiB random reads, {secs} s each"
+    );
+    println!(
+        "| backend | QD1 IOPS | QD32 IOPS | QD1 vs qemu-storage-daemon | QD32 vs qemu-storage-daemon |"
+    );
+    println!("| --- | --- | --- | --- | --- |");
+    let mut kit_rows = Vec::new();
+    for (name, start) in [
+        ("alioth io_uring", 0),
+        ("alioth epoll", 1),
+        ("qemu-storage-daemon", 2),
+    ] {
+        let _b = match start {
+            0 => alioth_backend(&alioth, &sock, &img, ",backend=io_uring,read_only=on")?,
+            1 => alioth_backend(&alioth, &sock, &img, ",backend=epoll,read_only=on")?,
+            _ => qsd_backend(&sock, &img)?,
+        };
+        let disk = format!("vhost_user={}", sock.display());
+        let a = crate::e2e::kit_bench_iops(&alioth, &kit, &disk, 1, secs)?;
+        let b = crate::e2e::kit_bench_iops(&alioth, &kit, &disk, 32, secs)?;
+        kit_rows.push((name, a, b));
+    }
+    let (_, k1, k32) = kit_rows[2];
+    for (name, a, b) in &kit_rows {
+        println!(
+            "| {name} | {a:.0} | {b:.0} | {:.2} | {:.2} |",
+            a / k1.max(1.0),
+            b / k32.max(1.0)
+        );
+    }
     let _ = std::fs::remove_file(&img);
     Ok(())
 }

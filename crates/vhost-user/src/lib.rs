@@ -32,7 +32,7 @@ mod relay;
 
 use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -613,36 +613,53 @@ where
             .accept()
             .map_err(|e| Error::Protocol(e.to_string()))?;
         log::info!("{name}: vhost-user frontend connected");
-        match relay::spawn(stream) {
-            Ok((inner, relay)) => {
-                let mut conn = BackendReqHandler::from_stream(inner, dev.clone());
-                loop {
-                    match conn.handle_request() {
-                        Ok(()) => {}
-                        Err(
-                            vhost::vhost_user::Error::Disconnected
-                            | vhost::vhost_user::Error::PartialMessage,
-                        ) => {
-                            log::info!("{name}: vhost-user frontend disconnected");
-                            break;
-                        }
-                        Err(e) => {
-                            log::warn!("{name}: vhost-user: {e}; closing the connection");
-                            break;
-                        }
-                    }
-                }
-                drop(conn);
-                let _ = relay.join();
-            }
-            Err(e) => log::warn!("{name}: vhost-user: cannot relay the connection: {e}"),
-        }
-        dev.lock().unwrap_or_else(|e| e.into_inner()).forget();
+        serve_connection(&dev, stream);
         if stop() {
             return Ok(());
         }
     }
 }
+
+/// Serves one frontend connection until it ends, then forgets its state (the device is reset).
+fn serve_connection<D, B>(dev: &Arc<Mutex<VhostUserDevice<D, B>>>, stream: UnixStream)
+where
+    D: ChainHandler,
+    B: Backend<D> + Clone,
+{
+    let name = dev
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .name()
+        .to_string();
+    match relay::spawn(stream) {
+        Ok((inner, relay)) => {
+            let mut conn = BackendReqHandler::from_stream(inner, dev.clone());
+            loop {
+                match conn.handle_request() {
+                    Ok(()) => {}
+                    Err(
+                        vhost::vhost_user::Error::Disconnected
+                        | vhost::vhost_user::Error::PartialMessage,
+                    ) => {
+                        log::info!("{name}: vhost-user frontend disconnected");
+                        break;
+                    }
+                    Err(e) => {
+                        log::warn!("{name}: vhost-user: {e}; closing the connection");
+                        break;
+                    }
+                }
+            }
+            drop(conn);
+            let _ = relay.join();
+        }
+        Err(e) => log::warn!("{name}: vhost-user: cannot relay the connection: {e}"),
+    }
+    dev.lock().unwrap_or_else(|e| e.into_inner()).forget();
+}
+
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 
 #[cfg(test)]
 #[path = "lib_test.rs"]

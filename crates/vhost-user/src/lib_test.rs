@@ -321,3 +321,34 @@ fn a_socket_in_use_or_a_non_socket_path_is_refused_and_a_stale_socket_is_replace
     assert!(sock.exists());
     bind(&sock).unwrap();
 }
+
+#[test]
+fn mutated_message_streams_never_panic_or_hang() {
+    let seed = fuzzing::seed_session();
+    // The clean session itself.
+    fuzzing::run_messages(&seed);
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for _ in 0..150 {
+        let mut input = seed.clone();
+        for _ in 0..1 + next() % 8 {
+            let at = (next() as usize) % input.len();
+            match next() % 4 {
+                0 => input[at] = next() as u8,
+                1 => input[at] ^= 1 << (next() % 8),
+                2 => input.truncate(at.max(12)),
+                _ => {
+                    let v = (next() as u32).to_le_bytes();
+                    let end = (at + 4).min(input.len());
+                    input[at..end].copy_from_slice(&v[..end - at]);
+                }
+            }
+        }
+        fuzzing::run_messages(&input);
+    }
+}
