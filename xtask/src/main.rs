@@ -165,7 +165,7 @@ fn forget_packaged_sources() -> Result<()> {
 /// What each crate may depend on (normal dependencies, transitively): the crates other VMMs
 /// embed must not drag in the layers above them or KVM.
 fn check_layering() -> Result<()> {
-    let forbidden: [(&str, &[&str]); 6] = [
+    let forbidden: [(&str, &[&str]); 7] = [
         ("alioth-queue", &["alioth-", "kvm-ioctls", "io-uring"]),
         (
             "alioth-virtio",
@@ -181,6 +181,10 @@ fn check_layering() -> Result<()> {
         ),
         ("alioth-boot", &["alioth-hv", "kvm-ioctls", "kvm-bindings"]),
         ("alioth-arch", &["alioth-", "kvm-ioctls"]),
+        (
+            "alioth-vhost-user",
+            &["alioth-pci", "alioth-virtio-pci", "kvm-ioctls", "io-uring"],
+        ),
     ];
     for (krate, banned) in forbidden {
         let tree = output(cargo().args([

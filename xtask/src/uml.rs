@@ -422,33 +422,46 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
             .and_then(|v| v.trim().parse().ok())
             .with_context(|| format!("no QD{qd} figure in:\n{out}"))
     };
-    let mut rows = Vec::new();
-    for (name, start) in [
-        ("alioth io_uring", 0),
-        ("alioth epoll", 1),
-        ("qemu-storage-daemon", 2),
-    ] {
-        let out = {
-            let _b = match start {
-                0 => alioth_backend(&alioth, &sock, &img, ",backend=io_uring")?,
-                1 => alioth_backend(&alioth, &sock, &img, ",backend=epoll")?,
-                _ => qsd_backend(&sock, &img)?,
+    const ROUNDS: usize = 3;
+    let names = ["alioth io_uring", "alioth epoll", "qemu-storage-daemon"];
+    // Interleaved rounds (each backend once per round), medians reported: one run at a time
+    // varies by about 10 % on this machine.
+    let mut samples: Vec<(Vec<u64>, Vec<u64>)> = vec![(Vec::new(), Vec::new()); names.len()];
+    for _ in 0..ROUNDS {
+        for (i, sample) in samples.iter_mut().enumerate() {
+            let out = {
+                let _b = match i {
+                    0 => alioth_backend(&alioth, &sock, &img, ",backend=io_uring")?,
+                    1 => alioth_backend(&alioth, &sock, &img, ",backend=epoll")?,
+                    _ => qsd_backend(&sock, &img)?,
+                };
+                u.boot(&sock, "bench", &extra)?
             };
-            u.boot(&sock, "bench", &extra)?
-        };
-        rows.push((name, iops(&out, 1)?, iops(&out, 32)?));
+            sample.0.push(iops(&out, 1)?);
+            sample.1.push(iops(&out, 32)?);
+        }
     }
-    let (_, q1, q32) = rows[2];
+    let median = |v: &[u64]| {
+        let mut v = v.to_vec();
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    let rows: Vec<(&str, u64, u64, String)> = names
+        .iter()
+        .zip(&samples)
+        .map(|(n, (a, b))| (*n, median(a), median(b), format!("{a:?} / {b:?}")))
+        .collect();
+    let (_, q1, q32, _) = rows[2];
     println!(
-        "\nvhost-user-blk: UML virtio_blk, 4 KiB O_DIRECT random reads, {secs} s each, page-cached 256 MiB file"
+        "\nvhost-user-blk: UML virtio_blk, 4 KiB O_DIRECT random reads, {secs} s each, page-cached 256 MiB file, median of {ROUNDS} interleaved rounds"
     );
     println!(
-        "| backend | QD1 IOPS | QD32 IOPS | QD1 vs qemu-storage-daemon | QD32 vs qemu-storage-daemon |"
+        "| backend | QD1 IOPS | QD32 IOPS | QD1 vs qemu-storage-daemon | QD32 vs qemu-storage-daemon | runs (QD1 / QD32) |"
     );
-    println!("| --- | --- | --- | --- | --- |");
-    for (name, a, b) in &rows {
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for (name, a, b, runs) in &rows {
         println!(
-            "| {name} | {a} | {b} | {:.2} | {:.2} |",
+            "| {name} | {a} | {b} | {:.2} | {:.2} | {runs} |",
             *a as f64 / q1.max(1) as f64,
             *b as f64 / q32.max(1) as f64
         );
