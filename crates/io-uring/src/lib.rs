@@ -90,6 +90,10 @@ pub struct ActiveIoUring {
     capacity: usize,
     paused: Vec<bool>,
     fresh: bool,
+    // Reused every wake-up, so that the loop allocates nothing.
+    cqes: Vec<(u64, i32, u32)>,
+    touched: Vec<bool>,
+    kicked: Vec<bool>,
 }
 
 fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -131,6 +135,9 @@ impl<D: ChainHandler> Backend<D> for IoUringBackend {
             capacity,
             paused: vec![false; n],
             fresh: true,
+            cqes: Vec::with_capacity(self.entries as usize * 4),
+            touched: vec![false; n],
+            kicked: vec![false; n],
         };
         a.arm_notifier()?;
         for q in 0..n {
@@ -203,20 +210,19 @@ impl ActiveIoUring {
     /// Pops and starts chains of queue `q` until it is empty or out of budget. Returns whether
     /// any chain was completed synchronously (used ring touched).
     fn pull<D: ChainHandler>(&mut self, dev: &mut D, q: usize) -> Result<bool> {
-        let name = dev.name().to_string();
         let index = self.queues[q].index;
         let mut touched = false;
         self.paused[q] = false;
         self.queues[q]
             .queue
             .disable_notification(&self.mem)
-            .map_err(Self::qerr(&name, index))?;
+            .map_err(Self::qerr(dev.name(), index))?;
         loop {
             while self.may_take(q) {
                 let Some(chain) = self.queues[q]
                     .queue
                     .pop(&self.mem)
-                    .map_err(Self::qerr(&name, index))?
+                    .map_err(Self::qerr(dev.name(), index))?
                 else {
                     break;
                 };
@@ -225,13 +231,13 @@ impl ActiveIoUring {
                         self.queues[q]
                             .queue
                             .push_used(&self.mem, &chain, n)
-                            .map_err(Self::qerr(&name, index))?;
+                            .map_err(Self::qerr(dev.name(), index))?;
                         touched = true;
                     }
                     BufferAction::Io(op) => self.submit(q, chain, op)?,
                     BufferAction::Invalid(reason) => {
                         return Err(Error::Protocol {
-                            dev: name,
+                            dev: dev.name().to_string(),
                             queue: index,
                             reason,
                         });
@@ -246,7 +252,7 @@ impl ActiveIoUring {
             let more = self.queues[q]
                 .queue
                 .enable_notification(&self.mem)
-                .map_err(Self::qerr(&name, index))?;
+                .map_err(Self::qerr(dev.name(), index))?;
             if !more {
                 return Ok(touched);
             }
@@ -342,7 +348,9 @@ impl ActiveIoUring {
         Ok(())
     }
 
-    fn wait(&mut self) -> Result<Vec<(u64, i32, u32)>> {
+    /// Submits what is queued and waits for at least one completion; the completions are left
+    /// in `self.cqes`.
+    fn wait(&mut self) -> Result<()> {
         loop {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => break,
@@ -350,11 +358,13 @@ impl ActiveIoUring {
                 Err(e) => return Err(io_err("io_uring wait")(e)),
             }
         }
-        Ok(self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result(), c.flags()))
-            .collect())
+        self.cqes.clear();
+        self.cqes.extend(
+            self.ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+        Ok(())
     }
 }
 
@@ -371,11 +381,17 @@ impl<D: ChainHandler> ActiveBackend<D> for ActiveIoUring {
             self.interrupt(&name, &touched)?;
         }
         loop {
-            let cqes = self.wait()?;
-            let mut touched = vec![false; n];
-            let mut kicked = vec![false; n];
+            self.wait()?;
+            let cqes = std::mem::take(&mut self.cqes);
+            let mut touched = std::mem::take(&mut self.touched);
+            let mut kicked = std::mem::take(&mut self.kicked);
+            // (After an early error return these are empty; resize keeps indexing in bounds.)
+            touched.clear();
+            touched.resize(n, false);
+            kicked.clear();
+            kicked.resize(n, false);
             let mut notified = false;
-            for (user, res, flags) in cqes {
+            for &(user, res, flags) in &cqes {
                 let (kind, q, slot) = untoken(user);
                 match kind {
                     KIND_QUEUE if q < n => {
@@ -399,11 +415,16 @@ impl<D: ChainHandler> ActiveBackend<D> for ActiveIoUring {
                 }
             }
             for q in 0..n {
-                if kicked[q] || self.paused[q] {
+                // A queue whose chains just completed is pulled too: a driver refills the ring
+                // as it sees used entries, and its new chains need not wait for a kick.
+                if kicked[q] || self.paused[q] || touched[q] {
                     touched[q] |= self.pull(dev, q)?;
                 }
             }
             self.interrupt(&name, &touched)?;
+            self.cqes = cqes;
+            self.touched = touched;
+            self.kicked = kicked;
             if notified {
                 return Ok(());
             }
@@ -418,9 +439,10 @@ impl<D: ChainHandler> ActiveBackend<D> for ActiveIoUring {
         let name = dev.name().to_string();
         let n = self.queues.len();
         while self.in_flight() > 0 {
-            let cqes = self.wait()?;
+            self.wait()?;
+            let cqes = std::mem::take(&mut self.cqes);
             let mut touched = vec![false; n];
-            for (user, res, _) in cqes {
+            for &(user, res, _) in &cqes {
                 let (kind, _, slot) = untoken(user);
                 if kind == KIND_CHAIN {
                     let q = self.complete(dev, slot, res)?;
