@@ -130,63 +130,53 @@ pub fn spawn(frontend: UnixStream) -> std::io::Result<(UnixStream, JoinHandle<()
     Ok((handler_side, thread))
 }
 
-fn relay(mut frontend: UnixStream, mut handler: UnixStream) -> std::io::Result<()> {
-    let end = |a: &UnixStream, b: &UnixStream| {
-        let _ = a.shutdown(std::net::Shutdown::Both);
-        let _ = b.shutdown(std::net::Shutdown::Both);
+/// Moves one message from `from` to `to` (normalized on the way to the handler); `false` at
+/// the end of the stream.
+fn forward(from: &mut UnixStream, to: &UnixStream, to_handler: bool) -> std::io::Result<bool> {
+    let Some(mut m) = read_message(from)? else {
+        return Ok(false);
     };
-    loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: frontend.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: handler.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
+    if to_handler {
+        normalize(&mut m);
+    }
+    write_message(to, &m)?;
+    Ok(true)
+}
+
+fn relay(mut frontend: UnixStream, mut handler: UnixStream) -> std::io::Result<()> {
+    let result = loop {
+        let mut fds = [&frontend, &handler].map(|s| libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
         // SAFETY: two valid pollfds for the duration of the call.
         if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            end(&frontend, &handler);
-            return Err(e);
+            break Err(e);
         }
-        if fds[0].revents != 0 {
-            match read_message(&mut frontend) {
-                Ok(Some(mut m)) => {
-                    normalize(&mut m);
-                    write_message(&handler, &m)?;
-                }
-                Ok(None) => {
-                    end(&frontend, &handler);
-                    return Ok(());
-                }
-                Err(e) => {
-                    end(&frontend, &handler);
-                    return Err(e);
-                }
+        let step = |from: &mut UnixStream, to: &UnixStream, ready: bool, to_handler: bool| {
+            if ready {
+                forward(from, to, to_handler)
+            } else {
+                Ok(true)
             }
+        };
+        match step(&mut frontend, &handler, fds[0].revents != 0, true)
+            .and_then(|go| Ok(go && step(&mut handler, &frontend, fds[1].revents != 0, false)?))
+        {
+            Ok(true) => {}
+            Ok(false) => break Ok(()),
+            Err(e) => break Err(e),
         }
-        if fds[1].revents != 0 {
-            match read_message(&mut handler) {
-                Ok(Some(m)) => write_message(&frontend, &m)?,
-                Ok(None) => {
-                    end(&frontend, &handler);
-                    return Ok(());
-                }
-                Err(e) => {
-                    end(&frontend, &handler);
-                    return Err(e);
-                }
-            }
-        }
-    }
+    };
+    // Either side ending ends both: the handler sees the frontend go, and vice versa.
+    let _ = frontend.shutdown(std::net::Shutdown::Both);
+    let _ = handler.shutdown(std::net::Shutdown::Both);
+    result
 }
 
 #[cfg(test)]
