@@ -18,6 +18,7 @@
 //! backend and against `qemu-storage-daemon --export type=vhost-user-blk` on the same file.
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -270,6 +271,8 @@ impl Uml {
             .arg(format!("alioth.test={test}"))
             .args(extra.split_whitespace())
             .env("TMPDIR", &tmp)
+            // UML runs as several processes; its own group lets a timeout end all of them.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -284,7 +287,8 @@ impl Uml {
         let deadline = Instant::now() + TIMEOUT;
         while child.try_wait()?.is_none() {
             if Instant::now() > deadline {
-                let _ = child.kill();
+                // SAFETY: a plain syscall signalling the process group UML leads.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
                 let _ = child.wait();
                 bail!("User-Mode Linux did not finish `{test}` within {TIMEOUT:?}");
             }

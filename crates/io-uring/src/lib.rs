@@ -415,9 +415,7 @@ impl<D: ChainHandler> ActiveBackend<D> for ActiveIoUring {
                 }
             }
             for q in 0..n {
-                // A queue whose chains just completed is pulled too: a driver refills the ring
-                // as it sees used entries, and its new chains need not wait for a kick.
-                if kicked[q] || self.paused[q] || touched[q] {
+                if kicked[q] || self.paused[q] {
                     touched[q] |= self.pull(dev, q)?;
                 }
             }
