@@ -304,7 +304,8 @@ impl<D: ChainHandler, B: Backend<D> + Clone> Drop for VhostUserDevice<D, B> {
     }
 }
 
-/// An eventfd from a file descriptor the frontend sent.
+/// An eventfd from a file descriptor the frontend sent. (Workers make kick descriptors
+/// non-blocking themselves; Linux's virtio_uml sends blocking ones.)
 fn eventfd(file: File) -> EventFd {
     // SAFETY: we own the descriptor (it came in the message and nothing else holds it), and
     // EventFd only reads, writes and polls it: if the frontend sent something other than an

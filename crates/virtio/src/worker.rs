@@ -268,6 +268,21 @@ struct WorkerThread<D, B> {
     state: Arc<AtomicU8>,
 }
 
+/// Puts `fd` in non-blocking mode (the flag belongs to the open file, so whoever shares it sees
+/// it too; eventfd writers are unaffected unless the counter would overflow).
+fn set_nonblocking(fd: &EventFd) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl on a descriptor the EventFd owns; the results are checked.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 fn wait_readable(fd: &EventFd) {
     use std::os::fd::AsRawFd;
     let mut p = libc::pollfd {
@@ -381,6 +396,11 @@ impl<D: ChainHandler, B: Backend<D>> WorkerThread<D, B> {
                 queue: index,
                 source,
             };
+            // The backends read the kick eventfd after each readiness notification; a blocking
+            // one (a vhost-user frontend's may be) would stall the worker when a read finds the
+            // count already consumed.
+            set_nonblocking(&setup.ioeventfd)
+                .map_err(io_err(format!("{name}: queue {index} eventfd")))?;
             let mut queue = new_queue(max_size, setup.config, features, &self.mem).map_err(qerr)?;
             queue.set_ring_base(&self.mem, setup.base).map_err(qerr)?;
             active.push(ActiveQueue {

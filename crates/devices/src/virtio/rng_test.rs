@@ -174,3 +174,50 @@ fn a_reset_reports_where_each_ring_stopped_and_a_restart_continues_there() {
         rig.worker.shutdown();
     }
 }
+
+#[test]
+fn a_blocking_kick_eventfd_is_made_non_blocking_so_a_spare_notification_cannot_stall_the_worker() {
+    use std::os::fd::AsRawFd;
+    let ram = RamBus::new(MemoryMap::new(16 << 20).unwrap()).unwrap();
+    for backend in ["epoll", "io_uring"] {
+        let mut d = TestDriver::new(ram.memory(), QueueFormat::Split, 16, 0x10_0000, 0);
+        let dev = VirtioRng::new("virtio-rng0");
+        let mem = ram.memory().clone();
+        let worker = match backend {
+            "epoll" => Worker::spawn(dev, EpollBackend, mem),
+            _ => Worker::spawn(dev, alioth_io_uring::IoUringBackend::new(16), mem),
+        }
+        .unwrap();
+        let irq = Arc::new(EventFdIrq::new(1).unwrap());
+        // As a vhost-user frontend may pass it: without EFD_NONBLOCK.
+        let kick = Arc::new(EventFd::new(0).unwrap());
+        worker.wake(WakeEvent::Start {
+            features: 1 << VIRTIO_F_VERSION_1,
+            queues: vec![Some(QueueSetup {
+                config: d.config(),
+                ioeventfd: kick.clone(),
+                base: 0,
+            })],
+            irq: irq.clone(),
+        });
+        let id = d.add(&[], &[8]).unwrap();
+        kick.write(1).unwrap();
+        assert!(wait_eventfd(&irq.queues[0], 5000), "{backend}");
+        assert_eq!(d.used(), Some((id, 8)));
+        // SAFETY: F_GETFL on a descriptor the EventFd owns.
+        let flags = unsafe { libc::fcntl(kick.as_raw_fd(), libc::F_GETFL) };
+        assert_ne!(
+            flags & libc::O_NONBLOCK,
+            0,
+            "{backend}: the worker would block on a read"
+        );
+        // Spare notifications (more wake-ups than counts) leave the worker serving.
+        kick.write(1).unwrap();
+        kick.write(1).unwrap();
+        let id = d.add(&[], &[8]).unwrap();
+        kick.write(1).unwrap();
+        assert!(wait_eventfd(&irq.queues[0], 5000), "{backend}: stalled");
+        assert_eq!(d.used(), Some((id, 8)));
+        worker.shutdown();
+    }
+}
