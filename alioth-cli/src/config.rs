@@ -207,7 +207,19 @@ fn parse_serial(s: &str, base: &Path) -> Result<SerialConfig> {
         "stdio" => SerialConfig::Stdio,
         "off" | "none" => SerialConfig::Off,
         _ => match s.strip_prefix("file:") {
-            Some(p) if !p.is_empty() => SerialConfig::File(base.join(p)),
+            Some(p) if !p.is_empty() => {
+                let p = base.join(p);
+                // A FIFO would block the VM in open; a device such as /dev/full loses output.
+                if let Ok(m) = std::fs::metadata(&p)
+                    && !m.is_file()
+                {
+                    bail!(
+                        "serial file {} exists and is not a regular file",
+                        p.display()
+                    );
+                }
+                SerialConfig::File(p)
+            }
             _ => bail!("serial `{s}`: expected `stdio`, `off` or `file:PATH`"),
         },
     })
@@ -241,9 +253,40 @@ fn parse_exit_flag(s: &str) -> Result<Option<u16>> {
 
 /// Reads and parses the TOML file; errors name the file, line and column.
 pub fn read_file(path: &Path) -> Result<FileConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let text = read_config_text(path)?;
     toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// The largest configuration file read (a VM description is a few hundred bytes).
+pub const MAX_CONFIG_SIZE: u64 = 1 << 20;
+
+/// Reads a configuration file: only a regular file (a FIFO or a device such as /dev/zero would
+/// block or never end), of at most [`MAX_CONFIG_SIZE`] bytes.
+pub fn read_config_text(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("config file {} is not a regular file", path.display());
+    }
+    if meta.len() > MAX_CONFIG_SIZE {
+        bail!(
+            "config file {} is {} bytes; at most {MAX_CONFIG_SIZE} are read",
+            path.display(),
+            meta.len()
+        );
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_CONFIG_SIZE + 1).read_to_string(&mut text))
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    if text.len() as u64 > MAX_CONFIG_SIZE {
+        bail!(
+            "config file {} grew past {MAX_CONFIG_SIZE} bytes while read",
+            path.display()
+        );
+    }
+    Ok(text)
 }
 
 /// Merges the file named by `--config` (if any) with the flags, which win.
@@ -372,8 +415,7 @@ pub fn build_vhost_user(args: &VhostUserArgs) -> Result<VhostUserConfig> {
             }),
         }),
         (None, Some(path)) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            let text = read_config_text(path)?;
             let file: VhostUserFile =
                 toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             let base = path.parent().map(Path::to_path_buf).unwrap_or(cwd);

@@ -74,7 +74,9 @@ fn memory_zero_or_beyond_the_host_and_zero_cpus_are_usage_errors() {
         "--serial",
         "off",
     ]);
-    assert_usage_error(&out, "cannot map");
+    // Beyond the guest-physical address space (or, on a host with more, beyond what it can
+    // map): either way a usage error naming the setting.
+    assert_usage_error(&out, "memory");
 }
 
 #[test]
@@ -175,4 +177,80 @@ fn vhost_user_bad_specs_and_sockets_are_usage_errors() {
     assert_usage_error(&out, "not both");
     std::fs::write(&cfg, "sockett = 1\n").unwrap();
     assert_usage_error(&alioth(&["vhost-user", "--config", &cfg]), "unknown field");
+}
+
+/// Runs alioth, failing the test if it has not exited within `secs` (a blocking open or an
+/// endless read must show up as a failure, not a hung test run).
+fn alioth_within(args: &[&str], secs: u64) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_alioth"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run alioth");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("alioth {args:?} did not exit within {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path; the result is checked.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+#[test]
+fn a_config_that_is_not_a_regular_file_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("cfg.fifo");
+    mkfifo(&fifo);
+    for cfg in ["/dev/zero", fifo.to_str().unwrap()] {
+        let out = alioth_within(&["boot", "-c", cfg], 10);
+        assert_usage_error(&out, "is not a regular file");
+    }
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, vec![b'#'; 2 << 20]).unwrap();
+    assert_usage_error(
+        &alioth_within(&["boot", "-c", big.to_str().unwrap()], 10),
+        "at most",
+    );
+}
+
+#[test]
+fn a_serial_file_that_is_not_a_regular_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("serial.fifo");
+    mkfifo(&fifo);
+    for target in [fifo.to_str().unwrap(), "/dev/full"] {
+        let serial = format!("file:{target}");
+        let out = alioth_within(&["boot", "--kernel", "/bin/true", "--serial", &serial], 10);
+        assert_usage_error(&out, "is not a regular file");
+    }
+}
+
+#[test]
+fn memory_beyond_what_kvm_addresses_is_a_usage_error_naming_memory() {
+    let Some(k) = guest_artifact("vmlinux") else {
+        return;
+    };
+    let out = alioth_within(
+        &[
+            "boot",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--memory",
+            "16T",
+            "--serial",
+            "off",
+        ],
+        60,
+    );
+    assert_usage_error(&out, "--memory");
 }

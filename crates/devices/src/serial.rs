@@ -32,17 +32,30 @@ impl Trigger for IrqTrigger {
     }
 }
 
-/// Signals the input pump when the guest has drained the receive FIFO.
-struct InputSpace(Arc<EventFd>);
+/// Signals the input pump when the guest has drained the receive FIFO, and reports lost output
+/// (once as a warning: the guest can make every byte fail, e.g. on a full disk).
+struct InputSpace {
+    space: Arc<EventFd>,
+    name: String,
+    lost: std::sync::atomic::AtomicU64,
+}
 
 impl SerialEvents for InputSpace {
     fn buffer_read(&self) {}
     fn out_byte(&self) {}
     fn tx_lost_byte(&self) {
-        log::debug!("serial: output byte lost");
+        let n = self.lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n == 0 {
+            log::warn!(
+                "{}: guest output cannot be written to the console's destination; further losses are logged at debug level",
+                self.name
+            );
+        } else {
+            log::debug!("{}: output byte lost ({} so far)", self.name, n + 1);
+        }
     }
     fn in_buffer_empty(&self) {
-        let _ = self.0.write(1);
+        let _ = self.space.write(1);
     }
 }
 
@@ -63,7 +76,11 @@ impl Serial {
             name: name.to_string(),
             uart: Mutex::new(vm_superio::Serial::with_events(
                 IrqTrigger(irq),
-                InputSpace(space.clone()),
+                InputSpace {
+                    space: space.clone(),
+                    name: name.to_string(),
+                    lost: std::sync::atomic::AtomicU64::new(0),
+                },
                 out,
             )),
             space,

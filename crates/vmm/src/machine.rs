@@ -139,13 +139,49 @@ fn create_vm(config: &VmConfig) -> Result<(Kvm, Arc<Vm>)> {
 }
 
 /// Step 2: guest RAM laid out by the x86 memory map, registered as the VM's memory slots.
-fn map_memory(vm: &Vm, config: &VmConfig) -> Result<Arc<RamBus>> {
-    let ram = Arc::new(RamBus::new(MemoryMap::new(config.memory)?)?);
+fn map_memory(kvm: &Kvm, vm: &Vm, config: &VmConfig) -> Result<Arc<RamBus>> {
+    let map = MemoryMap::new(config.memory)?;
+    // Guest RAM must lie inside the guest-physical address space KVM offers (CPUID 0x80000008
+    // EAX[7:0]); past it KVM refuses the memory slot with a bare EINVAL.
+    let end = map
+        .ram_regions()
+        .iter()
+        .map(|(a, s)| a + s)
+        .max()
+        .unwrap_or(0);
+    if let Some(bits) = kvm
+        .supported_cpuid()?
+        .get(0x8000_0008, 0)
+        .map(|e| e.eax & 0xff)
+        .filter(|b| (32..64).contains(b))
+        && end > 1u64 << bits
+    {
+        return Err(Error::Config(format!(
+            "memory = {} GiB: guest RAM would end at {end:#x}, beyond the {bits}-bit guest-physical address space KVM offers here ({} GiB); give --memory / memory a smaller size",
+            config.memory >> 30,
+            (1u64 << bits) >> 30
+        )));
+    }
+    let ram = Arc::new(RamBus::new(map)?);
     for (slot, r) in ram.regions().iter().enumerate() {
         // SAFETY: the regions stay mapped as long as `ram`, which the machine drops after
         // the VM and its vCPUs (field order), and which is never remapped.
-        unsafe {
-            vm.set_memory_slot(slot as u32, r.gpa, r.size, r.host_addr, false)?;
+        let mapped = unsafe { vm.set_memory_slot(slot as u32, r.gpa, r.size, r.host_addr, false) };
+        match mapped {
+            Ok(()) => {}
+            // KVM refuses a slot it cannot address (limits below the CPUID bound exist, e.g.
+            // under nested or software KVM): that is the size the user asked for.
+            Err(alioth_hv::Error::Ioctl { source, .. })
+                if source.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                return Err(Error::Config(format!(
+                    "memory = {} GiB: KVM refused guest RAM at {:#x}-{:#x} ({source}); this host's KVM addresses less, give --memory / memory a smaller size",
+                    config.memory >> 30,
+                    r.gpa,
+                    r.gpa + r.size
+                )));
+            }
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(ram)
@@ -375,7 +411,7 @@ impl Machine {
     pub fn new(config: &VmConfig, options: MachineOptions) -> Result<Machine> {
         config.validate()?;
         let (kvm, vm) = create_vm(config)?;
-        let ram = map_memory(&vm, config)?;
+        let ram = map_memory(&kvm, &vm, config)?;
         let (tx, rx) = channel();
         let devices = add_devices(&vm, &ram, &event_sink(&tx), config, options.serial_output)?;
         let booted = load_guest(&ram, config, devices.serials)?;
