@@ -5,6 +5,7 @@
 //! VIRTIO_BLK_F_RO and fail writes, discards and write-zeroes with IOERR. A read or write that
 //! transfers less than asked is reported as IOERR, never as success.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -59,6 +60,8 @@ pub mod status {
 pub const ID_LEN: usize = 20;
 /// Largest single data buffer advertised (size_max).
 pub const SIZE_MAX: u32 = 1 << 20;
+/// The most iovecs one readv/writev (and one io_uring readv/writev) takes.
+pub const IOV_MAX: u32 = 1024;
 /// Largest request in sectors for discard and write-zeroes.
 pub const MAX_ZERO_SECTORS: u32 = (1 << 30) / 512;
 
@@ -109,6 +112,21 @@ pub struct VirtioBlk {
     queue_size: u16,
     id: [u8; ID_LEN],
     config: Vec<u8>,
+    /// Requests whose I/O is in flight, by (queue, chain ID): what `complete` needs, parsed
+    /// once when the chain was popped (the guest may rewrite the header meanwhile).
+    pending: HashMap<(u16, u16), Pending>,
+}
+
+/// What completing an in-flight request needs.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    kind: u32,
+    sector: u64,
+    /// Bytes the I/O must transfer to succeed.
+    expected: u64,
+    /// Bytes written to the chain on success (before the status byte).
+    data: u64,
+    status_at: u64,
 }
 
 impl VirtioBlk {
@@ -165,6 +183,9 @@ impl VirtioBlk {
             queue_size: cfg.queue_size,
             id,
             config: Vec::new(),
+            pending: HashMap::with_capacity(
+                usize::from(cfg.queue_size) * usize::from(cfg.num_queues),
+            ),
         };
         dev.config = dev.build_config();
         Ok(dev)
@@ -179,7 +200,9 @@ impl VirtioBlk {
         let mut c = vec![0u8; 60];
         c[0..8].copy_from_slice(&self.capacity.to_le_bytes());
         c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
-        let seg_max = u32::from(self.queue_size) - 2;
+        // Data segments per request: bounded by the ring and by what preadv/io_uring take in
+        // one call (IOV_MAX).
+        let seg_max = (u32::from(self.queue_size) - 2).min(IOV_MAX);
         c[12..16].copy_from_slice(&seg_max.to_le_bytes());
         c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         c[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
@@ -202,7 +225,8 @@ impl VirtioBlk {
 
 /// A parsed request.
 struct Request {
-    kind: u32,
+    /// The request type; `None` when the chain is too short for a header.
+    kind: Option<u32>,
     sector: u64,
     /// Readable data after the header (OUT, DISCARD, WRITE_ZEROES).
     out: Vec<Iov>,
@@ -245,7 +269,7 @@ fn parse(chain: &DescChain, mem: &GuestMemoryMmap) -> Result<Request, String> {
     if n < 16 {
         // Still answerable: the status byte exists.
         return Ok(Request {
-            kind: u32::MAX,
+            kind: None,
             sector: 0,
             out: Vec::new(),
             data,
@@ -254,7 +278,7 @@ fn parse(chain: &DescChain, mem: &GuestMemoryMmap) -> Result<Request, String> {
     }
     let (_, out) = split_iovs(&chain.readable, 16);
     Ok(Request {
-        kind: u32::from_le_bytes(hdr[0..4].try_into().unwrap_or_default()),
+        kind: Some(u32::from_le_bytes(hdr[0..4].try_into().unwrap_or_default())),
         sector: u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default()),
         out,
         data,
@@ -271,11 +295,11 @@ impl VirtioBlk {
         &self,
         chain: &DescChain,
         mem: &GuestMemoryMmap,
-        r: &Request,
+        status_at: u64,
         st: u8,
         data: u64,
     ) -> u32 {
-        if let Err(e) = chain.write_at(mem, r.status_at, &[st]) {
+        if let Err(e) = chain.write_at(mem, status_at, &[st]) {
             log::warn!("{}: cannot write status: {e}", self.name);
         }
         (data + 1) as u32
@@ -292,21 +316,25 @@ impl VirtioBlk {
         let segs = total(&r.out);
         if segs != 16 {
             // One segment per request is what the config space advertises.
-            return BufferAction::Written(self.finish(chain, mem, r, status::UNSUPP, 0));
+            return BufferAction::Written(self.finish(chain, mem, r.status_at, status::UNSUPP, 0));
         }
         if chain
             .read_at(mem, 16, &mut seg)
             .map(|n| n != 16)
             .unwrap_or(true)
         {
-            return BufferAction::Written(self.finish(chain, mem, r, status::IOERR, 0));
+            return BufferAction::Written(self.finish(chain, mem, r.status_at, status::IOERR, 0));
         }
         let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
         let sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
         let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
         let bytes = u64::from(sectors) * SECTOR_SIZE;
         if self.read_only || sectors > MAX_ZERO_SECTORS || !self.in_range(sector, bytes) {
-            return BufferAction::Written(self.finish(chain, mem, r, status::IOERR, 0));
+            return BufferAction::Written(self.finish(chain, mem, r.status_at, status::IOERR, 0));
+        }
+        if sectors == 0 {
+            // Nothing to do (fallocate would refuse a zero length).
+            return BufferAction::Written(self.finish(chain, mem, r.status_at, status::OK, 0));
         }
         // Discard, or write-zeroes with the unmap flag: punch a hole (reads back as zeros).
         let unmap = punch || flags & 1 != 0;
@@ -362,18 +390,23 @@ impl Virtio for VirtioBlk {
     fn config(&self) -> &[u8] {
         &self.config
     }
+
+    fn reset(&mut self) {
+        // The worker drained every request first; anything left belongs to no chain now.
+        self.pending.clear();
+    }
 }
 
 impl ChainHandler for VirtioBlk {
-    fn handle(&mut self, _queue: u16, chain: &DescChain, mem: &GuestMemoryMmap) -> BufferAction {
+    fn handle(&mut self, queue: u16, chain: &DescChain, mem: &GuestMemoryMmap) -> BufferAction {
         let r = match parse(chain, mem) {
             Ok(r) => r,
             Err(e) => return BufferAction::Invalid(e),
         };
         let fd = self.file.as_raw_fd();
-        let done = |st| BufferAction::Written(self.finish(chain, mem, &r, st, 0));
-        match r.kind {
-            req::IN => {
+        let done = |st| BufferAction::Written(self.finish(chain, mem, r.status_at, st, 0));
+        let action = match r.kind {
+            Some(req::IN) => {
                 let len = total(&r.data);
                 if !self.in_range(r.sector, len) {
                     return done(status::IOERR);
@@ -384,7 +417,7 @@ impl ChainHandler for VirtioBlk {
                     offset: r.sector * SECTOR_SIZE,
                 })
             }
-            req::OUT => {
+            Some(req::OUT) => {
                 let len = total(&r.out);
                 if self.read_only || !self.in_range(r.sector, len) {
                     return done(status::IOERR);
@@ -395,62 +428,85 @@ impl ChainHandler for VirtioBlk {
                     offset: r.sector * SECTOR_SIZE,
                 })
             }
-            req::FLUSH => {
+            Some(req::FLUSH) => {
                 if self.read_only {
                     return done(status::OK);
                 }
                 BufferAction::Io(IoOp::Fsync { fd, datasync: true })
             }
-            req::GET_ID => {
+            Some(req::GET_ID) => {
                 let n = chain
                     .write_at(mem, 0, &self.id[..(total(&r.data) as usize).min(ID_LEN)])
                     .unwrap_or(0);
-                BufferAction::Written(self.finish(chain, mem, &r, status::OK, n as u64))
+                BufferAction::Written(self.finish(chain, mem, r.status_at, status::OK, n as u64))
             }
-            req::DISCARD => self.zero_range(chain, mem, &r, true),
-            req::WRITE_ZEROES => self.zero_range(chain, mem, &r, false),
-            u32::MAX => done(status::IOERR),
-            _ => done(status::UNSUPP),
+            Some(req::DISCARD) => self.zero_range(chain, mem, &r, true),
+            Some(req::WRITE_ZEROES) => self.zero_range(chain, mem, &r, false),
+            None => done(status::IOERR),
+            Some(_) => done(status::UNSUPP),
+        };
+        if let BufferAction::Io(_) = &action {
+            let kind = r.kind.unwrap_or_default();
+            let (expected, data) = match kind {
+                req::IN => (total(&r.data), total(&r.data)),
+                req::OUT => (total(&r.out), 0),
+                _ => (0, 0),
+            };
+            let p = Pending {
+                kind,
+                sector: r.sector,
+                expected,
+                data,
+                status_at: r.status_at,
+            };
+            if self.pending.insert((queue, chain.id()), p).is_some() {
+                return BufferAction::Invalid(format!(
+                    "chain {} is in flight twice on queue {queue}",
+                    chain.id()
+                ));
+            }
         }
+        action
     }
 
     fn complete(
         &mut self,
-        _queue: u16,
+        queue: u16,
         chain: &DescChain,
         mem: &GuestMemoryMmap,
         result: std::io::Result<usize>,
     ) -> u32 {
-        let Ok(r) = parse(chain, mem) else {
+        let Some(p) = self.pending.remove(&(queue, chain.id())) else {
+            log::warn!(
+                "{}: completion for chain {} that is not in flight",
+                self.name,
+                chain.id()
+            );
             return 0;
         };
-        let (expected, data) = match r.kind {
-            req::IN => (total(&r.data), total(&r.data)),
-            req::OUT => (total(&r.out), 0),
-            _ => (0, 0),
-        };
+        let Pending {
+            kind,
+            sector,
+            expected,
+            data,
+            status_at,
+        } = p;
         let st = match result {
             Ok(n) if n as u64 == expected => status::OK,
             Ok(n) => {
                 log::warn!(
-                    "{}: short transfer at sector {}: {n} of {expected} bytes",
-                    self.name,
-                    r.sector
+                    "{}: short transfer at sector {sector}: {n} of {expected} bytes",
+                    self.name
                 );
                 status::IOERR
             }
             Err(e) => {
-                log::warn!(
-                    "{}: request type {} at sector {}: {e}",
-                    self.name,
-                    r.kind,
-                    r.sector
-                );
+                log::warn!("{}: request type {kind} at sector {sector}: {e}", self.name);
                 status::IOERR
             }
         };
         let data = if st == status::OK { data } else { 0 };
-        self.finish(chain, mem, &r, st, data)
+        self.finish(chain, mem, status_at, st, data)
     }
 }
 

@@ -426,3 +426,55 @@ fn bad_disk_settings_are_errors_naming_the_file() {
     let e = VirtioBlk::open("b", &c).err().unwrap();
     assert!(e.to_string().contains("/nonexistent/disk.img"), "{e}");
 }
+
+#[test]
+fn type_all_ones_is_unsupported_and_empty_discards_succeed() {
+    let ram = RamBus::new(MemoryMap::new(64 << 20).unwrap()).unwrap();
+    for be in BACKENDS {
+        let img = image(8, 0);
+        let dev = VirtioBlk::open("virtio-blk0", &cfg(img.path())).unwrap();
+        let mut rig = Rig::new(&ram, dev, be, QueueFormat::Split, 0);
+        // 0xFFFFFFFF is a request type like any unknown one, not a truncated header.
+        assert_eq!(rig.request(0, &[&hdr(u32::MAX, 0)], 0).0, status::UNSUPP);
+        for kind in [req::DISCARD, req::WRITE_ZEROES] {
+            let st = rig.request(0, &[&hdr(kind, 0), &seg(3, 0, 0)], 0).0;
+            assert_eq!(st, status::OK, "{be:?}: zero-sector type {kind}");
+        }
+    }
+}
+
+#[test]
+fn seg_max_never_exceeds_what_one_readv_takes() {
+    let img = image(8, 0);
+    let mut c = cfg(img.path());
+    c.queue_size = 32768;
+    let dev = VirtioBlk::open("virtio-blk0", &c).unwrap();
+    let seg_max = u32::from_le_bytes(dev.config()[12..16].try_into().unwrap());
+    assert_eq!(seg_max, 1024);
+}
+
+#[test]
+fn a_header_rewritten_while_the_io_is_in_flight_does_not_change_the_completion() {
+    use alioth_queue::new_queue;
+    let ram = RamBus::new(MemoryMap::new(16 << 20).unwrap()).unwrap();
+    let mem = ram.memory();
+    let img = image(8, 0x5a);
+    let mut dev = VirtioBlk::open("virtio-blk0", &cfg(img.path())).unwrap();
+    let mut d = TestDriver::new(mem, QueueFormat::Split, 16, 0x10_0000, 0);
+    let mut q = new_queue(16, d.config(), d.features(), mem).unwrap();
+    let h = hdr(req::IN, 1);
+    d.add(&[&h], &[512, 1]).unwrap();
+    let chain = q.pop(mem).unwrap().unwrap();
+    let BufferAction::Io(op) = dev.handle(0, &chain, mem) else {
+        panic!("a read needs I/O");
+    };
+    assert_eq!(op.transfer_len(), 512);
+    // The guest turns its read into a write of nothing while the read is in flight.
+    let at = chain.readable[0].gpa;
+    d.write_mem(at, &hdr(req::OUT, 7));
+    let written = dev.complete(0, &chain, mem, Ok(512));
+    assert_eq!(written, 513, "the read's data and its status byte");
+    assert_eq!(d.read_mem(chain.writable[1].gpa, 1)[0], status::OK);
+    // A completion for a chain that is not in flight writes nothing.
+    assert_eq!(dev.complete(0, &chain, mem, Ok(512)), 0);
+}
