@@ -254,3 +254,29 @@ fn memory_beyond_what_kvm_addresses_is_a_usage_error_naming_memory() {
     );
     assert_usage_error(&out, "--memory");
 }
+
+#[test]
+fn a_truncated_bzimage_is_refused_not_booted() {
+    let Some(vmlinuz) = guest_artifact("vmlinuz") else {
+        return;
+    };
+    let whole = std::fs::read(&vmlinuz).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for len in [1 << 20, 2048] {
+        let k = dir.path().join(format!("vmlinuz-{len}"));
+        std::fs::write(&k, &whole[..len]).unwrap();
+        let out = alioth_within(
+            &[
+                "boot",
+                "--kernel",
+                k.to_str().unwrap(),
+                "--memory",
+                "256M",
+                "--serial",
+                "off",
+            ],
+            30,
+        );
+        assert_usage_error(&out, "truncated bzImage");
+    }
+}

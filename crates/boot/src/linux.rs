@@ -346,6 +346,30 @@ pub fn read_setup_header(path: &Path) -> Result<setup_header> {
     if hdr.xloadflags & XLF_KERNEL_64 == 0 {
         return Err(bad_kernel(path, "bzImage has no 64-bit entry point"));
     }
+    // The image is the real-mode setup (setup_sects + 1 sectors; 0 means 4) followed by the
+    // protected-mode part of syssize 16-byte paragraphs. A shorter file is truncated.
+    let setup_sects = match hdr.setup_sects {
+        0 => 4,
+        n => u64::from(n),
+    };
+    let (syssize, len) = (
+        hdr.syssize,
+        f.metadata()
+            .map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len(),
+    );
+    let need = (setup_sects + 1) * 512 + u64::from(syssize) * 16;
+    if syssize == 0 || len < need {
+        return Err(bad_kernel(
+            path,
+            format!(
+                "truncated bzImage: the setup header describes {need} bytes ({setup_sects} setup sectors, syssize {syssize}) but the file has {len}"
+            ),
+        ));
+    }
     Ok(hdr)
 }
 
