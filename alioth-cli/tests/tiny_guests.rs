@@ -122,40 +122,52 @@ fn triple_fault_stops_the_vm_as_a_reset() {
 }
 
 #[test]
-fn sigterm_stops_a_guest_that_never_exits() {
-    let k = kernel(|_| {});
-    let mut child = Command::new(env!("CARGO_BIN_EXE_alioth"))
-        .args([
-            "boot", "--memory", "64M", "--cpus", "2", "--serial", "off", "--kernel",
-        ])
-        .arg(k.path())
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "guest should still spin"
-    );
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "alioth ignored SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "{err}");
+fn every_catchable_terminating_signal_stops_a_guest_that_never_exits_cleanly() {
+    // Each ends alioth through its normal stop path, which restores the terminal (it left the
+    // terminal raw on SIGQUIT before); none kills the process outright.
+    for sig in [
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGALRM,
+    ] {
+        let k = kernel(|_| {});
+        let mut child = Command::new(env!("CARGO_BIN_EXE_alioth"))
+            .args([
+                "boot", "--memory", "64M", "--cpus", "2", "--serial", "off", "--kernel",
+            ])
+            .arg(k.path())
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "guest should still spin"
+        );
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "alioth ignored signal {sig}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "signal {sig}: {status:?} {err}");
+    }
 }
 
 /// Reads the vendor/device dword of `slot` through ports 0xCF8/0xCFC into eax.

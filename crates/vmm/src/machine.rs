@@ -43,7 +43,7 @@ pub enum ExitReason {
     GuestExit(u8),
     /// The user typed the console escape (Ctrl-A x).
     UserQuit,
-    /// A termination signal (SIGINT, SIGTERM, SIGHUP) arrived.
+    /// A terminating signal (SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1/2, SIGALRM) arrived.
     Signal(i32),
     /// The embedder called [`MachineHandle::stop`].
     Stopped,
@@ -75,7 +75,8 @@ enum Event {
 pub struct MachineOptions {
     /// Send COM1 output here instead of where the config says (tests, embedders).
     pub serial_output: Option<Box<dyn Write + Send>>,
-    /// Turn SIGINT/SIGTERM/SIGHUP into a clean stop while running (what a CLI wants).
+    /// Turn terminating signals (SIGINT, SIGTERM, SIGHUP, SIGQUIT, ...) into a clean stop while
+    /// running, restoring the terminal (what a CLI wants).
     pub handle_signals: bool,
 }
 

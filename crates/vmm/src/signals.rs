@@ -1,10 +1,23 @@
-//! SIGINT/SIGTERM/SIGHUP turned into machine events through a self-pipe.
+//! Terminating signals (SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1/2, SIGALRM) turned into
+//! machine events through a self-pipe.
 
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 static WRITE_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// The catchable signals whose default action terminates the process (SIGPIPE aside, which
+/// Rust programs ignore so that writes report EPIPE instead).
+pub const TERMINATING_SIGNALS: [libc::c_int; 7] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGALRM,
+];
 
 extern "C" fn on_signal(sig: libc::c_int) {
     let fd = WRITE_FD.load(Ordering::Relaxed);
@@ -30,7 +43,9 @@ pub fn forward_termination_signals(f: impl Fn(i32) + Send + 'static) -> std::io:
         // SAFETY: the previous write end was ours and nothing else uses it now.
         unsafe { libc::close(old) };
     }
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+    // Every signal whose default action ends the process and that can be caught: ending
+    // through the machine's stop path restores the terminal and stops the threads.
+    for sig in TERMINATING_SIGNALS {
         // SAFETY: a zeroed sigaction is valid; the handler is async-signal-safe.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
