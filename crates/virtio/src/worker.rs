@@ -117,6 +117,8 @@ pub enum WorkerExit {
     Shutdown,
     /// The transport went away.
     Disconnected,
+    /// The device or backend panicked (the device then needs a reset).
+    Panicked,
 }
 
 /// What serves a device's queues for a transport: an in-process [`Worker`], or an external
@@ -141,6 +143,21 @@ pub struct Worker {
     notifier: Arc<EventFd>,
     state: Arc<AtomicU8>,
     thread: std::sync::Mutex<Option<JoinHandle<WorkerExit>>>,
+    on_failure: FailureHook,
+}
+
+/// Called (on the worker's thread) when a device or backend panics, with the device's name and
+/// the panic message. The VMM stops the VM with it.
+pub type FailureHandler = Box<dyn Fn(&str, &str) + Send + Sync>;
+
+type FailureHook = Arc<std::sync::Mutex<Option<FailureHandler>>>;
+
+/// The message of a caught panic.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -168,9 +185,28 @@ impl Worker {
             notifier: notifier.clone(),
             state: state.clone(),
         };
+        let on_failure: FailureHook = Arc::new(std::sync::Mutex::new(None));
+        let hook = on_failure.clone();
+        let thread_name = name.clone();
         let thread = std::thread::Builder::new()
             .name(name.clone())
-            .spawn(move || ctx.run())
+            .spawn(move || {
+                let state = ctx.state.clone();
+                // A panic must not leave the device looking alive with the guest's I/O hanging:
+                // the device needs a reset, and whoever registered a handler hears why.
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.run())) {
+                    Ok(exit) => exit,
+                    Err(p) => {
+                        let msg = panic_message(p.as_ref());
+                        state.store(WorkerState::NeedsReset as u8, Ordering::Release);
+                        log::error!("{thread_name}: worker panicked: {msg}");
+                        if let Some(f) = hook.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                            f(&thread_name, &msg);
+                        }
+                        WorkerExit::Panicked
+                    }
+                }
+            })
             .map_err(io_err(format!("spawning {name}")))?;
         Ok(Worker {
             name,
@@ -178,7 +214,13 @@ impl Worker {
             notifier,
             state,
             thread: std::sync::Mutex::new(Some(thread)),
+            on_failure,
         })
+    }
+
+    /// Registers what to do when the device or backend panics (replacing an earlier handler).
+    pub fn on_failure(&self, f: impl Fn(&str, &str) + Send + Sync + 'static) {
+        *self.on_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
     }
 
     /// Sends an event and wakes the thread.
@@ -225,7 +267,7 @@ impl Worker {
             self.wake(WakeEvent::Shutdown);
             match t.join() {
                 Ok(exit) => log::debug!("{}: worker ended: {exit:?}", self.name),
-                Err(_) => log::error!("{}: worker panicked", self.name),
+                Err(_) => log::error!("{}: worker thread failed", self.name),
             }
         }
     }
@@ -479,3 +521,7 @@ pub fn process_queue<D: ChainHandler>(
         }
     }
 }
+
+#[cfg(test)]
+#[path = "worker_test.rs"]
+mod tests;

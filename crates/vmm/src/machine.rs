@@ -270,6 +270,7 @@ fn add_pci_devices(
     mmio: &Arc<Bus>,
     ram: &RamBus,
     config: &VmConfig,
+    on_failure: Arc<dyn Fn(&str, &str) + Send + Sync>,
 ) -> Result<Vec<VirtioPci>> {
     let pci = Arc::new(PciBus::default());
     pio.insert(
@@ -287,6 +288,7 @@ fn add_pci_devices(
         next_bar: PCI_MMIO_START,
         bar_end: PCI_MMIO_END,
         devices: Vec::new(),
+        on_failure,
     };
     for (i, d) in config.disks.iter().enumerate() {
         let name = format!("virtio-blk{i}");
@@ -334,10 +336,11 @@ fn shared_regions(ram: &RamBus) -> Result<Vec<SharedRegion>> {
 fn add_devices(
     vm: &Arc<Vm>,
     ram: &RamBus,
-    sink: &EventSink,
+    tx: &Sender<Event>,
     config: &VmConfig,
     serial_output: Option<Box<dyn Write + Send>>,
 ) -> Result<Devices> {
+    let sink = &event_sink(tx);
     let pio = Arc::new(Bus::new("pio"));
     let mmio = Arc::new(Bus::new("mmio"));
     let serial = add_serial(vm, &pio, config, serial_output)?;
@@ -349,7 +352,17 @@ fn add_devices(
         None => Vec::new(),
     };
     add_legacy_devices(&pio, ram, sink, config)?;
-    let virtio = add_pci_devices(vm, &pio, &mmio, ram, config)?;
+    let failed = Mutex::new(tx.clone());
+    let on_failure: Arc<dyn Fn(&str, &str) + Send + Sync> = Arc::new(move |dev, msg| {
+        let _ = failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(Event::ThreadFailed(
+                dev.to_string(),
+                format!("panicked: {msg}"),
+            ));
+    });
+    let virtio = add_pci_devices(vm, &pio, &mmio, ram, config, on_failure)?;
     Ok(Devices {
         pio,
         mmio,
@@ -414,7 +427,7 @@ impl Machine {
         let (kvm, vm) = create_vm(config)?;
         let ram = map_memory(&kvm, &vm, config)?;
         let (tx, rx) = channel();
-        let devices = add_devices(&vm, &ram, &event_sink(&tx), config, options.serial_output)?;
+        let devices = add_devices(&vm, &ram, &tx, config, options.serial_output)?;
         let booted = load_guest(&ram, config, devices.serials)?;
         let vcpus = create_vcpus(&kvm, &vm, config, &booted)?;
         Ok(Machine {

@@ -122,6 +122,8 @@ pub struct VirtioPlacer {
     pub next_bar: u64,
     pub bar_end: u64,
     pub devices: Vec<VirtioPci>,
+    /// Told when a device's worker panics (the machine then stops with the reason).
+    pub on_failure: Arc<dyn Fn(&str, &str) + Send + Sync>,
 }
 
 impl VirtioPlacer {
@@ -173,6 +175,8 @@ impl VirtioPlacer {
             thread: name.clone(),
             reason: e.to_string(),
         })?;
+        let on_failure = self.on_failure.clone();
+        worker.on_failure(move |dev, msg| on_failure(dev, msg));
         let what = if use_uring {
             "io_uring backend"
         } else {

@@ -1,0 +1,78 @@
+use std::sync::mpsc::channel;
+use std::time::Duration;
+
+use alioth_queue::testing::TestDriver;
+use alioth_queue::{DescChain, QueueFormat, VIRTIO_F_VERSION_1};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use super::*;
+use crate::{BufferAction, DeviceId, EpollBackend, EventFdIrq, Virtio};
+
+/// A device that panics on its first chain.
+struct Bomb;
+
+impl Virtio for Bomb {
+    fn name(&self) -> &str {
+        "bomb0"
+    }
+    fn device_id(&self) -> DeviceId {
+        DeviceId::Entropy
+    }
+    fn device_features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![8]
+    }
+    fn config(&self) -> &[u8] {
+        &[]
+    }
+}
+
+impl ChainHandler for Bomb {
+    fn handle(&mut self, _q: u16, chain: &DescChain, _m: &GuestMemoryMmap) -> BufferAction {
+        panic!("boom on chain {}", chain.id());
+    }
+    fn complete(
+        &mut self,
+        _q: u16,
+        _c: &DescChain,
+        _m: &GuestMemoryMmap,
+        _r: std::io::Result<usize>,
+    ) -> u32 {
+        0
+    }
+}
+
+#[test]
+fn a_device_that_panics_needs_reset_and_its_failure_handler_hears_why() {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+    let worker = Worker::spawn(Bomb, EpollBackend, mem.clone()).unwrap();
+    let (tx, rx) = channel();
+    worker.on_failure(move |dev, msg| {
+        let _ = tx.send((dev.to_string(), msg.to_string()));
+    });
+    let mut d = TestDriver::new(&mem, QueueFormat::Split, 8, 0x10_0000, 0);
+    let kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    worker.wake(WakeEvent::Start {
+        features: 1 << VIRTIO_F_VERSION_1,
+        queues: vec![Some(QueueSetup {
+            config: d.config(),
+            ioeventfd: kick.clone(),
+            base: 0,
+        })],
+        irq: Arc::new(EventFdIrq::new(1).unwrap()),
+    });
+    d.add(&[], &[8]).unwrap();
+    kick.write(1).unwrap();
+    let (dev, msg) = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the failure handler was not called");
+    assert_eq!(dev, "bomb0");
+    assert!(msg.contains("boom on chain 0"), "{msg}");
+    assert_eq!(worker.state(), WorkerState::NeedsReset);
+    assert!(worker.needs_reset(), "the transport reports NEEDS_RESET");
+    // Stopping a worker whose thread is gone neither hangs nor panics.
+    assert!(worker.reset().is_empty());
+    worker.shutdown();
+}
