@@ -24,7 +24,7 @@ use alioth_virtio::DeviceId;
 use alioth_virtio_pci::VirtioPci;
 
 use crate::config::{SerialConfig, VmConfig};
-use crate::pci::{KvmIoevents, KvmMsi, VirtioPlacer};
+use crate::pci::{KvmIoevents, KvmMsi, OnFailure, VirtioPlacer};
 use crate::signals::forward_termination_signals;
 use crate::terminal::RawTerminal;
 use crate::{Error, Result};
@@ -270,7 +270,7 @@ fn add_pci_devices(
     mmio: &Arc<Bus>,
     ram: &RamBus,
     config: &VmConfig,
-    on_failure: Arc<dyn Fn(&str, &str) + Send + Sync>,
+    on_failure: OnFailure,
 ) -> Result<Vec<VirtioPci>> {
     let pci = Arc::new(PciBus::default());
     pio.insert(
@@ -353,7 +353,7 @@ fn add_devices(
     };
     add_legacy_devices(&pio, ram, sink, config)?;
     let failed = Mutex::new(tx.clone());
-    let on_failure: Arc<dyn Fn(&str, &str) + Send + Sync> = Arc::new(move |dev, msg| {
+    let on_failure: OnFailure = Arc::new(move |dev, msg| {
         let _ = failed
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -112,6 +112,9 @@ pub fn use_io_uring(name: &str, backend: IoBackend) -> Result<bool> {
     })
 }
 
+/// What the machine does when a device's worker panics: (device, message).
+pub type OnFailure = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
 /// Places virtio devices on the PCI bus, one BAR window each.
 pub struct VirtioPlacer {
     pub pci: Arc<PciBus>,
@@ -123,7 +126,7 @@ pub struct VirtioPlacer {
     pub bar_end: u64,
     pub devices: Vec<VirtioPci>,
     /// Told when a device's worker panics (the machine then stops with the reason).
-    pub on_failure: Arc<dyn Fn(&str, &str) + Send + Sync>,
+    pub on_failure: OnFailure,
 }
 
 impl VirtioPlacer {
