@@ -274,3 +274,46 @@ pub(crate) fn check_area<M: GuestMemory>(
         Err(QueueError::BadRing { area, addr })
     }
 }
+
+/// The chain IDs a queue has handed out and not yet taken back: a bit per possible ID, so a
+/// device that returns a chain twice, or a driver that reuses an ID still in flight, is caught.
+pub(crate) struct InFlight {
+    bits: Vec<u64>,
+    count: u16,
+}
+
+impl InFlight {
+    /// Room for IDs `0..ids`.
+    pub fn new(ids: usize) -> Self {
+        InFlight {
+            bits: vec![0; ids.div_ceil(64)],
+            count: 0,
+        }
+    }
+
+    /// Marks `id` in flight; false if it already was (or is out of range).
+    pub fn insert(&mut self, id: u16) -> bool {
+        let (w, b) = (usize::from(id) / 64, 1u64 << (id % 64));
+        match self.bits.get_mut(w) {
+            Some(word) if *word & b == 0 => {
+                *word |= b;
+                self.count += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Takes `id` back; false if it was not in flight.
+    pub fn remove(&mut self, id: u16) -> bool {
+        let (w, b) = (usize::from(id) / 64, 1u64 << (id % 64));
+        match self.bits.get_mut(w) {
+            Some(word) if *word & b != 0 => {
+                *word &= !b;
+                self.count -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+}

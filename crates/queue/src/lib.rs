@@ -145,6 +145,9 @@ pub enum QueueError {
     /// A token does not name a chain the device holds.
     #[error("returned chain {0} is not in flight")]
     NotInFlight(u16),
+    /// The driver made a chain available whose ID is still in flight.
+    #[error("chain {0} was made available again while still in flight")]
+    AlreadyInFlight(u16),
     /// Guest memory could not be accessed.
     #[error("guest memory access at {0:#x} failed")]
     Memory(u64),

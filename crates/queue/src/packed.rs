@@ -9,7 +9,7 @@ use std::sync::atomic::{Ordering, fence};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use crate::chain::{ChainBuilder, check_area};
+use crate::chain::{ChainBuilder, InFlight, check_area};
 use crate::{
     DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DescChain, QueueConfig, QueueError, QueueFormat,
     Result, VirtQueue,
@@ -47,7 +47,7 @@ pub struct PackedQueue {
     next_avail: u64,
     next_used: u64,
     signalled_used: u64,
-    in_flight: u16,
+    in_flight: InFlight,
 }
 
 impl PackedQueue {
@@ -86,7 +86,7 @@ impl PackedQueue {
             next_avail: 0,
             next_used: 0,
             signalled_used: 0,
-            in_flight: 0,
+            in_flight: InFlight::new(1 << 16),
         })
     }
 
@@ -206,13 +206,15 @@ impl VirtQueue for PackedQueue {
             }
         };
         self.next_avail = abs;
-        self.in_flight += 1;
+        if !self.in_flight.insert(id) {
+            return Err(QueueError::AlreadyInFlight(id));
+        }
         Ok(Some(b.finish(id, ndesc)))
     }
 
     fn push_used<M: GuestMemory>(&mut self, mem: &M, chain: &DescChain, len: u32) -> Result<()> {
         let token = chain.token();
-        if self.in_flight == 0 || token.ndesc == 0 {
+        if token.ndesc == 0 || !self.in_flight.remove(token.id) {
             return Err(QueueError::NotInFlight(token.id));
         }
         chain.mark_written(mem, len);
@@ -230,7 +232,6 @@ impl VirtQueue for PackedQueue {
         // Release: the driver must see len and id before the flags that make the entry used.
         Self::store_u16(mem, at + 14, flags, Ordering::Release)?;
         self.next_used += u64::from(token.ndesc);
-        self.in_flight -= 1;
         Ok(())
     }
 

@@ -439,3 +439,46 @@ fn a_ring_continues_from_its_base_in_a_new_queue() {
         assert_eq!(q3.ring_base(), fresh, "{format:?}");
     }
 }
+
+#[test]
+fn each_chain_in_flight_is_tracked_by_its_id() {
+    let ram = ram(16 << 20);
+    let mem = ram.memory();
+    for format in [QueueFormat::Split, QueueFormat::Packed] {
+        let mut d = TestDriver::new(mem, format, 8, BASE, 0);
+        let mut q = new_queue(8, d.config(), d.features(), mem).unwrap();
+        d.add(&[b"a"], &[]).unwrap();
+        d.add(&[b"b"], &[]).unwrap();
+        let a = q.pop(mem).unwrap().unwrap();
+        let _b = q.pop(mem).unwrap().unwrap();
+        q.push_used(mem, &a, 0).unwrap();
+        // Two chains were in flight, one came back: returning it again is an error, not a
+        // silent second used entry.
+        assert_eq!(
+            q.push_used(mem, &a, 0),
+            Err(QueueError::NotInFlight(a.id())),
+            "{format:?}"
+        );
+    }
+}
+
+#[test]
+fn a_driver_reusing_an_id_still_in_flight_is_an_error() {
+    let ram = ram(16 << 20);
+    let mem = ram.memory();
+    let buf = 0x40_0000;
+    // Split: the same head index made available twice.
+    let mut d = TestDriver::new(mem, QueueFormat::Split, 8, BASE, 0);
+    let mut q = new_queue(8, d.config(), d.features(), mem).unwrap();
+    d.split_raw(&[(0, buf, 16, 0, 0)], 0);
+    d.split_raw(&[(0, buf, 16, 0, 0)], 0);
+    assert!(q.pop(mem).unwrap().is_some());
+    assert_eq!(q.pop(mem), Err(QueueError::AlreadyInFlight(0)));
+    // Packed: two available descriptors carrying the same buffer ID.
+    let mut d = TestDriver::new(mem, QueueFormat::Packed, 8, BASE + 0x10_0000, 0);
+    let mut q = new_queue(8, d.config(), d.features(), mem).unwrap();
+    d.packed_raw(&[(buf, 16, 5, 0)]);
+    d.packed_raw(&[(buf, 16, 5, 0)]);
+    assert!(q.pop(mem).unwrap().is_some());
+    assert_eq!(q.pop(mem), Err(QueueError::AlreadyInFlight(5)));
+}

@@ -11,7 +11,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use crate::chain::{ChainBuilder, check_area};
+use crate::chain::{ChainBuilder, InFlight, check_area};
 use crate::{
     DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DescChain, QueueConfig, QueueError, QueueFormat,
     Result, VirtQueue,
@@ -23,7 +23,7 @@ pub struct SplitQueue {
     size: u16,
     event_idx: bool,
     indirect: bool,
-    in_flight: u16,
+    in_flight: InFlight,
 }
 
 impl SplitQueue {
@@ -71,7 +71,7 @@ impl SplitQueue {
             size,
             event_idx,
             indirect,
-            in_flight: 0,
+            in_flight: InFlight::new(usize::from(size)),
         })
     }
 
@@ -161,20 +161,21 @@ impl VirtQueue for SplitQueue {
         };
         let mut b = ChainBuilder::new(head, self.size);
         self.walk(mem, &mut b, self.q.desc_table(), self.size, head, false)?;
-        self.in_flight += 1;
+        if !self.in_flight.insert(head) {
+            return Err(QueueError::AlreadyInFlight(head));
+        }
         Ok(Some(b.finish(head, 1)))
     }
 
     fn push_used<M: GuestMemory>(&mut self, mem: &M, chain: &DescChain, len: u32) -> Result<()> {
         let token = chain.token();
-        if self.in_flight == 0 || token.id >= self.size {
+        if !self.in_flight.remove(token.id) {
             return Err(QueueError::NotInFlight(token.id));
         }
         chain.mark_written(mem, len);
         self.q
             .add_used(mem, token.id, len)
             .map_err(|_| QueueError::Memory(self.q.used_ring()))?;
-        self.in_flight -= 1;
         Ok(())
     }
 
