@@ -127,6 +127,8 @@ struct Pending {
     /// Bytes written to the chain on success (before the status byte).
     data: u64,
     status_at: u64,
+    /// For write-zeroes: the byte range, should the filesystem lack FALLOC_FL_ZERO_RANGE.
+    zero: Option<(u64, u64)>,
 }
 
 impl VirtioBlk {
@@ -305,6 +307,26 @@ impl VirtioBlk {
         (data + 1) as u32
     }
 
+    /// Write-zeroes where the filesystem has no FALLOC_FL_ZERO_RANGE (tmpfs): punch a hole
+    /// (it reads back as zeros), else write zeros. Synchronous; a rare path.
+    fn zero_fallback(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let fd = self.file.as_raw_fd();
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: fallocate on the image's descriptor; the result is checked.
+        if unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) } == 0 {
+            return Ok(());
+        }
+        use std::os::unix::fs::FileExt;
+        let zeros = vec![0u8; 64 << 10];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
     fn zero_range(
         &self,
         chain: &DescChain,
@@ -452,12 +474,19 @@ impl ChainHandler for VirtioBlk {
                 req::OUT => (total(&r.out), 0),
                 _ => (0, 0),
             };
+            let zero = match &action {
+                BufferAction::Io(IoOp::Fallocate {
+                    mode, offset, len, ..
+                }) if mode & libc::FALLOC_FL_ZERO_RANGE != 0 => Some((*offset, *len)),
+                _ => None,
+            };
             let p = Pending {
                 kind,
                 sector: r.sector,
                 expected,
                 data,
                 status_at: r.status_at,
+                zero,
             };
             if self.pending.insert((queue, chain.id()), p).is_some() {
                 return BufferAction::Invalid(format!(
@@ -490,7 +519,14 @@ impl ChainHandler for VirtioBlk {
             expected,
             data,
             status_at,
+            zero,
         } = p;
+        let result = match (result, zero) {
+            (Err(e), Some((offset, len))) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                self.zero_fallback(offset, len).map(|()| 0)
+            }
+            (r, _) => r,
+        };
         let st = match result {
             Ok(n) if n as u64 == expected => status::OK,
             Ok(n) => {
