@@ -62,7 +62,6 @@ pub struct VhostUserFrontend {
     name: String,
     conn: Mutex<Frontend>,
     regions: Vec<SharedRegion>,
-    protocol: VhostUserProtocolFeatures,
     running: Mutex<Option<Running>>,
     broken: Arc<AtomicBool>,
 }
@@ -142,7 +141,6 @@ impl VhostUserFrontend {
             name: name.to_string(),
             conn: Mutex::new(conn),
             regions,
-            protocol,
             running: Mutex::new(None),
             broken: Arc::new(AtomicBool::new(false)),
         };
@@ -229,11 +227,6 @@ impl VhostUserFrontend {
             started.push(i);
         }
         Ok(started)
-    }
-
-    /// Whether the negotiated protocol has reply-acks (for the docs and tests).
-    pub fn has_reply_ack(&self) -> bool {
-        self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK)
     }
 }
 

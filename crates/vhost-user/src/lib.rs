@@ -128,7 +128,6 @@ pub struct VhostUserDevice<D: ChainHandler, B: Backend<D> + Clone> {
     make: MakeDevice<D>,
     backend: B,
     features: u64,
-    protocol: VhostUserProtocolFeatures,
     memory: Option<Memory>,
     vrings: Vec<Vring>,
     calls: Calls,
@@ -167,7 +166,6 @@ impl<D: ChainHandler, B: Backend<D> + Clone> VhostUserDevice<D, B> {
             make: Box::new(make),
             backend,
             features: 0,
-            protocol: VhostUserProtocolFeatures::empty(),
             memory: None,
             vrings: (0..n).map(|_| Vring::default()).collect(),
             calls: Arc::new(RwLock::new((0..n).map(|_| None).collect())),
@@ -283,7 +281,6 @@ impl<D: ChainHandler, B: Backend<D> + Clone> VhostUserDevice<D, B> {
         self.memory = None;
         self.backend_channel = None;
         self.features = 0;
-        self.protocol = VhostUserProtocolFeatures::empty();
         for v in &mut self.vrings {
             *v = Vring::default();
         }
@@ -462,10 +459,9 @@ impl<D: ChainHandler, B: Backend<D> + Clone> VhostUserBackendReqHandlerMut
             | VhostUserProtocolFeatures::RESET_DEVICE)
     }
 
-    fn set_protocol_features(&mut self, features: u64) -> VResult<()> {
-        // Bits we did not offer are dropped, as vhost-user allows.
-        self.protocol = VhostUserProtocolFeatures::from_bits_truncate(features)
-            & self.get_protocol_features()?;
+    fn set_protocol_features(&mut self, _features: u64) -> VResult<()> {
+        // The vhost crate records what was acked (REPLY_ACK, CONFIG gating) and drops bits we
+        // did not offer; nothing here depends on it.
         Ok(())
     }
 
