@@ -25,8 +25,8 @@ struct Case {
     server: Option<(Vec<String>, PathBuf)>,
 }
 
-/// A backend process for one case, killed when the case ends.
-struct Server(std::process::Child);
+/// A backend process, killed when dropped.
+pub struct Server(std::process::Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -35,22 +35,22 @@ impl Drop for Server {
     }
 }
 
-fn start_server(cmd: &[String], sock: &Path) -> Result<Server> {
+/// Starts `cmd` and waits (20 s at most) until it has created the socket `sock`. Its stderr
+/// goes to `<sock>.log` (a pipe nobody reads could fill and block it).
+pub fn start_server(cmd: &[String], sock: &Path) -> Result<Server> {
     let _ = std::fs::remove_file(sock);
+    let log = sock.with_extension("log");
     let mut child = Command::new(&cmd[0])
         .args(&cmd[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&log)?)
         .spawn()
         .with_context(|| format!("starting {}", cmd[0]))?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while !sock.exists() {
         if let Some(st) = child.try_wait()? {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
+            let err = std::fs::read_to_string(&log).unwrap_or_default();
             bail!("{} exited with {st}: {err}", cmd[0]);
         }
         if Instant::now() > deadline {
@@ -239,26 +239,14 @@ pub fn e2e(root: &Path) -> Result<()> {
         for (test, sector) in vu_tests {
             let img = image(&format!("vu-{test}-{server}-{ring}"))?;
             let sock = dir.join(format!("vu-{server}.sock"));
-            let cmd: Vec<String> = match server.strip_prefix("alioth-") {
-                Some(backend) => vec![
-                    alioth.display().to_string(),
-                    "vhost-user".into(),
-                    "blk".into(),
-                    "--socket".into(),
-                    sock.display().to_string(),
-                    "--disk".into(),
-                    format!("path={},backend={backend},num_queues=2", img.display()),
-                ],
-                None => vec![
-                    "qemu-storage-daemon".into(),
-                    "--blockdev".into(),
-                    format!("driver=file,node-name=disk,filename={}", img.display()),
-                    "--export".into(),
-                    format!(
-                        "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},writable=on,num-queues=2",
-                        sock.display()
-                    ),
-                ],
+            let cmd = match server.strip_prefix("alioth-") {
+                Some(backend) => crate::uml::alioth_blk_cmd(
+                    &alioth,
+                    &sock,
+                    &img,
+                    &format!(",backend={backend},num_queues=2"),
+                ),
+                None => crate::uml::qsd_blk_cmd(&sock, &img, 2),
             };
             cases.push(Case {
                 name: format!("{test}/vhost-user-{server}/{ring}"),

@@ -20,12 +20,13 @@
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 use crate::cpio::Cpio;
+use crate::e2e::{Server, start_server};
 use crate::{cargo, run};
 
 const UML_PACKAGE: &str = "user-mode-linux";
@@ -190,68 +191,43 @@ fn find(dir: &Path, name: &str) -> Result<Option<PathBuf>> {
     Ok(None)
 }
 
-/// A vhost-user backend process, stopped on drop.
-struct BackendProcess(Child);
-
-impl Drop for BackendProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// `alioth vhost-user blk` serving `image` on `sock`; `opts` adds disk options (`,backend=..`).
+pub fn alioth_blk_cmd(alioth: &Path, sock: &Path, image: &Path, opts: &str) -> Vec<String> {
+    vec![
+        alioth.display().to_string(),
+        "vhost-user".into(),
+        "blk".into(),
+        "--socket".into(),
+        sock.display().to_string(),
+        "--disk".into(),
+        format!("path={}{opts}", image.display()),
+    ]
 }
 
-fn wait_for_socket(p: &mut Child, sock: &Path) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(sock).is_err() {
-        if let Some(st) = p.try_wait()? {
-            bail!("the vhost-user backend exited with {st} before listening");
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the vhost-user backend did not listen on {} within 20 s",
-                sock.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-/// Starts `alioth vhost-user blk` on `image`.
-fn alioth_backend(alioth: &Path, sock: &Path, image: &Path, extra: &str) -> Result<BackendProcess> {
-    let _ = std::fs::remove_file(sock);
-    let mut p = Command::new(alioth)
-        .args(["vhost-user", "blk", "--socket"])
-        .arg(sock)
-        .arg("--disk")
-        .arg(format!("path={}{extra}", image.display()))
-        .stdin(Stdio::null())
-        .spawn()
-        .context("starting alioth vhost-user")?;
-    // The connection probe counts as a frontend that connects and leaves; fine.
-    wait_for_socket(&mut p, sock)?;
-    Ok(BackendProcess(p))
-}
-
-/// Starts qemu-storage-daemon exporting `image` over vhost-user-blk.
-fn qsd_backend(sock: &Path, image: &Path) -> Result<BackendProcess> {
-    let _ = std::fs::remove_file(sock);
-    let mut p = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
+/// qemu-storage-daemon exporting `image` over vhost-user-blk on `sock` with `queues` queues.
+pub fn qsd_blk_cmd(sock: &Path, image: &Path, queues: u16) -> Vec<String> {
+    vec![
+        "qemu-storage-daemon".into(),
+        "--blockdev".into(),
+        format!(
             "driver=file,node-name=disk,filename={},aio=io_uring",
             image.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},writable=on",
+        ),
+        "--export".into(),
+        format!(
+            "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
             sock.display()
-        ))
-        .stdin(Stdio::null())
-        .spawn()
-        .context("starting qemu-storage-daemon (Debian's qemu-system-common or qemu-utils)")?;
-    wait_for_socket(&mut p, sock)?;
-    Ok(BackendProcess(p))
+        ),
+    ]
+}
+
+fn alioth_backend(alioth: &Path, sock: &Path, image: &Path, opts: &str) -> Result<Server> {
+    start_server(&alioth_blk_cmd(alioth, sock, image, opts), sock)
+}
+
+fn qsd_backend(sock: &Path, image: &Path) -> Result<Server> {
+    start_server(&qsd_blk_cmd(sock, image, 1), sock)
+        .context("qemu-storage-daemon comes with Debian's qemu-system-common")
 }
 
 impl Uml {
