@@ -23,6 +23,8 @@ struct Case {
     check_image: Option<(PathBuf, usize)>,
     /// A vhost-user backend to run during the test: its command line and the socket it serves.
     server: Option<(Vec<String>, PathBuf)>,
+    /// Guest memory (`--memory`).
+    memory: &'static str,
 }
 
 /// A backend process, killed when dropped.
@@ -85,7 +87,7 @@ fn run_case(alioth: &Path, kit: &Path, case: &Case) -> Result<()> {
         .args([
             "boot",
             "--memory",
-            "128M",
+            case.memory,
             "--exit-device",
             "on",
             "--kernel",
@@ -157,8 +159,15 @@ pub fn e2e(root: &Path) -> Result<()> {
         args: vec![],
         check_image: None,
         server: None,
+        memory: "128M",
     };
     let mut cases = vec![plain("hello")];
+    // The kit maps RAM above 4 GiB itself (as it would a 64-bit BAR there): 3200M puts 128 MiB
+    // of it at 4 GiB.
+    cases.push(Case {
+        memory: "3200M",
+        ..plain("map-high")
+    });
     let pci_disk = image("pci")?;
     cases.push(Case {
         name: "pci".into(),
@@ -171,6 +180,7 @@ pub fn e2e(root: &Path) -> Result<()> {
         ],
         check_image: None,
         server: None,
+        memory: "128M",
     });
     for backend in ["io_uring", "epoll"] {
         for ring in ["split", "packed"] {
@@ -184,6 +194,7 @@ pub fn e2e(root: &Path) -> Result<()> {
                 ],
                 check_image: None,
                 server: None,
+                memory: "128M",
             });
             // (test, extra disk options, sector the host checks afterwards)
             let blk: [(&'static str, &str, Option<usize>); 6] = [
@@ -206,6 +217,7 @@ pub fn e2e(root: &Path) -> Result<()> {
                     ],
                     check_image: sector.map(|s| (img, s)),
                     server: None,
+                    memory: "128M",
                 });
             }
         }
@@ -255,6 +267,7 @@ pub fn e2e(root: &Path) -> Result<()> {
                 args: vec!["--disk".into(), format!("vhost_user={}", sock.display())],
                 check_image: sector.map(|s| (img, s)),
                 server: Some((cmd, sock)),
+                memory: "128M",
             });
         }
     }
@@ -274,6 +287,7 @@ pub fn e2e(root: &Path) -> Result<()> {
             args,
             check_image: check,
             server: None,
+            memory: "128M",
         });
     }
     let (mut passed, mut failed) = (0, 0);
@@ -297,9 +311,12 @@ pub fn e2e(root: &Path) -> Result<()> {
 }
 
 /// Runs the kit's polling-mode 4 KiB random-read bench at `qd` against the disk `disk` (an
-/// `alioth boot --disk` spec); returns the IOPS the guest measured.
+/// `alioth boot --disk` spec); returns the IOPS over the measured window as the host timed it
+/// (between the kit's `bench-window start` and `end` lines), after checking that the kit's own
+/// clock agrees within 10 %.
 pub fn kit_bench_iops(alioth: &Path, kit: &Path, disk: &str, qd: u32, secs: u64) -> Result<f64> {
-    let out = Command::new(alioth)
+    use std::io::BufRead;
+    let mut child = Command::new(alioth)
         .args([
             "boot",
             "--memory",
@@ -318,13 +335,45 @@ pub fn kit_bench_iops(alioth: &Path, kit: &Path, disk: &str, qd: u32, secs: u64)
         .arg("--disk")
         .arg(disk)
         .stdin(Stdio::null())
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.strip_prefix("ALIOTH-KIT bench "))
-        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("iops=")))
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no bench line from the guest:\n{text}"))
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (mut start, mut end, mut result) = (None, None, None);
+    let mut text = String::new();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        let now = Instant::now();
+        if line.starts_with("ALIOTH-KIT bench-window start") {
+            start = Some(now);
+        } else if line.starts_with("ALIOTH-KIT bench-window end") {
+            end = Some(now);
+        } else if let Some(rest) = line.strip_prefix("ALIOTH-KIT bench ") {
+            result = Some(rest.to_string());
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    child.wait()?;
+    let field = |name: &str| -> Option<f64> {
+        result
+            .as_deref()?
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+    };
+    let (Some(start), Some(end), Some(ios), Some(guest_ns)) =
+        (start, end, field("ios="), field("ns="))
+    else {
+        bail!("no bench window or result from the guest:\n{text}");
+    };
+    let host_secs = end.duration_since(start).as_secs_f64();
+    let guest_secs = guest_ns / 1e9;
+    if (host_secs - guest_secs).abs() > 0.1 * host_secs {
+        bail!(
+            "the guest's clock ({guest_secs:.3} s) and the host's ({host_secs:.3} s) disagree about the bench window"
+        );
+    }
+    Ok(ios / host_secs)
 }
 
 /// The in-guest half of `cargo xtask bench blk`: 4 KiB random reads measured inside the guest

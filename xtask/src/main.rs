@@ -3,11 +3,14 @@
 //! - `cargo xtask guest`: fetch Debian's cloud kernel and busybox-static with `apt-get download`
 //!   and build the test guest artifacts under `target/guest/`.
 //! - `cargo xtask ci`: what CI runs: guest artifacts, `cargo fmt --check`, clippy with
-//!   `-D warnings`, every test, `crates`, `e2e` and `uml`.
+//!   `-D warnings`, every test, `crates`, `e2e`, `conformance --vmm alioth` and `uml`.
 //! - `cargo xtask uml`: User-Mode Linux's own virtio_blk driver against `alioth vhost-user`.
+//! - `cargo xtask conformance --vmm alioth|upstream|CMD`: the guest kit's virtio conformance
+//!   suite against a VMM, as a table test x result (docs/conformance.md).
 //! - `cargo xtask crates`: the library crates as other VMMs take them: no unused dependencies
 //!   (cargo-machete), the layering of docs/architecture.md, each crate's example, `cargo package`.
 
+mod conformance;
 mod cpio;
 mod e2e;
 mod guest;
@@ -89,6 +92,7 @@ fn ci() -> Result<()> {
         .env("ALIOTH_GUEST_DIR", &guest_dir))?;
     crates_stand_alone(&guest_dir)?;
     e2e::e2e(&workspace_root())?;
+    conformance::conformance(&workspace_root(), &[])?;
     uml::uml(&workspace_root())?;
     Ok(())
 }
@@ -227,6 +231,8 @@ fn usage() -> ! {
          ci      guest artifacts, fmt check, clippy -D warnings, all tests, crates, e2e\n  \
          crates  unused dependencies, crate layering, each crate's example, cargo package\n  \
          e2e     build the guest kit and run its tests under alioth\n  \
+         conformance [--vmm alioth|upstream|CMD] [--ring split|packed]\n          \
+         the kit's virtio conformance suite against a VMM, as a table\n  \
          uml     User-Mode Linux's virtio_blk against alioth's vhost-user backend\n  \
          bench blk [--secs N]  virtio-blk 4 KiB random-read IOPS vs a plain io_uring loop\n  \
          bench vhost-user-blk [--secs N]  UML random reads: alioth's backend vs qemu-storage-daemon"
@@ -244,6 +250,7 @@ fn main() -> Result<()> {
         Some("crates") => crates_stand_alone(&guest::build(&workspace_root())?),
         Some("bench") => bench(&args[1..]),
         Some("e2e") => e2e::e2e(&workspace_root()),
+        Some("conformance") => conformance::conformance(&workspace_root(), &args[1..]),
         Some("uml") => uml::uml(&workspace_root()),
         _ => usage(),
     }

@@ -47,6 +47,8 @@ pub struct PmPorts {
     pub reset: u16,
     /// Value to write to `reset` to reset the machine.
     pub reset_value: u8,
+    /// The 32-bit ACPI PM timer (4 bytes, 3.579545 MHz), if the machine has one.
+    pub timer: Option<u16>,
 }
 
 /// The SLP_TYP value of `_S5` (soft off) in Alioth's DSDT.
@@ -193,6 +195,18 @@ fn fadt(cfg: &AcpiConfig, dsdt_addr: u64) -> Vec<u8> {
     b.reset_value = cfg.pm.reset_value;
     b.sleep_control_reg = io_gas(cfg.pm.sleep_control);
     b.sleep_status_reg = io_gas(cfg.pm.sleep_status);
+    if let Some(port) = cfg.pm.timer {
+        b.pm_tmr_blk = u32::from(port).into();
+        b.pm_tmr_len = 4;
+        b.x_pm_tmr_blk = GAS::new(
+            AddressSpace::SystemIo,
+            32,
+            0,
+            AccessSize::DwordAccess,
+            u64::from(port),
+        );
+        b = b.flag(Flags::TmrValExt);
+    }
     bytes_of(&b.finalize())
 }
 

@@ -31,6 +31,7 @@ fn config(n: u32) -> AcpiConfig {
             sleep_status: 0x3c1,
             reset: 0x3c2,
             reset_value: 1,
+            timer: Some(0x3c4),
         },
         ecam: Some((0xe000_0000, 0, 0)),
     }
@@ -56,6 +57,12 @@ fn tables_chain_from_rsdp_with_valid_checksums() {
         if &t[..4] == b"FACP" {
             let flags = u32::from_le_bytes(t[112..116].try_into().unwrap());
             assert_ne!(flags & (1 << 20), 0, "hardware-reduced");
+            // The PM timer: PM_TMR_BLK, PM_TMR_LEN 4, X_PM_TMR_BLK (I/O, 32 bits), TMR_VAL_EXT.
+            assert_eq!(u32::from_le_bytes(t[76..80].try_into().unwrap()), 0x3c4);
+            assert_eq!(t[91], 4);
+            assert_eq!(&t[208..212], &[1, 32, 0, 3]);
+            assert_eq!(u64::from_le_bytes(t[212..220].try_into().unwrap()), 0x3c4);
+            assert_ne!(flags & (1 << 8), 0, "TMR_VAL_EXT");
             let dsdt = u64::from_le_bytes(t[140..148].try_into().unwrap());
             let d = table(&ram, dsdt);
             assert_eq!(&d[..4], b"DSDT");

@@ -12,7 +12,7 @@
 //! use alioth_mem::{MemoryMap, RamBus};
 //!
 //! let ram = RamBus::new(MemoryMap::new(256 << 20)?)?;
-//! let pm = PmPorts { sleep_control: 0x3c0, sleep_status: 0x3c1, reset: 0x3c2, reset_value: 1 };
+//! let pm = PmPorts { sleep_control: 0x3c0, sleep_status: 0x3c1, reset: 0x3c2, reset_value: 1, timer: Some(0x3c4) };
 //! let acpi = AcpiConfig { nr_vcpus: 1, serials: vec![], pm, ecam: None };
 //! let spec = KernelSpec {
 //!     kernel: "vmlinux".into(),

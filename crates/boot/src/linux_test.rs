@@ -17,6 +17,7 @@ fn acpi(n: u32) -> AcpiConfig {
             sleep_status: 0x3c1,
             reset: 0x3c2,
             reset_value: 1,
+            timer: Some(0x3c4),
         },
         ecam: None,
     }

@@ -1,16 +1,21 @@
-//! The ACPI power-management registers of a hardware-reduced platform: sleep control/status and
-//! the reset register, at the I/O ports the FADT names.
+//! The ACPI power-management registers of a hardware-reduced platform: sleep control/status,
+//! the reset register and the 32-bit PM timer, at the I/O ports the FADT names.
 
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Instant;
 
 use alioth_mem::BusDevice;
 
 use crate::{EventSink, VmEvent};
 
-/// Base port: sleep control at +0, sleep status at +1, reset at +2.
+/// Base port: sleep control at +0, sleep status at +1, reset at +2, PM timer at +4..+8.
 pub const BASE_PORT: u16 = 0x3c0;
+/// Offset of the PM timer from [`BASE_PORT`].
+pub const TIMER_OFFSET: u16 = 4;
 /// Number of ports.
-pub const LEN: u16 = 3;
+pub const LEN: u16 = 8;
+/// The PM timer's frequency (ACPI 6.5 §4.8.3.3).
+pub const TIMER_HZ: u64 = 3_579_545;
 /// The value the guest writes to the reset register.
 pub const RESET_VALUE: u8 = 1;
 /// The SLP_TYP the DSDT's `_S5` object names.
@@ -22,6 +27,7 @@ const SLP_EN: u8 = 1 << 5;
 pub struct AcpiPm {
     sink: EventSink,
     status: AtomicU8,
+    start: Instant,
 }
 
 impl AcpiPm {
@@ -30,6 +36,7 @@ impl AcpiPm {
         AcpiPm {
             sink,
             status: AtomicU8::new(0),
+            start: Instant::now(),
         }
     }
 }
@@ -40,6 +47,17 @@ impl BusDevice for AcpiPm {
     }
 
     fn read(&self, offset: u64, data: &mut [u8]) {
+        let timer = u64::from(TIMER_OFFSET);
+        if (timer..timer + 4).contains(&offset) {
+            // The free-running 32-bit counter (TMR_VAL_EXT), read whole or in parts.
+            let ticks = self.start.elapsed().as_nanos() * u128::from(TIMER_HZ) / 1_000_000_000;
+            let bytes = (ticks as u32).to_le_bytes();
+            let from = (offset - timer) as usize;
+            for (i, d) in data.iter_mut().enumerate() {
+                *d = bytes.get(from + i).copied().unwrap_or(0);
+            }
+            return;
+        }
         let v = match offset {
             1 => self.status.load(Ordering::Relaxed),
             _ => 0,
@@ -67,3 +85,7 @@ impl BusDevice for AcpiPm {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "acpi_pm_test.rs"]
+mod tests;

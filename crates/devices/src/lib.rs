@@ -3,19 +3,22 @@
 //! Legacy PC devices sit on the port-I/O [`alioth_mem::Bus`]: a 16550 [`serial::Serial`] (COM1,
 //! output to stdout or a file, input from stdin), the [`i8042::I8042`] controller (its reset line
 //! stops the VM), [`cmos::Cmos`] (RTC and memory size), the ACPI [`acpi_pm::AcpiPm`] device
-//! (soft-off and reset registers the FADT points at) and the test [`exit::ExitDevice`] whose
+//! (soft-off and reset registers and the PM timer the FADT points at) and the test [`exit::ExitDevice`] whose
 //! written value becomes the exit status of `alioth`.
 //!
 //! Devices report machine-level requests (power off, reset, exit) through an [`EventSink`].
 //!
 //! ```
 //! use std::sync::{Arc, Mutex};
-//! use alioth_devices::{VmEvent, exit::ExitDevice};
+//! use alioth_devices::{VmEvent, exit::{ExitDevice, SIGNATURE}};
 //! use alioth_mem::BusDevice;
 //!
 //! let events = Arc::new(Mutex::new(Vec::new()));
 //! let log = events.clone();
 //! let dev = ExitDevice::new(Arc::new(move |e| log.lock().unwrap().push(e)));
+//! let mut sig = [0];
+//! dev.read(0, &mut sig);
+//! assert_eq!(sig[0], SIGNATURE); // a guest can tell the device is there
 //! dev.write(0, &[3]);
 //! assert_eq!(*events.lock().unwrap(), vec![VmEvent::Exit(3)]);
 //! ```

@@ -1,7 +1,7 @@
 //! Ring 0: entry, descriptor tables, paging, interrupt stubs, and the drop to ring 3.
 
 use core::arch::{asm, global_asm};
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 /// First vector the kit gives to MSI-X interrupts (`IRQ_STUBS` are installed from here).
 #[allow(dead_code)]
@@ -12,6 +12,30 @@ pub const IRQ_COUNT: usize = 16;
 /// Interrupts taken per vector `IRQ_BASE + i` (incremented by the ring-0 stubs).
 #[unsafe(no_mangle)]
 pub static IRQ_COUNTS: [AtomicU64; IRQ_COUNT] = [const { AtomicU64::new(0) }; IRQ_COUNT];
+
+/// Set by the entry code when the local APIC runs in x2APIC mode.
+#[unsafe(no_mangle)]
+pub static KIT_X2APIC: AtomicU8 = AtomicU8::new(0);
+/// The boot CPU's APIC ID, read by the entry code (the destination of the kit's MSI-X messages).
+#[unsafe(no_mangle)]
+pub static KIT_APIC_ID: AtomicU32 = AtomicU32::new(0);
+
+/// Whether the local APIC is in x2APIC mode.
+pub fn x2apic() -> bool {
+    KIT_X2APIC.load(Ordering::Relaxed) != 0
+}
+
+/// The boot CPU's APIC ID.
+pub fn apic_id() -> u32 {
+    KIT_APIC_ID.load(Ordering::Relaxed)
+}
+
+/// Halts the CPU for good (interrupts off): `hlt` at ring 3 faults, and the #GP handler halts
+/// at ring 0 instead of returning.
+pub fn halt() -> ! {
+    // SAFETY: the kit's #GP handler turns a ring-3 `hlt` into `kit_halt`, which never returns.
+    unsafe { asm!("hlt", options(noreturn)) }
+}
 
 #[repr(C, align(16))]
 struct Stack<const N: usize>([u8; N]);
@@ -25,9 +49,10 @@ static mut USER_STACK: Stack<65536> = Stack([0; 65536]);
 // assembly (no compiler-generated vector code), and the tables are assembled data.
 //
 // Entry (64-bit boot protocol): interrupts off, our own stack, SSE on for ring 3, page tables
-// with user-accessible 2 MiB pages over 4 GiB (the top GiB, MMIO, uncached), GDT with user
-// segments and a TSS, IDT with exception and interrupt stubs, the local APIC on, then `iretq`
-// to `user_main` at CPL3 with IOPL=3 and interrupts enabled.
+// with user-accessible 2 MiB pages over 4 GiB (above the first GiB, MMIO, uncached; ring 3
+// maps more itself, see `mm`), GDT with user segments and a TSS, IDT with exception and
+// interrupt stubs, the local APIC on in xAPIC or x2APIC mode, then `iretq` to
+// `user_main` at CPL3 with IOPL=3 and interrupts enabled.
 global_asm!(
     ".section .text.start, \"ax\"",
     ".global _start",
@@ -89,9 +114,38 @@ global_asm!(
     "mov ecx, 1",
     "call kit_fill_gates",
     "lidt [rip + kit_idtr]",
-    // Local APIC on, spurious vector 0xff.
-    "mov rax, 0xfee000f0",
-    "mov dword ptr [rax], 0x1ff",
+    // Local APIC on (spurious vector 0xff), in the mode the VMM left it: x2APIC when
+    // IA32_APIC_BASE.EXTD is set (the xAPIC page is not decoded then), else xAPIC at the base
+    // the MSR names. Globally disabled (EN clear) is turned on first.
+    "mov ecx, 0x1b",
+    "rdmsr",
+    "test eax, (1 << 11)",
+    "jnz 10f",
+    "or eax, (1 << 11)",
+    "wrmsr",
+    "10:",
+    "test eax, (1 << 10)",
+    "jz 11f",
+    "mov byte ptr [rip + KIT_X2APIC], 1",
+    "mov ecx, 0x802", // x2APIC ID
+    "rdmsr",
+    "mov [rip + KIT_APIC_ID], eax",
+    "mov ecx, 0x80f", // spurious interrupt vector register
+    "mov eax, 0x1ff",
+    "xor edx, edx",
+    "wrmsr",
+    "jmp 12f",
+    "11:",
+    "and eax, 0xfffff000",
+    "shl rdx, 32",
+    "or rax, rdx",
+    "lea rcx, [rax + 0xb0]",
+    "mov [rip + kit_apic_eoi], rcx",
+    "mov ecx, [rax + 0x20]", // xAPIC ID in bits 31:24
+    "shr ecx, 24",
+    "mov [rip + KIT_APIC_ID], ecx",
+    "mov dword ptr [rax + 0xf0], 0x1ff",
+    "12:",
     // Ring 3.
     "mov rdi, r15",
     "lea rax, [rip + USER_STACK + 65536 - 8]",
@@ -181,11 +235,7 @@ global_asm!(
     ".macro IRQ n",
     "irq_stub_\\n:",
     "lock inc qword ptr [rip + IRQ_COUNTS + 8 * \\n]",
-    "push rax",
-    "mov rax, 0xfee000b0",
-    "mov dword ptr [rax], 0",
-    "pop rax",
-    "iretq",
+    "jmp kit_eoi",
     ".endm",
     ".set i, 0",
     ".rept 32",
@@ -197,9 +247,33 @@ global_asm!(
     "IRQ %i",
     ".set i, i + 1",
     ".endr",
+    // End of interrupt: an MSR write in x2APIC mode, a store to the xAPIC page otherwise.
+    "kit_eoi:",
+    "push rax",
+    "push rcx",
+    "push rdx",
+    "cmp byte ptr [rip + KIT_X2APIC], 0",
+    "je 1f",
+    "mov ecx, 0x80b",
+    "xor eax, eax",
+    "xor edx, edx",
+    "wrmsr",
+    "jmp 2f",
+    "1:",
+    "mov rax, [rip + kit_apic_eoi]",
+    "mov dword ptr [rax], 0",
+    "2:",
+    "pop rdx",
+    "pop rcx",
+    "pop rax",
+    "iretq",
+    "kit_halt:",
+    "cli",
+    "3: hlt",
+    "jmp 3b",
     // #GP: a software KVM may not honour IOPL=3 for ring 3, so port I/O faults. Emulate the
     // in/out forms (EC ED EE EF, E4-E7 ib, 66-prefixed 16-bit) at ring 0 and step over the
-    // instruction; anything else is reported as an exception. The user's RAX lives in
+    // instruction; `hlt` halts for good; anything else is reported as an exception. The user's RAX lives in
     // kit_gp_rax meanwhile (one CPU, interrupts off in the handler).
     "kit_gp:",
     "mov [rip + kit_gp_rax], rax",
@@ -229,6 +303,8 @@ global_asm!(
     "je kit_gp_ini_al",
     "cmp al, 0xe5",
     "je kit_gp_ini_eax",
+    "cmp al, 0xf4", // hlt from ring 3: halt here for good
+    "je kit_halt",
     "mov rax, [rip + kit_gp_rax]",
     "pop rdx",
     "pop rsi",
@@ -389,20 +465,24 @@ global_asm!(
     "kit_tss: .fill 104, 1, 0",
     ".balign 8",
     "kit_gp_rax: .quad 0",
+    "kit_apic_eoi: .quad 0xfee000b0",
     ".section .data.pages, \"aw\"",
     ".balign 4096",
+    ".global kit_pml4",
     "kit_pml4: .quad kit_pdpt + 7",
     ".fill 511, 8, 0",
+    ".global kit_pdpt",
     "kit_pdpt: .quad kit_pd + 7, kit_pd + 0x1000 + 7, kit_pd + 0x2000 + 7, kit_pd + 0x3000 + 7",
     ".fill 508, 8, 0",
     "kit_pd:",
     ".set i, 0",
-    ".rept 1536",
+    ".rept 512",
     ".quad (i << 21) | 0x87",
     ".set i, i + 1",
     ".endr",
-    ".rept 512",
-    ".quad (i << 21) | 0x9f", // PCD | PWT for the MMIO gigabyte
+    // Above 1 GiB, where VMMs put MMIO (the kit's RAM is below), uncached: PCD | PWT.
+    ".rept 1536",
+    ".quad (i << 21) | 0x9f",
     ".set i, i + 1",
     ".endr",
     ".section .bss",
@@ -445,6 +525,15 @@ pub unsafe fn inb(port: u16) -> u8 {
 pub unsafe fn outl(port: u16, v: u32) {
     // SAFETY: per the caller.
     unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack)) };
+}
+
+/// Writes a word to an I/O port.
+///
+/// # Safety
+/// As for [`outb`].
+pub unsafe fn outw(port: u16, v: u16) {
+    // SAFETY: per the caller.
+    unsafe { asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack)) };
 }
 
 /// Reads a dword from an I/O port.

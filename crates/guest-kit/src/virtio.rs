@@ -2,7 +2,7 @@
 
 use core::sync::atomic::{Ordering, fence};
 
-use crate::{cpu, pci};
+use crate::{clock, cpu, mm, pci};
 
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
@@ -21,26 +21,60 @@ pub const DESC_F_WRITE: u16 = 2;
 /// Why a device could not be brought up.
 #[derive(Debug, Clone, Copy)]
 pub enum VirtioError {
-    /// No such device on bus 0.
+    /// No such device on any bus.
     NotFound,
-    /// A capability is missing.
+    /// A required capability (virtio cfg_type, or 0x11 for MSI-X) is missing.
     NoCapability(#[allow(dead_code)] u8),
-    /// The device refused our features.
+    /// A capability names a BAR that is I/O, unassigned or cannot be mapped.
+    BadBar(#[allow(dead_code)] u8),
+    /// The device did not finish a reset (status back to 0) within a second.
+    ResetTimeout,
+    /// The device is not a virtio 1.x device, or refused our features (FEATURES_OK).
     FeaturesRefused,
+    /// A feature the caller requires is not offered.
+    NotOffered(#[allow(dead_code)] &'static str),
     /// The queue does not exist.
-    NoQueue,
+    NoQueue(#[allow(dead_code)] u16),
 }
 
 /// The most queues the kit drives per device.
 pub const MAX_QUEUES: usize = 4;
 
-/// A virtio-pci device, brought up with split queues.
+/// `VIRTIO_F_INDIRECT_DESC`.
+#[allow(dead_code)]
+pub const VIRTIO_F_INDIRECT_DESC: u64 = 1 << 28;
+/// `VIRTIO_F_EVENT_IDX`.
+#[allow(dead_code)]
+pub const VIRTIO_F_EVENT_IDX: u64 = 1 << 29;
+
+/// What `Device::open` asks for.
+pub struct Options {
+    /// Device-specific and transport features to accept when offered (VERSION_1 always is).
+    pub features: u64,
+    /// Queues to set up.
+    pub queues: usize,
+    /// Packed rings (the device must offer VIRTIO_F_RING_PACKED).
+    pub packed: bool,
+    /// Largest queue size to use (at most 256).
+    pub qsize: u16,
+}
+
+/// A virtio-pci device, brought up.
 pub struct Device {
+    /// Where it sits.
+    pub bdf: pci::Bdf,
     common: usize,
     notify: usize,
     notify_mult: u32,
-    device_cfg: usize,
-    /// Queue `i` uses MSI-X vector `i`, delivered on CPU vector `IRQ_BASE + i`.
+    device_cfg: Option<usize>,
+    notify_off: [u16; MAX_QUEUES],
+    /// Features the device offered.
+    pub offered: u64,
+    /// Features negotiated.
+    pub features: u64,
+    /// Whether queue `i` has MSI-X vector `i` (delivered on CPU vector `IRQ_BASE + i`).
+    pub msix: [bool; MAX_QUEUES],
+    /// The queues set up.
     pub queues: [Option<Ring>; MAX_QUEUES],
 }
 
@@ -320,110 +354,174 @@ impl SplitQueue {
     }
 }
 
-impl Device {
-    /// Brings up the virtio device `device_id` (1 = net, 2 = blk, 4 = rng) with `nq` queues,
-    /// queue `i` at `ring + i * 16 KiB` with MSI-X vector `i` on CPU vector `IRQ_BASE + i`.
-    pub fn open(
-        device_id: u16,
-        ring: usize,
-        nq: usize,
-        packed: bool,
-    ) -> Result<Device, VirtioError> {
-        Self::open_sized(device_id, ring, nq, packed, 16)
-    }
+/// The first function that is virtio device `device_id` (1 = net, 2 = blk, 4 = rng).
+pub fn find(device_id: u16) -> Option<pci::Bdf> {
+    let want = 0x1af4 | (u32::from(0x1040 + device_id) << 16);
+    let mut found = None;
+    pci::for_each(|bdf| {
+        if found.is_none() && pci::read32(bdf, 0) == want {
+            found = Some(bdf);
+        }
+    });
+    found
+}
 
-    /// Like [`Device::open`], with queues of up to `qsize` entries (at most 256).
-    pub fn open_sized(
-        device_id: u16,
-        ring: usize,
-        nq: usize,
-        packed: bool,
-        qsize: u16,
-    ) -> Result<Device, VirtioError> {
-        let slot = (0..32u8)
-            .find(|&s| pci::read32(s, 0) == 0x1af4 | (u32::from(0x1040 + device_id) << 16))
-            .ok_or(VirtioError::NotFound)?;
-        let bar = (u64::from(pci::read32(slot, 0x10) & !0xf)
-            | (u64::from(pci::read32(slot, 0x14)) << 32)) as usize;
-        // Memory decode and bus mastering.
-        pci::write32(slot, 0x04, 0x6);
+/// A capability's register block: BAR address + offset, mapped.
+fn region(bdf: pci::Bdf, bar: u8, off: u32, len: u32) -> Result<usize, VirtioError> {
+    let (base, _) = pci::bar(bdf, bar).ok_or(VirtioError::BadBar(bar))?;
+    let addr = base
+        .checked_add(u64::from(off))
+        .ok_or(VirtioError::BadBar(bar))?;
+    mm::map(addr, u64::from(len)).map_err(|_| VirtioError::BadBar(bar))?;
+    Ok(addr as usize)
+}
+
+const STATUS: usize = 0x14;
+
+impl Device {
+    /// Brings up virtio device `device_id` with `opts`, queue `i` at `ring + i * 16 KiB`.
+    ///
+    /// Follows virtio 1.2 §3.1.1 (reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK, queues,
+    /// DRIVER_OK) and §4.1.4 (capabilities in any BAR, 32- or 64-bit; MSI-X when offered).
+    pub fn open(device_id: u16, ring: usize, opts: &Options) -> Result<Device, VirtioError> {
+        let bdf = find(device_id).ok_or(VirtioError::NotFound)?;
+        // Memory decode and bus mastering, with a 16-bit access to the command register.
+        let cmd = pci::read16(bdf, 0x04);
+        pci::write16(bdf, 0x04, cmd | 0x6);
         let (mut common, mut notify, mut device_cfg, mut notify_mult) = (None, None, None, 0);
         let mut msix = None;
-        let mut at = (pci::read32(slot, 0x34) & 0xff) as u8;
+        let has_caps = pci::read16(bdf, 0x06) & (1 << 4) != 0;
+        let mut at = if has_caps {
+            u16::from(pci::read8(bdf, 0x34) & 0xfc)
+        } else {
+            0
+        };
         let mut guard = 0;
-        while at != 0 && guard < 48 {
+        while at >= 0x40 && guard < 48 {
             guard += 1;
-            let head = pci::read32(slot, at);
-            let (id, next) = (head & 0xff, ((head >> 8) & 0xff) as u8);
+            let (id, next) = (
+                pci::read8(bdf, at),
+                u16::from(pci::read8(bdf, at + 1) & 0xfc),
+            );
             if id == 0x09 {
-                let typ = (head >> 24) as u8;
-                let off = pci::read32(slot, at + 8) as usize;
+                let typ = pci::read8(bdf, at + 3);
+                let bar = pci::read8(bdf, at + 4);
+                let off = pci::read32(bdf, at + 8);
+                let len = pci::read32(bdf, at + 12);
+                // The first capability of each type is the one to use (§4.1.4).
                 match typ {
-                    1 => common = Some(bar + off),
-                    2 => {
-                        notify = Some(bar + off);
-                        notify_mult = pci::read32(slot, at + 16);
+                    1 if common.is_none() => common = Some(region(bdf, bar, off, len)?),
+                    2 if notify.is_none() => {
+                        notify = Some(region(bdf, bar, off, len)?);
+                        notify_mult = pci::read32(bdf, at + 16);
                     }
-                    4 => device_cfg = Some(bar + off),
+                    4 if device_cfg.is_none() => device_cfg = Some(region(bdf, bar, off, len)?),
                     _ => {}
                 }
-            } else if id == 0x11 {
-                msix = Some((at, bar + (pci::read32(slot, at + 4) & !7) as usize));
+            } else if id == 0x11 && msix.is_none() {
+                let ctrl = pci::read16(bdf, at + 2);
+                let table = pci::read32(bdf, at + 4);
+                let size = u32::from(ctrl & 0x7ff) + 1;
+                let addr = region(bdf, (table & 7) as u8, table & !7, size * 16)?;
+                msix = Some((at, addr, size as usize));
             }
             at = next;
         }
         let common = common.ok_or(VirtioError::NoCapability(1))?;
         let notify = notify.ok_or(VirtioError::NoCapability(2))?;
-        let device_cfg = device_cfg.ok_or(VirtioError::NoCapability(4))?;
-        let (msix_cap, msix_table) = msix.ok_or(VirtioError::NoCapability(0x11))?;
 
-        // Reset, acknowledge, negotiate.
-        w8(common + 0x14, 0);
-        while r8(common + 0x14) != 0 {}
-        w8(common + 0x14, STATUS_ACK);
-        w8(common + 0x14, STATUS_ACK | STATUS_DRIVER);
+        // Reset (wait for it to finish), acknowledge, negotiate.
+        w8(common + STATUS, 0);
+        let deadline = clock::Deadline::after_ms(1000);
+        while r8(common + STATUS) != 0 {
+            if deadline.passed() {
+                return Err(VirtioError::ResetTimeout);
+            }
+        }
+        w8(common + STATUS, STATUS_ACK);
+        w8(common + STATUS, STATUS_ACK | STATUS_DRIVER);
+        w32(common, 0);
+        let lo = r32(common + 4);
         w32(common, 1);
         let hi = r32(common + 4);
-        if u64::from(hi) << 32 & VIRTIO_F_VERSION_1 == 0 {
+        let offered = u64::from(lo) | (u64::from(hi) << 32);
+        if offered & VIRTIO_F_VERSION_1 == 0 {
             return Err(VirtioError::FeaturesRefused);
         }
-        w32(common + 0x08, 0);
-        w32(common + 0x0c, 0);
-        let mut features = VIRTIO_F_VERSION_1;
-        if packed {
-            if (u64::from(hi) << 32) & VIRTIO_F_RING_PACKED == 0 {
-                return Err(VirtioError::FeaturesRefused);
-            }
+        if opts.packed && offered & VIRTIO_F_RING_PACKED == 0 {
+            return Err(VirtioError::NotOffered("VIRTIO_F_RING_PACKED"));
+        }
+        let mut features = VIRTIO_F_VERSION_1 | (opts.features & offered);
+        features &= !VIRTIO_F_RING_PACKED;
+        if opts.packed {
             features |= VIRTIO_F_RING_PACKED;
         }
+        w32(common + 0x08, 0);
+        w32(common + 0x0c, features as u32);
         w32(common + 0x08, 1);
         w32(common + 0x0c, (features >> 32) as u32);
         w8(
-            common + 0x14,
+            common + STATUS,
             STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK,
         );
-        if r8(common + 0x14) & STATUS_FEATURES_OK == 0 {
+        if r8(common + STATUS) & STATUS_FEATURES_OK == 0 {
             return Err(VirtioError::FeaturesRefused);
         }
-        // MSI-X on; vector i -> LAPIC 0, CPU vector IRQ_BASE + i, unmasked.
-        let ctrl = pci::read32(slot, msix_cap);
-        pci::write32(slot, msix_cap, ctrl | (1 << 31));
-        w16(common + 0x10, 0xffff); // no config vector
-        let mut queues = [const { None }; MAX_QUEUES];
-        for (i, q) in queues.iter_mut().enumerate().take(nq.min(MAX_QUEUES)) {
-            let entry = msix_table + 16 * i;
-            w32(entry, 0xfee0_0000);
-            w32(entry + 4, 0);
-            w32(entry + 8, u32::from(cpu::IRQ_BASE) + i as u32);
-            w32(entry + 12, 0);
+        // MSI-X on (enable set, function mask clear: a 16-bit write of the message control);
+        // vector i -> the boot CPU, CPU vector IRQ_BASE + i, unmasked.
+        let mut vectors = 0;
+        if let Some((cap, _, size)) = msix {
+            let ctrl = pci::read16(bdf, cap + 2);
+            pci::write16(bdf, cap + 2, (ctrl | 0x8000) & !0x4000);
+            vectors = size;
+        }
+        w16(common + 0x10, 0xffff); // no configuration-change vector
+        let num_queues = usize::from(r16(common + 0x12));
+        let mut dev = Device {
+            bdf,
+            common,
+            notify,
+            notify_mult,
+            device_cfg,
+            notify_off: [0; MAX_QUEUES],
+            offered,
+            features,
+            msix: [false; MAX_QUEUES],
+            queues: [const { None }; MAX_QUEUES],
+        };
+        for i in 0..opts.queues.min(MAX_QUEUES) {
+            if i >= num_queues {
+                return Err(VirtioError::NoQueue(i as u16));
+            }
             w16(common + 0x16, i as u16);
             let max = r16(common + 0x18);
             if max == 0 {
-                return Err(VirtioError::NoQueue);
+                return Err(VirtioError::NoQueue(i as u16));
             }
-            let size = max.min(qsize.min(256));
+            if let Some((_, table, _)) = msix
+                && i < vectors
+            {
+                let entry = table + 16 * i;
+                w32(entry, 0xfee0_0000 | ((cpu::apic_id() & 0xff) << 12));
+                w32(entry + 4, 0);
+                w32(entry + 8, u32::from(cpu::IRQ_BASE) + i as u32);
+                w32(entry + 12, 0);
+                w16(common + 0x1a, i as u16);
+                // The device answers NO_VECTOR if it could not take the vector (§4.1.5.1.2).
+                dev.msix[i] = r16(common + 0x1a) == i as u16;
+            }
+            let mut size = max.min(opts.qsize.clamp(1, 256));
+            if !opts.packed {
+                // Split queue sizes are powers of 2.
+                size = 1 << (15 - size.leading_zeros());
+            }
             let base = ring + i * 0x4000;
-            let (queue, desc, driver, device) = if packed {
+            // Fresh ring memory: a previous test may have left indices and flags there.
+            for off in (0..0x4000).step_by(8) {
+                // SAFETY: the caller gives `ring` as 16 KiB per queue of the kit's own memory.
+                unsafe { core::ptr::write_volatile((base + off) as *mut u64, 0) };
+            }
+            let (queue, desc, driver, device) = if opts.packed {
                 let p = PackedQueue::new(base, size);
                 let (d, a, u) = (p.desc, p.driver, p.device);
                 (Ring::Packed(p), d, a, u)
@@ -433,31 +531,31 @@ impl Device {
                 (Ring::Split(sq), d, a, u)
             };
             w16(common + 0x18, size);
-            w16(common + 0x1a, i as u16);
             w64(common + 0x20, desc as u64);
             w64(common + 0x28, driver as u64);
             w64(common + 0x30, device as u64);
+            dev.notify_off[i] = r16(common + 0x1e);
             w16(common + 0x1c, 1);
-            *q = Some(queue);
+            dev.queues[i] = Some(queue);
         }
         w8(
-            common + 0x14,
+            common + STATUS,
             STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
         );
-        Ok(Device {
-            common,
-            notify,
-            notify_mult,
-            device_cfg,
-            queues,
-        })
+        Ok(dev)
     }
 
     /// Notifies queue `q`.
     pub fn kick(&self, q: u16) {
-        w16(self.common + 0x16, q);
-        let off = usize::from(r16(self.common + 0x1e)) * self.notify_mult as usize;
-        w16(self.notify + off, q);
+        let off = self
+            .notify_off
+            .get(usize::from(q))
+            .copied()
+            .unwrap_or_default();
+        w16(
+            self.notify + usize::from(off) * self.notify_mult as usize,
+            q,
+        );
     }
 
     /// Queue `q` (which `open` set up).
@@ -470,11 +568,34 @@ impl Device {
 
     /// The device status register.
     pub fn status(&self) -> u8 {
-        r8(self.common + 0x14)
+        r8(self.common + STATUS)
     }
 
-    /// A little-endian u64 of the device configuration.
-    pub fn config_u64(&self, off: usize) -> u64 {
-        u64::from(r32(self.device_cfg + off)) | (u64::from(r32(self.device_cfg + off + 4)) << 32)
+    /// Resets the device (status 0) and waits up to a second for the reset to finish.
+    pub fn reset(&self) -> bool {
+        w8(self.common + STATUS, 0);
+        let deadline = clock::Deadline::after_ms(1000);
+        while r8(self.common + STATUS) != 0 {
+            if deadline.passed() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Whether the feature bit(s) `f` were negotiated.
+    pub fn has(&self, f: u64) -> bool {
+        self.features & f == f
+    }
+
+    /// A little-endian u64 of the device configuration, if the device has one.
+    pub fn config_u64(&self, off: usize) -> Option<u64> {
+        let cfg = self.device_cfg?;
+        Some(u64::from(r32(cfg + off)) | (u64::from(r32(cfg + off + 4)) << 32))
+    }
+
+    /// A little-endian u16 of the device configuration, if the device has one.
+    pub fn config_u16(&self, off: usize) -> Option<u16> {
+        Some(r16(self.device_cfg? + off))
     }
 }

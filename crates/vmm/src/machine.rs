@@ -383,6 +383,7 @@ fn load_guest(ram: &RamBus, config: &VmConfig, serials: Vec<LegacySerial>) -> Re
             sleep_status: acpi_pm::BASE_PORT + 1,
             reset: acpi_pm::BASE_PORT + 2,
             reset_value: acpi_pm::RESET_VALUE,
+            timer: Some(acpi_pm::BASE_PORT + acpi_pm::TIMER_OFFSET),
         },
         ecam: Some((ECAM_BASE, 0, 0)),
     };
