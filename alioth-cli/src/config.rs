@@ -6,8 +6,8 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
 use alioth_vmm::{
-    BlkConfig, BootProtocol, DiskConfig, IoBackend, RngConfig, SerialConfig, VhostUserConfig,
-    VhostUserDeviceConfig, VmConfig,
+    BlkConfig, BootProtocol, DiskConfig, IoBackend, NetConfig, NetDeviceConfig, RngConfig,
+    SerialConfig, VhostUserConfig, VhostUserDeviceConfig, VmConfig,
 };
 
 use crate::{BootArgs, VhostUserArgs, VhostUserDevice};
@@ -30,6 +30,106 @@ pub struct FileConfig {
     pub disk: Vec<DiskFile>,
     /// `[rng]`: present = enabled.
     pub rng: Option<RngFile>,
+    /// `[[net]]` tables.
+    #[serde(default)]
+    pub net: Vec<NetFile>,
+}
+
+/// One `[[net]]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetFile {
+    /// A tap's name, or `auto` for a new one named `alioth%d`.
+    pub tap: Option<String>,
+    pub mac: Option<String>,
+    pub queues: Option<u16>,
+    pub queue_size: Option<u16>,
+    pub mtu: Option<u16>,
+    pub backend: Option<String>,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` (unicast).
+pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let bad = || anyhow::anyhow!("mac `{s}`: expected six hex bytes such as 02:00:00:00:00:01");
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next().ok_or_else(bad)?;
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 != 0 {
+        bail!("mac `{s}` is a multicast address (the first byte must be even)");
+    }
+    if mac == [0; 6] {
+        bail!("mac `{s}` is all zeros");
+    }
+    Ok(mac)
+}
+
+/// A random locally administered unicast MAC address (02:xx:...).
+fn random_mac() -> [u8; 6] {
+    use std::hash::{BuildHasher, Hasher};
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        .to_le_bytes();
+    [0x02, r[0], r[1], r[2], r[3], r[4]]
+}
+
+impl NetFile {
+    fn into_config(self) -> Result<NetDeviceConfig> {
+        use alioth_vmm::net::{AUTO_NAME, DEFAULT_MTU, DEFAULT_QUEUE_SIZE};
+        let tap = match self.tap.as_deref() {
+            None | Some("auto") => AUTO_NAME.to_string(),
+            Some("") => bail!("net: tap name is empty (give a name or `auto`)"),
+            Some(t) => t.to_string(),
+        };
+        Ok(NetDeviceConfig {
+            net: NetConfig {
+                tap,
+                mac: match &self.mac {
+                    Some(m) => parse_mac(m)?,
+                    None => random_mac(),
+                },
+                queue_pairs: self.queues.unwrap_or(1),
+                queue_size: self.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE),
+                mtu: self.mtu.unwrap_or(DEFAULT_MTU),
+            },
+            backend: match &self.backend {
+                Some(b) => parse_backend(b)?,
+                None => IoBackend::Auto,
+            },
+        })
+    }
+}
+
+/// Parses `--net tap=NAME|auto,mac=..,queues=N,queue_size=N,mtu=N,backend=B`.
+pub fn parse_net_flag(spec: &str) -> Result<NetFile> {
+    let mut n = NetFile::default();
+    for item in spec.split(',').filter(|s| !s.is_empty()) {
+        let Some((k, v)) = item.split_once('=') else {
+            bail!("--net `{item}`: expected key=value");
+        };
+        let num = |what: &str| -> Result<u16> {
+            v.parse().with_context(|| format!("--net {what}=`{v}`"))
+        };
+        match k {
+            "tap" => n.tap = Some(v.to_string()),
+            "mac" => n.mac = Some(v.to_string()),
+            "queues" => n.queues = Some(num("queues")?),
+            "queue_size" => n.queue_size = Some(num("queue_size")?),
+            "mtu" => n.mtu = Some(num("mtu")?),
+            "backend" => n.backend = Some(v.to_string()),
+            _ => bail!("--net: unknown key `{k}` (tap, mac, queues, queue_size, mtu, backend)"),
+        }
+    }
+    Ok(n)
 }
 
 /// One `[[disk]]` table.
@@ -370,6 +470,19 @@ pub fn build(args: &BootArgs) -> Result<VmConfig> {
         }),
         (None, true) => Some(RngConfig::default()),
         (None, false) => None,
+    };
+    // Net devices: --net flags replace the file's [[net]] list.
+    config.nets = if args.net.is_empty() {
+        file.net
+            .iter()
+            .cloned()
+            .map(NetFile::into_config)
+            .collect::<Result<_>>()?
+    } else {
+        args.net
+            .iter()
+            .map(|s| parse_net_flag(s).and_then(NetFile::into_config))
+            .collect::<Result<_>>()?
     };
     config.validate()?;
     Ok(config)

@@ -111,6 +111,12 @@ pub struct BootArgs {
     /// backend (`alioth vhost-user blk`, qemu-storage-daemon, ...).
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<String>,
+    /// Add a virtio-net device on a host tap (repeatable; replaces the file's [[net]] list):
+    /// `tap=NAME|auto,mac=MAC,queues=N,queue_size=N,mtu=N,backend=B`. `auto` creates a tap
+    /// named alioth%d; a named tap is attached (created if missing) with multi_queue and
+    /// vnet_hdr.
+    #[arg(long = "net", value_name = "SPEC")]
+    pub net: Vec<String>,
     /// Add a virtio-rng entropy device (fed by the host's getrandom).
     #[arg(long)]
     pub rng: bool,

@@ -280,3 +280,75 @@ fn a_truncated_bzimage_is_refused_not_booted() {
         assert_usage_error(&out, "truncated bzImage");
     }
 }
+
+#[test]
+fn bad_net_settings_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = dir.path().join("k");
+    std::fs::write(&k, "x").unwrap();
+    let k = k.to_str().unwrap();
+    for (spec, needle) in [
+        ("tap=auto,mac=02:00:00:00:00", "six hex bytes"),
+        ("tap=auto,mac=zz:00:00:00:00:01", "six hex bytes"),
+        ("tap=auto,mac=01:00:5e:00:00:01", "multicast"),
+        ("tap=auto,queues=0", "queues = 0"),
+        ("tap=auto,queues=99", "1 to 16"),
+        ("tap=auto,queue_size=100", "queue_size"),
+        ("tap=auto,mtu=20", "mtu"),
+        ("tap=a-name-far-too-long-for-linux", "longer than 15"),
+        ("tap=auto,speed=10", "unknown key `speed`"),
+        ("tap=auto,backend=dpdk", "backend"),
+    ] {
+        let out = alioth(&["boot", "--kernel", k, "--serial", "off", "--net", spec]);
+        assert_usage_error(&out, needle);
+    }
+    let cfg = dir.path().join("vm.toml");
+    std::fs::write(
+        &cfg,
+        format!("kernel = \"{k}\"\n[[net]]\ntap = \"t0\"\n[[net]]\ntap = \"t0\"\n"),
+    )
+    .unwrap();
+    let out = alioth(&["boot", "--config", cfg.to_str().unwrap()]);
+    assert_usage_error(&out, "two net devices");
+}
+
+/// Runs `script` in a new network namespace (never the host's), if this is root with `unshare`
+/// and `ip`; None (with the reason printed) otherwise.
+fn in_new_netns(script: &str) -> Option<Output> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to create a network namespace and a tap");
+        return None;
+    }
+    let out = Command::new("unshare")
+        .args(["-n", "sh", "-c", script])
+        .stdin(std::process::Stdio::null())
+        .output();
+    match out {
+        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("ip: not found") => {
+            eprintln!("skipped: `ip` (iproute2) is missing");
+            None
+        }
+        Ok(o) => Some(o),
+        Err(e) => {
+            eprintln!("skipped: cannot run unshare: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn a_tap_with_other_flags_is_a_usage_error_naming_what_is_needed() {
+    let Some(vmlinux) = guest_artifact("vmlinux") else {
+        return;
+    };
+    // A tap made without multi_queue and vnet_hdr, in a namespace of its own.
+    let script = format!(
+        "ip tuntap add dev t1 mode tap && exec {} boot --kernel {} --serial off --net tap=t1",
+        env!("CARGO_BIN_EXE_alioth"),
+        vmlinux.display()
+    );
+    if let Some(out) = in_new_netns(&script) {
+        assert_usage_error(&out, "multi_queue vnet_hdr");
+    }
+}

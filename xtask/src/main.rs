@@ -14,6 +14,7 @@ mod conformance;
 mod cpio;
 mod e2e;
 mod guest;
+mod net;
 mod uml;
 
 use std::path::{Path, PathBuf};
@@ -250,6 +251,8 @@ fn main() -> Result<()> {
         Some("crates") => crates_stand_alone(&guest::build(&workspace_root())?),
         Some("bench") => bench(&args[1..]),
         Some("e2e") => e2e::e2e(&workspace_root()),
+        // The host side of the net tests, run by e2e inside a test namespace.
+        Some("net-peer") => net::peer(args.get(1).map_or("", String::as_str)),
         Some("conformance") => conformance::conformance(&workspace_root(), &args[1..]),
         Some("uml") => uml::uml(&workspace_root()),
         _ => usage(),

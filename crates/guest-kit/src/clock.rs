@@ -165,6 +165,11 @@ impl Deadline {
         Deadline(now_ns() + ms * 1_000_000)
     }
 
+    /// `us` microseconds from now.
+    pub fn after_us(us: u64) -> Self {
+        Deadline(now_ns() + us * 1000)
+    }
+
     /// Whether it has passed.
     pub fn passed(&self) -> bool {
         now_ns() >= self.0

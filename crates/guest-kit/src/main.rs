@@ -21,6 +21,7 @@ mod acpi;
 mod clock;
 mod cpu;
 mod mm;
+mod net;
 mod pci;
 mod rt;
 mod serial;
@@ -198,6 +199,15 @@ fn run(out: &mut Com1, test: &[u8], cmd: &[u8]) -> Option<Verdict> {
         b"blk-reset" => tests::blk_reset(),
         b"hostile-chain" => tests::hostile_chain(),
         b"map-high" => tests::map_high(),
+        b"net" | b"net-mq" | b"net-starve" => {
+            let csum = param(cmd, b"kit.csum") == Some(b"on");
+            let secs = param(cmd, b"kit.secs")
+                .and_then(|v| core::str::from_utf8(v).ok()?.parse().ok())
+                .unwrap_or(60);
+            tests::net(out, test == b"net-mq", test == b"net-starve", csum, secs)
+        }
+        b"net-hostile-rx" => tests::net_hostile(true),
+        b"net-hostile-tx" => tests::net_hostile(false),
         b"bench" => tests::bench(out, param(cmd, b"kit.bench").unwrap_or(b"")),
         _ => return None,
     })

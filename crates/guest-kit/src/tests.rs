@@ -16,18 +16,18 @@ use crate::virtio::{Device, Options, VirtioError};
 use crate::{cpu, pci};
 
 #[repr(C, align(4096))]
-struct Pages([u8; 0x80000]);
+struct Pages([u8; 0x100000]);
 
 /// Rings (16 KiB per queue) and buffers, identity-mapped (guest-physical = virtual).
-static mut MEMORY: Pages = Pages([0; 0x80000]);
+static mut MEMORY: Pages = Pages([0; 0x100000]);
 
-fn memory() -> usize {
+pub(crate) fn memory() -> usize {
     &raw mut MEMORY as usize
 }
 
-/// Buffers start after the rings of four queues.
-fn buffers() -> usize {
-    memory() + 0x10000
+/// Buffers start after the rings of eight queues.
+pub(crate) fn buffers() -> usize {
+    memory() + 0x20000
 }
 
 /// A test's outcome, with what it saw.
@@ -479,9 +479,14 @@ pub fn hostile_chain() -> Verdict {
     let buf = buffers() as u64;
     dev.queue(0).add_endless_chain(buf);
     dev.kick(0);
+    needs_reset(|| dev.status())
+}
+
+/// Waits (until a deadline) for DEVICE_NEEDS_RESET in the status `status` reads.
+fn needs_reset(status: impl Fn() -> u8) -> Verdict {
     const NEEDS_RESET: u8 = 0x40;
-    let set = wait_for(NEEDS_RESET_SECS * 1000, || dev.status() & NEEDS_RESET != 0);
-    let status = dev.status();
+    let set = wait_for(NEEDS_RESET_SECS * 1000, || status() & NEEDS_RESET != 0);
+    let status = status();
     if set {
         pass(format_args!("status={status:#x}"))
     } else {
@@ -636,4 +641,36 @@ pub fn map_high() -> Verdict {
     pass(format_args!(
         "{checked} pages above 4 GiB written and read back"
     ))
+}
+
+/// The net responder (`net`, `net-mq`, `net-starve`): answers the host until it says stop.
+pub fn net(out: &mut Com1, mq: bool, starve: bool, csum: bool, secs: u64) -> Verdict {
+    let mode = crate::net::Mode {
+        mq,
+        csum,
+        rx_buffers: if starve { 2 } else { 16 },
+        rx_delay_us: if starve { 2000 } else { 0 },
+    };
+    crate::net::respond(out, memory(), buffers(), packed(), &mode, secs)
+}
+
+/// A receive chain with no writable buffer, or a transmit chain with no end: virtio-net must
+/// set NEEDS_RESET, and the VMM must survive.
+pub fn net_hostile(rx: bool) -> Verdict {
+    let mode = crate::net::Mode {
+        mq: false,
+        csum: false,
+        rx_buffers: 4,
+        rx_delay_us: 0,
+    };
+    let mut nic = match crate::net::Nic::open(memory(), buffers(), packed(), &mode) {
+        Ok(n) => n,
+        Err(v) => return v,
+    };
+    if rx {
+        nic.hostile_rx();
+    } else {
+        nic.hostile_tx();
+    }
+    needs_reset(|| nic.status())
 }

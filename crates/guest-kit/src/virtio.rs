@@ -38,7 +38,7 @@ pub enum VirtioError {
 }
 
 /// The most queues the kit drives per device.
-pub const MAX_QUEUES: usize = 4;
+pub const MAX_QUEUES: usize = 8;
 
 /// `VIRTIO_F_INDIRECT_DESC`.
 #[allow(dead_code)]
@@ -592,6 +592,11 @@ impl Device {
     pub fn config_u64(&self, off: usize) -> Option<u64> {
         let cfg = self.device_cfg?;
         Some(u64::from(r32(cfg + off)) | (u64::from(r32(cfg + off + 4)) << 32))
+    }
+
+    /// A byte of the device configuration, if the device has one.
+    pub fn config_u8(&self, off: usize) -> Option<u8> {
+        Some(r8(self.device_cfg? + off))
     }
 
     /// A little-endian u16 of the device configuration, if the device has one.

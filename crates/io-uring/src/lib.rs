@@ -22,7 +22,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use alioth_queue::{DescChain, VirtQueue};
+use alioth_queue::{DescChain, Iov, VirtQueue};
 use alioth_virtio::{
     ActiveBackend, ActiveQueue, Backend, BufferAction, ChainHandler, Error, IoOp, IrqSender, Result,
 };
@@ -34,6 +34,7 @@ const KIND_SHIFT: u32 = 62;
 const KIND_QUEUE: u64 = 1;
 const KIND_NOTIFIER: u64 = 2;
 const KIND_CHAIN: u64 = 3;
+const KIND_EVENT: u64 = 0;
 
 fn token(kind: u64, queue: usize, slot: usize) -> u64 {
     (kind << KIND_SHIFT) | ((queue as u64) << 32) | slot as u64
@@ -45,6 +46,22 @@ fn untoken(t: u64) -> (u64, usize, usize) {
         ((t >> 32) & 0x3fff_ffff) as usize,
         (t & 0xffff_ffff) as usize,
     )
+}
+
+/// A readv or writev SQE for `iovs` at `offset`, with the iovec array it points at (which
+/// must live until the completion).
+fn rw(fd: i32, iovs: &[Iov], offset: u64, write: bool) -> (squeue::Entry, Vec<libc::iovec>) {
+    let v: Vec<libc::iovec> = iovs.iter().map(|i| i.as_iovec()).collect();
+    let sqe = if write {
+        opcode::Writev::new(types::Fd(fd), v.as_ptr(), v.len() as u32)
+            .offset(offset)
+            .build()
+    } else {
+        opcode::Readv::new(types::Fd(fd), v.as_ptr(), v.len() as u32)
+            .offset(offset)
+            .build()
+    };
+    (sqe, v)
 }
 
 /// Whether io_uring can be used here (it may be compiled out or blocked by seccomp).
@@ -69,7 +86,8 @@ impl IoUringBackend {
 
 struct InFlight {
     queue: usize,
-    chain: DescChain,
+    /// The chain the operation is for; `None` for the device's own I/O (`poll_io`).
+    chain: Option<DescChain>,
     // Kept alive until the CQE: the kernel reads the iovec array during the operation.
     _iovecs: Vec<libc::iovec>,
 }
@@ -94,6 +112,13 @@ pub struct ActiveIoUring {
     cqes: Vec<(u64, i32, u32)>,
     touched: Vec<bool>,
     kicked: Vec<bool>,
+    /// Per queue: the device's event fds, whether its own I/O would block (it then waits for
+    /// them), whether a poll on them is armed, and whether `poll_io` should run again.
+    event_fds: Vec<Vec<i32>>,
+    blocked: Vec<bool>,
+    armed: Vec<bool>,
+    poke: Vec<bool>,
+    used: Vec<(DescChain, u32)>,
 }
 
 fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -108,7 +133,7 @@ impl<D: ChainHandler> Backend<D> for IoUringBackend {
 
     fn activate(
         &mut self,
-        _dev: &mut D,
+        dev: &mut D,
         queues: Vec<ActiveQueue>,
         irq: Arc<dyn IrqSender>,
         mem: GuestMemoryMmap,
@@ -123,6 +148,12 @@ impl<D: ChainHandler> Backend<D> for IoUringBackend {
             .saturating_sub(queues.len() + 1)
             .max(queues.len());
         let n = queues.len();
+        let mut event_fds = vec![Vec::new(); n];
+        for (fd, queue) in dev.event_fds() {
+            if let Some(slot) = queues.iter().position(|q| q.index == queue) {
+                event_fds[slot].push(fd);
+            }
+        }
         let mut a = ActiveIoUring {
             ring,
             queues,
@@ -138,6 +169,11 @@ impl<D: ChainHandler> Backend<D> for IoUringBackend {
             cqes: Vec::with_capacity(self.entries as usize * 4),
             touched: vec![false; n],
             kicked: vec![false; n],
+            event_fds,
+            blocked: vec![false; n],
+            armed: vec![false; n],
+            poke: vec![false; n],
+            used: Vec::new(),
         };
         a.arm_notifier()?;
         for q in 0..n {
@@ -227,6 +263,7 @@ impl ActiveIoUring {
                     break;
                 };
                 match dev.handle(index, &chain, &self.mem) {
+                    BufferAction::Hold => {}
                     BufferAction::Written(n) => {
                         self.queues[q]
                             .queue
@@ -234,7 +271,7 @@ impl ActiveIoUring {
                             .map_err(Self::qerr(dev.name(), index))?;
                         touched = true;
                     }
-                    BufferAction::Io(op) => self.submit(q, chain, op)?,
+                    BufferAction::Io(op) => self.submit(q, Some(chain), op)?,
                     BufferAction::Invalid(reason) => {
                         return Err(Error::Protocol {
                             dev: dev.name().to_string(),
@@ -247,38 +284,66 @@ impl ActiveIoUring {
             if !self.may_take(q) {
                 // Out of budget: leave the rest in the ring; completions resume this queue.
                 self.paused[q] = true;
-                return Ok(touched);
+                break;
             }
             let more = self.queues[q]
                 .queue
                 .enable_notification(&self.mem)
                 .map_err(Self::qerr(dev.name(), index))?;
             if !more {
-                return Ok(touched);
+                break;
             }
         }
+        touched |= self.device_io(dev, q)?;
+        Ok(touched)
     }
 
-    fn submit(&mut self, q: usize, chain: DescChain, op: IoOp) -> Result<()> {
+    /// Starts the device's own I/O on queue `q` ([`ChainHandler::poll_io`]) while it has some,
+    /// its last read did not block, and the budget allows. Returns whether a chain completed
+    /// (never: the operations complete later), for symmetry with `pull`.
+    fn device_io<D: ChainHandler>(&mut self, dev: &mut D, q: usize) -> Result<bool> {
+        self.poke[q] = false;
+        let index = self.queues[q].index;
+        while !self.blocked[q] {
+            if !self.may_take(q) {
+                self.paused[q] = true;
+                break;
+            }
+            let Some(op) = dev.poll_io(index, &self.mem) else {
+                break;
+            };
+            self.submit(q, None, op)?;
+        }
+        Ok(false)
+    }
+
+    /// Waits (oneshot polls) for queue `q`'s event fds after its device I/O would block.
+    fn arm_events(&mut self, q: usize) -> Result<()> {
+        if self.armed[q] {
+            return Ok(());
+        }
+        self.armed[q] = true;
+        for i in 0..self.event_fds[q].len() {
+            let fd = self.event_fds[q][i];
+            let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+                .build()
+                .user_data(token(KIND_EVENT, q, i));
+            self.push(sqe)?;
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self, q: usize, chain: Option<DescChain>, op: IoOp) -> Result<()> {
         let Some(slot) = self.free.pop() else {
             unreachable!("may_take checked for a free slot");
         };
         let user = token(KIND_CHAIN, q, slot);
         let (sqe, iovecs) = match op {
-            IoOp::Readv { fd, iovs, offset } => {
-                let v: Vec<libc::iovec> = iovs.iter().map(|i| i.as_iovec()).collect();
-                let sqe = opcode::Readv::new(types::Fd(fd), v.as_ptr(), v.len() as u32)
-                    .offset(offset)
-                    .build();
-                (sqe, v)
-            }
-            IoOp::Writev { fd, iovs, offset } => {
-                let v: Vec<libc::iovec> = iovs.iter().map(|i| i.as_iovec()).collect();
-                let sqe = opcode::Writev::new(types::Fd(fd), v.as_ptr(), v.len() as u32)
-                    .offset(offset)
-                    .build();
-                (sqe, v)
-            }
+            IoOp::Readv { fd, iovs, offset } => rw(fd, &iovs, offset, false),
+            IoOp::Writev { fd, iovs, offset } => rw(fd, &iovs, offset, true),
+            // Packet descriptors (taps): at the current position, which io_uring spells -1.
+            IoOp::Recv { fd, iovs } => rw(fd, &iovs, u64::MAX, false),
+            IoOp::Send { fd, iovs } => rw(fd, &iovs, u64::MAX, true),
             IoOp::Fsync { fd, datasync } => {
                 let mut f = opcode::Fsync::new(types::Fd(fd));
                 if datasync {
@@ -323,12 +388,33 @@ impl ActiveIoUring {
         } else {
             Ok(res as usize)
         };
-        let written = dev.complete(index, &f.chain, &self.mem, result);
-        self.queues[f.queue]
+        let q = f.queue;
+        let Some(chain) = f.chain else {
+            // The device's own I/O: it says which held chains are now filled.
+            let blocked = matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+            let mut used = std::mem::take(&mut self.used);
+            dev.io_done(index, &self.mem, result, &mut used);
+            for (chain, len) in used.drain(..) {
+                self.queues[q]
+                    .queue
+                    .push_used(&self.mem, &chain, len)
+                    .map_err(Self::qerr(dev.name(), index))?;
+            }
+            self.used = used;
+            if blocked {
+                self.blocked[q] = true;
+                self.arm_events(q)?;
+            } else {
+                self.poke[q] = true;
+            }
+            return Ok(q);
+        };
+        let written = dev.complete(index, &chain, &self.mem, result);
+        self.queues[q]
             .queue
-            .push_used(&self.mem, &f.chain, written)
+            .push_used(&self.mem, &chain, written)
             .map_err(Self::qerr(dev.name(), index))?;
-        Ok(f.queue)
+        Ok(q)
     }
 
     fn interrupt(&mut self, name: &str, touched: &[bool]) -> Result<()> {
@@ -411,12 +497,21 @@ impl<D: ChainHandler> ActiveBackend<D> for ActiveIoUring {
                         let q = self.complete(dev, slot, res)?;
                         touched[q] = true;
                     }
+                    KIND_EVENT if q < n => {
+                        // One readable fd is enough to try again; the other polls stay armed
+                        // and fire later harmlessly.
+                        self.armed[q] = false;
+                        self.blocked[q] = false;
+                        self.poke[q] = true;
+                    }
                     _ => log::warn!("{name}: unexpected completion {user:#x}"),
                 }
             }
             for q in 0..n {
                 if kicked[q] || self.paused[q] {
                     touched[q] |= self.pull(dev, q)?;
+                } else if self.poke[q] {
+                    touched[q] |= self.device_io(dev, q)?;
                 }
             }
             self.interrupt(&name, &touched)?;
@@ -436,6 +531,20 @@ impl<D: ChainHandler> ActiveBackend<D> for ActiveIoUring {
     fn drain(&mut self, dev: &mut D) -> Result<()> {
         let name = dev.name().to_string();
         let n = self.queues.len();
+        // The device's own reads may wait for a packet forever: cancel them (they complete
+        // with ECANCELED, or with what they read if they won the race).
+        let own: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].as_ref().is_some_and(|f| f.chain.is_none()))
+            .collect();
+        for slot in own {
+            let q = self.slots[slot].as_ref().map_or(0, |f| f.queue);
+            let sqe = opcode::AsyncCancel::new(token(KIND_CHAIN, q, slot))
+                .build()
+                .user_data(token(KIND_EVENT, n, 0));
+            self.push(sqe)?;
+        }
+        // No more polls for event fds either.
+        self.blocked.iter_mut().for_each(|b| *b = true);
         while self.in_flight() > 0 {
             self.wait()?;
             let cqes = std::mem::take(&mut self.cqes);

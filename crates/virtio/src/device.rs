@@ -102,6 +102,23 @@ pub enum IoOp {
         /// `fdatasync` instead of `fsync`.
         datasync: bool,
     },
+    /// Write guest buffers to a packet or stream descriptor (a tap queue) in one call, at its
+    /// current position: one packet per call, never continued.
+    Send {
+        /// File descriptor.
+        fd: RawFd,
+        /// Source buffers (device-readable guest memory).
+        iovs: Vec<Iov>,
+    },
+    /// Read one packet from a packet or stream descriptor (a tap queue) into guest buffers, at
+    /// its current position. On a non-blocking descriptor with nothing to read it fails with
+    /// `WouldBlock`; the backend then waits for the device's [`ChainHandler::event_fds`].
+    Recv {
+        /// File descriptor.
+        fd: RawFd,
+        /// Destination buffers (device-writable guest memory).
+        iovs: Vec<Iov>,
+    },
     /// `fallocate(fd, mode, offset, len)`: punch holes, zero ranges.
     Fallocate {
         /// File descriptor.
@@ -119,9 +136,10 @@ impl IoOp {
     /// Bytes the operation transfers when it completes fully (0 for flushes and fallocate).
     pub fn transfer_len(&self) -> usize {
         match self {
-            IoOp::Readv { iovs, .. } | IoOp::Writev { iovs, .. } => {
-                iovs.iter().map(|i| i.len as usize).sum()
-            }
+            IoOp::Readv { iovs, .. }
+            | IoOp::Writev { iovs, .. }
+            | IoOp::Send { iovs, .. }
+            | IoOp::Recv { iovs, .. } => iovs.iter().map(|i| i.len as usize).sum(),
             _ => 0,
         }
     }
@@ -137,6 +155,9 @@ pub enum BufferAction {
     /// The chain breaks the device's protocol so badly that no status can be reported (for
     /// example, no room for the status byte): the device needs a reset.
     Invalid(String),
+    /// The device keeps the chain (a receive buffer) for I/O it starts itself, and returns it
+    /// through [`ChainHandler::io_done`].
+    Hold,
 }
 
 /// Per-chain work of a device, shared by every backend.
@@ -152,4 +173,33 @@ pub trait ChainHandler: Virtio {
         mem: &GuestMemoryMmap,
         result: std::io::Result<usize>,
     ) -> u32;
+
+    /// I/O the device starts by itself on `queue` rather than for one chain: a read from a tap
+    /// into receive buffers it holds ([`BufferAction::Hold`]). The backend calls it after
+    /// popping the queue's chains, after each [`ChainHandler::io_done`], and when one of the
+    /// queue's [`ChainHandler::event_fds`] becomes readable, until it returns `None`.
+    fn poll_io(&mut self, queue: u16, mem: &GuestMemoryMmap) -> Option<IoOp> {
+        let _ = (queue, mem);
+        None
+    }
+
+    /// Finishes an operation from [`ChainHandler::poll_io`] that completed with `result`;
+    /// pushes the held chains it filled, with the bytes written to each, onto `used`. A
+    /// `WouldBlock` result means nothing was read: the backend waits for the event fds before
+    /// polling the queue again.
+    fn io_done(
+        &mut self,
+        queue: u16,
+        mem: &GuestMemoryMmap,
+        result: std::io::Result<usize>,
+        used: &mut Vec<(DescChain, u32)>,
+    ) {
+        let _ = (queue, mem, result, used);
+    }
+
+    /// Host descriptors whose readability means [`ChainHandler::poll_io`] of a queue may have
+    /// work again: (descriptor, queue).
+    fn event_fds(&self) -> Vec<(RawFd, u16)> {
+        Vec::new()
+    }
 }

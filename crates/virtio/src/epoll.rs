@@ -10,10 +10,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{ChainHandler, IoOp};
 use crate::irq::IrqSender;
-use crate::worker::{ActiveBackend, ActiveQueue, Backend, process_queue};
+use crate::worker::{ActiveBackend, ActiveQueue, Backend, device_io, process_queue};
 use crate::{Error, Result};
 
 const NOTIFIER: u64 = u64::MAX;
+/// Tokens from here on are the device's event fds: `EVENT + queue slot`.
+const EVENT: u64 = 1 << 32;
 
 /// The epoll backend.
 #[derive(Debug, Default, Clone, Copy)]
@@ -28,11 +30,12 @@ pub struct ActiveEpoll {
     fresh: bool,
 }
 
-fn epoll_add(epfd: &OwnedFd, fd: i32, token: u64) -> Result<()> {
-    let mut ev = libc::epoll_event {
-        events: libc::EPOLLIN as u32,
-        u64: token,
-    };
+fn epoll_add(epfd: &OwnedFd, fd: i32, token: u64, edge: bool) -> Result<()> {
+    let mut events = libc::EPOLLIN as u32;
+    if edge {
+        events |= libc::EPOLLET as u32;
+    }
+    let mut ev = libc::epoll_event { events, u64: token };
     // SAFETY: valid epoll and target descriptors; `ev` is a valid event.
     if unsafe { libc::epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
         return Err(Error::Io {
@@ -48,7 +51,7 @@ impl<D: ChainHandler> Backend<D> for EpollBackend {
 
     fn activate(
         &mut self,
-        _dev: &mut D,
+        dev: &mut D,
         queues: Vec<ActiveQueue>,
         irq: Arc<dyn IrqSender>,
         mem: GuestMemoryMmap,
@@ -64,9 +67,16 @@ impl<D: ChainHandler> Backend<D> for EpollBackend {
         }
         // SAFETY: a fresh descriptor we own.
         let epfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        epoll_add(&epfd, notifier.as_raw_fd(), NOTIFIER)?;
+        epoll_add(&epfd, notifier.as_raw_fd(), NOTIFIER, false)?;
         for (i, q) in queues.iter().enumerate() {
-            epoll_add(&epfd, q.ioeventfd.as_raw_fd(), i as u64)?;
+            epoll_add(&epfd, q.ioeventfd.as_raw_fd(), i as u64, false)?;
+        }
+        // Edge-triggered: the device reads until the descriptor would block or it has no
+        // buffers left; in the latter case the driver's next notification resumes it.
+        for (fd, queue) in dev.event_fds() {
+            if let Some(slot) = queues.iter().position(|q| q.index == queue) {
+                epoll_add(&epfd, fd, EVENT + slot as u64, true)?;
+            }
         }
         Ok(ActiveEpoll {
             epfd,
@@ -79,12 +89,18 @@ impl<D: ChainHandler> Backend<D> for EpollBackend {
 }
 
 impl ActiveEpoll {
-    fn serve<D: ChainHandler>(&mut self, dev: &mut D, slot: usize) -> Result<()> {
+    /// Serves queue `slot` after its notification (`kicked`) or one of its event fds.
+    fn serve<D: ChainHandler>(&mut self, dev: &mut D, slot: usize, kicked: bool) -> Result<()> {
         let Some(aq) = self.queues.get_mut(slot) else {
             return Ok(());
         };
-        let _ = aq.ioeventfd.read();
-        if process_queue(dev, aq, &self.mem, &mut execute_sync)? {
+        let done = if kicked {
+            let _ = aq.ioeventfd.read();
+            process_queue(dev, aq, &self.mem, &mut execute_sync)?
+        } else {
+            device_io(dev, aq, &self.mem, &mut execute_sync)?
+        };
+        if done {
             let wants = aq
                 .queue
                 .needs_interrupt(&self.mem)
@@ -107,7 +123,7 @@ impl<D: ChainHandler> ActiveBackend<D> for ActiveEpoll {
             // Chains the driver queued before DRIVER_OK, without a notification.
             self.fresh = false;
             for slot in 0..self.queues.len() {
-                self.serve(dev, slot)?;
+                self.serve(dev, slot, true)?;
             }
         }
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 16];
@@ -126,9 +142,12 @@ impl<D: ChainHandler> ActiveBackend<D> for ActiveEpoll {
             }
             let mut notified = false;
             for ev in &events[..n as usize] {
-                match ev.u64 {
+                // (epoll_event is packed: copy the token out.)
+                let token = ev.u64;
+                match token {
                     NOTIFIER => notified = true,
-                    slot => self.serve(dev, slot as usize)?,
+                    t if t >= EVENT => self.serve(dev, (t - EVENT) as usize, false)?,
+                    slot => self.serve(dev, slot as usize, true)?,
                 }
             }
             if notified {
@@ -199,6 +218,25 @@ pub fn execute_sync(op: &IoOp) -> std::io::Result<usize> {
                 }
             }
             Ok(done)
+        }
+        IoOp::Send { fd, iovs } | IoOp::Recv { fd, iovs } => {
+            let vecs: Vec<libc::iovec> = iovs.iter().map(|i| i.as_iovec()).collect();
+            let n = vecs.len().min(libc::c_int::MAX as usize) as libc::c_int;
+            loop {
+                // SAFETY: the iovecs point into guest RAM buffers that the chains own while the
+                // operation runs; `vecs` is a valid array of `n` entries.
+                let r = unsafe {
+                    if matches!(op, IoOp::Send { .. }) {
+                        libc::writev(*fd, vecs.as_ptr(), n)
+                    } else {
+                        libc::readv(*fd, vecs.as_ptr(), n)
+                    }
+                };
+                match check(r as libc::c_long) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    r => return r,
+                }
+            }
         }
         IoOp::Fsync { fd, datasync } => {
             // SAFETY: plain syscalls on a descriptor the device owns.

@@ -36,7 +36,7 @@ pub use irq::{EventFdIrq, IrqSender};
 pub use status::{DeviceStatus, StatusBits, StatusChange};
 pub use worker::{
     ActiveBackend, ActiveQueue, Backend, DeviceRunner, QueueSetup, QueueState, WakeEvent, Worker,
-    WorkerExit, WorkerState, process_queue,
+    WorkerExit, WorkerState, device_io, process_queue,
 };
 
 /// Errors of the virtio layer.

@@ -500,6 +500,7 @@ pub fn process_queue<D: ChainHandler>(
     loop {
         while let Some(chain) = aq.queue.pop(mem).map_err(qerr)? {
             let written = match dev.handle(index, &chain, mem) {
+                BufferAction::Hold => continue,
                 BufferAction::Written(n) => n,
                 BufferAction::Io(op) => {
                     let r = exec(&op);
@@ -517,9 +518,44 @@ pub fn process_queue<D: ChainHandler>(
             done = true;
         }
         if !aq.queue.enable_notification(mem).map_err(qerr)? {
-            return Ok(done);
+            break;
         }
     }
+    done |= device_io(dev, aq, mem, exec)?;
+    Ok(done)
+}
+
+/// Runs the device's own I/O on a queue ([`ChainHandler::poll_io`]) synchronously until it has
+/// none or an operation would block; returns the filled chains to the driver. Returns whether
+/// any chain was completed.
+pub fn device_io<D: ChainHandler>(
+    dev: &mut D,
+    aq: &mut ActiveQueue,
+    mem: &GuestMemoryMmap,
+    exec: &mut dyn FnMut(&IoOp) -> std::io::Result<usize>,
+) -> Result<bool> {
+    let index = aq.index;
+    let mut done = false;
+    let mut used = Vec::new();
+    while let Some(op) = dev.poll_io(index, mem) {
+        let r = exec(&op);
+        let blocked = matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        dev.io_done(index, mem, r, &mut used);
+        for (chain, len) in used.drain(..) {
+            aq.queue
+                .push_used(mem, &chain, len)
+                .map_err(|source| Error::Queue {
+                    dev: dev.name().to_string(),
+                    queue: index,
+                    source,
+                })?;
+            done = true;
+        }
+        if blocked {
+            break;
+        }
+    }
+    Ok(done)
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use alioth_boot::{BootProtocol, KernelSpec};
 use alioth_devices::virtio::blk::BlkConfig;
+use alioth_devices::virtio::net::NetConfig;
 use alioth_devices::{acpi_pm, cmos, i8042, serial};
 use alioth_hv::CpuFeatureEdit;
 use alioth_pci::{CONFIG_IO_LEN, CONFIG_IO_PORT};
@@ -52,6 +53,15 @@ pub struct RngConfig {
     pub backend: IoBackend,
 }
 
+/// A virtio-net device on a host tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetDeviceConfig {
+    /// The tap and the device's settings.
+    pub net: NetConfig,
+    /// Event loop.
+    pub backend: IoBackend,
+}
+
 /// A complete VM description.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -71,6 +81,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// The entropy device, if enabled.
     pub rng: Option<RngConfig>,
+    /// virtio-net devices, after the disks in PCI slot order.
+    pub nets: Vec<NetDeviceConfig>,
 }
 
 /// The most virtio devices: 31 slots on bus 0 (slot 0 is the host bridge).
@@ -96,6 +108,7 @@ impl VmConfig {
             exit_device: None,
             disks: Vec::new(),
             rng: None,
+            nets: Vec::new(),
         }
     }
 
@@ -142,7 +155,17 @@ impl VmConfig {
                 )));
             }
         }
-        let devices = self.disks.len() + usize::from(self.rng.is_some());
+        let mut taps = std::collections::HashSet::new();
+        for n in &self.nets {
+            n.net.validate().map_err(|e| Error::Config(e.to_string()))?;
+            if !n.net.tap.contains('%') && !taps.insert(n.net.tap.as_str()) {
+                return Err(Error::Config(format!(
+                    "tap {} is given to two net devices",
+                    n.net.tap
+                )));
+            }
+        }
+        let devices = self.disks.len() + usize::from(self.rng.is_some()) + self.nets.len();
         if devices > MAX_PCI_DEVICES {
             return Err(Error::Config(format!(
                 "{devices} PCI devices requested; at most {MAX_PCI_DEVICES} fit"

@@ -27,8 +27,17 @@ mod vhost_user;
 
 pub use alioth_boot::{BootProtocol, KernelSpec};
 pub use alioth_devices::virtio::blk::BlkConfig;
+pub use alioth_devices::virtio::net::NetConfig;
+
+/// Defaults and limits of virtio-net devices and their taps.
+pub mod net {
+    pub use alioth_devices::tap::{AUTO_NAME, MAX_NAME_LEN};
+    pub use alioth_devices::virtio::net::{
+        DEFAULT_MTU, DEFAULT_QUEUE_SIZE, MAX_MTU, MAX_QUEUE_PAIRS, MIN_MTU,
+    };
+}
 pub use alioth_hv::parse_cpu_features;
-pub use config::{DiskConfig, IoBackend, RngConfig, SerialConfig, VmConfig};
+pub use config::{DiskConfig, IoBackend, NetDeviceConfig, RngConfig, SerialConfig, VmConfig};
 pub use machine::{ExitReason, Machine, MachineOptions};
 pub use vhost_user::{VhostUserConfig, VhostUserDeviceConfig, serve_vhost_user};
 

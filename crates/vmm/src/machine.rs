@@ -13,6 +13,7 @@ use alioth_boot::acpi::{AcpiConfig, LegacySerial, PmPorts};
 use alioth_boot::{BootedKernel, load_kernel};
 use alioth_devices::serial::{COM1_IRQ, COM1_PORT, Serial};
 use alioth_devices::virtio::blk::VirtioBlk;
+use alioth_devices::virtio::net::VirtioNet;
 use alioth_devices::virtio::rng::VirtioRng;
 use alioth_devices::{EventSink, VmEvent, acpi_pm, cmos, exit, i8042};
 use alioth_hv::{EventFd, Kvm, Vcpu, VcpuKicker, Vm, VmExit, install_kick_signal_handler};
@@ -309,6 +310,15 @@ fn add_pci_devices(
     }
     if let Some(r) = &config.rng {
         placer.add(VirtioRng::new("virtio-rng0"), r.backend)?;
+    }
+    for (i, n) in config.nets.iter().enumerate() {
+        let name = format!("virtio-net{i}");
+        // io_uring keeps a read in flight on a blocking tap; epoll reads when it is readable.
+        let io_uring = crate::pci::use_io_uring(&name, n.backend)?;
+        let dev =
+            VirtioNet::open(&name, &n.net, !io_uring).map_err(|e| Error::Device(e.to_string()))?;
+        log::info!("{name}: tap {}", dev.tap_name());
+        placer.add(dev, n.backend)?;
     }
     Ok(placer.devices)
 }

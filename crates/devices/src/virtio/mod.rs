@@ -1,4 +1,5 @@
 //! Virtio devices.
 
 pub mod blk;
+pub mod net;
 pub mod rng;

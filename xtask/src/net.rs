@@ -1,0 +1,409 @@
+//! The virtio-net tests of `cargo xtask e2e`: the guest kit's responder behind a tap, in a
+//! network namespace the test creates and deletes, with the host side (ping and UDP) run inside
+//! that namespace by this binary (`xtask net-peer ...`).
+//!
+//! Only the namespace is touched: it gets a loopback, one multi-queue tap `kt0` with
+//! 192.0.2.1/24 (TEST-NET-1, RFC 5737) and no route beyond that subnet; the guest kit is
+//! 192.0.2.2. Deleting the namespace removes the tap.
+
+use std::io::BufRead;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// The host's address in the namespace.
+pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// The guest kit's address.
+pub const KIT_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+/// The guest's MAC address.
+pub const KIT_MAC: &str = "02:00:00:00:00:02";
+/// The tap's name inside the namespace.
+pub const TAP: &str = "kt0";
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace with a configured tap, deleted when dropped.
+pub struct NetNs {
+    name: String,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip` (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+impl NetNs {
+    /// Creates the namespace and a multi-queue tap in it.
+    pub fn new() -> Result<NetNs> {
+        let name = format!(
+            "alioth-e2e-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        ip(&["netns", "add", &name])?;
+        let ns = NetNs { name };
+        let n = ns.name.as_str();
+        ip(&["-n", n, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            n,
+            "tuntap",
+            "add",
+            "dev",
+            TAP,
+            "mode",
+            "tap",
+            "multi_queue",
+            "vnet_hdr",
+        ])?;
+        ip(&["-n", n, "addr", "add", "192.0.2.1/24", "dev", TAP])?;
+        ip(&["-n", n, "link", "set", TAP, "up"])?;
+        Ok(ns)
+    }
+
+    /// `cmd` run inside the namespace.
+    pub fn exec(&self, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "delete", &self.name]);
+    }
+}
+
+/// Why the net tests cannot run here, if they cannot.
+pub fn unavailable() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("network namespaces and taps need root (CAP_SYS_ADMIN, CAP_NET_ADMIN)".into());
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("/dev/net/tun is missing".into());
+    }
+    for (tool, pkg) in [("ip", "iproute2"), ("ping", "iputils-ping")] {
+        if Command::new(tool)
+            .arg("-V")
+            .output()
+            .map_or(true, |o| !o.status.success())
+        {
+            return Some(format!("`{tool}` is missing (Debian package {pkg})"));
+        }
+    }
+    None
+}
+
+/// A net e2e case: the kit test, options for `--net`, kit command-line extras, and the peer
+/// script (`None`: the kit needs no peer).
+pub struct NetCase {
+    /// Case name.
+    pub name: String,
+    /// `kit.test=`.
+    pub test: &'static str,
+    /// `split` or `packed`.
+    pub ring: &'static str,
+    /// Extra `--net` options (after `tap=kt0,mac=...`).
+    pub net_opts: String,
+    /// Extra kit parameters.
+    pub kit_args: String,
+    /// `xtask net-peer` steps, run once the kit says it is ready.
+    pub peer: Option<&'static str>,
+}
+
+/// Boots the kit in a fresh namespace and runs the peer; Ok if the kit passes and the peer
+/// succeeds.
+pub fn run_case(alioth: &Path, kit: &Path, xtask: &Path, case: &NetCase) -> Result<()> {
+    let ns = NetNs::new()?;
+    let mut child = ns
+        .exec(alioth)
+        .args([
+            "boot",
+            "--memory",
+            "128M",
+            "--exit-device",
+            "on",
+            "--kernel",
+        ])
+        .arg(kit)
+        .arg("--cmdline")
+        .arg(format!(
+            "kit.test={} kit.ring={} kit.secs=60 {}",
+            case.test, case.ring, case.kit_args
+        ))
+        .arg("--net")
+        .arg(format!("tap={TAP},mac={KIT_MAC}{}", case.net_opts))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting alioth in the namespace")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut serial = String::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut peer_result: Option<Result<String>> = None;
+    let verdict = format!("ALIOTH-KIT result {} ", case.test);
+    let mut result_line = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let _ = child.kill();
+            bail!("timed out\n--- serial ---\n{serial}");
+        }
+        let line = match rx.recv_timeout(left) {
+            Ok(l) => l,
+            Err(_) => break,
+        };
+        serial.push_str(&line);
+        serial.push('\n');
+        if line.starts_with("ALIOTH-KIT net ready")
+            && let Some(steps) = case.peer
+        {
+            {
+                let out = ns
+                    .exec(xtask)
+                    .args(["net-peer", steps])
+                    .stdin(Stdio::null())
+                    .output()
+                    .context("running the peer")?;
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                peer_result = Some(if out.status.success() {
+                    Ok(text)
+                } else {
+                    Err(anyhow::anyhow!("the peer failed:\n{text}"))
+                });
+            }
+        }
+        if line.starts_with(&verdict) {
+            result_line = Some(line);
+        }
+    }
+    let status = child.wait()?;
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut err);
+    }
+    if let Some(Err(e)) = peer_result {
+        bail!("{e:#}\n--- serial ---\n{serial}--- stderr ---\n{err}");
+    }
+    let passed = result_line
+        .as_deref()
+        .is_some_and(|l| l.starts_with(&format!("{verdict}pass")));
+    if !passed || status.code() != Some(0) {
+        bail!("exit {status}\n--- serial ---\n{serial}--- stderr ---\n{err}");
+    }
+    Ok(())
+}
+
+/// The net cases for one backend and ring format.
+pub fn cases(backend: &str, ring: &'static str) -> Vec<NetCase> {
+    let net_opts = format!(",backend={backend}");
+    let case = |name: &str, test, kit_args: &str, queues, peer| NetCase {
+        name: format!("{name}/{backend}/{ring}"),
+        test,
+        ring,
+        net_opts: if queues > 1 {
+            format!("{net_opts},queues={queues}")
+        } else {
+            net_opts.clone()
+        },
+        kit_args: kit_args.to_string(),
+        peer,
+    };
+    vec![
+        case("net-arp-icmp", "net", "", 1, Some("ping,stop")),
+        case("net-udp", "net", "", 1, Some("echo,recv,stop")),
+        case(
+            "net-udp-csum-offload",
+            "net",
+            "kit.csum=on",
+            1,
+            Some("echo,recv,stop"),
+        ),
+        case("net-mq", "net-mq", "", 2, Some("flows,stop")),
+        case(
+            "net-rx-starve",
+            "net-starve",
+            "",
+            1,
+            Some("flood,recover,stop"),
+        ),
+        case("net-hostile-rx", "net-hostile-rx", "", 1, None),
+        case("net-hostile-tx", "net-hostile-tx", "", 1, None),
+    ]
+}
+
+/// `xtask net-peer STEPS`: the host side, run inside the namespace. Steps, comma-separated:
+/// `ping` (20 echo requests with a pattern, all answered), `echo` (UDP echo of sizes up to the
+/// MTU, payloads compared), `recv` (the kit sends 100 datagrams of 64 and of 1472 bytes,
+/// sequence and pattern checked), `flows` (64 source ports, so both queue pairs carry traffic),
+/// `flood` (5000 datagrams as fast as the host can send), `recover` (echo works again), `stop`.
+pub fn peer(steps: &str) -> Result<()> {
+    let kit = SocketAddrV4::new(KIT_IP, 7);
+    let sock = UdpSocket::bind(SocketAddrV4::new(HOST_IP, 0))?;
+    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    // Room for every datagram the guest sends at once (the default would drop some of a burst
+    // of 100 full-size datagrams: that is the host socket's limit, not the device's).
+    let size: libc::c_int = 16 << 20;
+    // SAFETY: setsockopt on our socket with a valid int option value.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    let pattern = |size: usize, seed: u8| -> Vec<u8> {
+        (0..size)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    };
+    let mut buf = vec![0u8; 65536];
+    for step in steps.split(',') {
+        match step {
+            "ping" => {
+                let out = Command::new("ping")
+                    .args([
+                        "-c", "20", "-i", "0.01", "-W", "2", "-s", "200", "-p", "a5c3",
+                    ])
+                    .arg(KIT_IP.to_string())
+                    .output()?;
+                let text = String::from_utf8_lossy(&out.stdout);
+                if !text.contains("20 packets transmitted, 20 received")
+                    || text.contains("wrong data")
+                {
+                    bail!("ping: {text}");
+                }
+                println!("ping: 20 of 20 answered, payloads intact");
+            }
+            "echo" => {
+                for (i, size) in [1usize, 2, 18, 64, 100, 512, 999, 1000, 1471, 1472]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let data = pattern(size, i as u8);
+                    sock.send_to(&data, kit)?;
+                    let (n, from) = sock
+                        .recv_from(&mut buf)
+                        .with_context(|| format!("no echo of {size} bytes"))?;
+                    if from != std::net::SocketAddr::V4(kit) || buf[..n] != data[..] {
+                        bail!("echo of {size} bytes came back as {n} bytes from {from}");
+                    }
+                }
+                println!("echo: 10 sizes up to 1472 bytes, all intact");
+            }
+            "recv" => {
+                let port = sock.local_addr()?.port();
+                for size in [64usize, 1472] {
+                    sock.send_to(
+                        format!("send 100 {size} {port}").as_bytes(),
+                        SocketAddrV4::new(KIT_IP, 5),
+                    )?;
+                    for seq in 0..100u32 {
+                        let n = sock
+                            .recv(&mut buf)
+                            .with_context(|| format!("datagram {seq} of 100 ({size} bytes)"))?;
+                        let want: Vec<u8> = seq
+                            .to_le_bytes()
+                            .into_iter()
+                            .chain((0..size - 4).map(|i| (seq as u8).wrapping_add(i as u8)))
+                            .collect();
+                        if buf[..n] != want[..] {
+                            bail!("datagram {seq} ({size} bytes) is wrong: {n} bytes");
+                        }
+                    }
+                }
+                println!("recv: 2 x 100 datagrams from the guest, in order and intact");
+            }
+            "flows" => {
+                let socks: Vec<UdpSocket> = (0..64)
+                    .map(|_| UdpSocket::bind(SocketAddrV4::new(HOST_IP, 0)))
+                    .collect::<std::io::Result<_>>()?;
+                for (i, s) in socks.iter().enumerate() {
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    for j in 0..4u8 {
+                        let data = pattern(200, i as u8 ^ j);
+                        s.send_to(&data, kit)?;
+                        let n = s.recv(&mut buf).with_context(|| format!("flow {i}"))?;
+                        if buf[..n] != data[..] {
+                            bail!("flow {i}: echo differs");
+                        }
+                    }
+                }
+                println!("flows: 64 flows x 4 echoes");
+            }
+            "flood" => {
+                let data = pattern(1000, 7);
+                let mut sent = 0;
+                for _ in 0..5000 {
+                    if sock.send_to(&data, SocketAddrV4::new(KIT_IP, 1234)).is_ok() {
+                        sent += 1;
+                    }
+                }
+                println!("flood: {sent} datagrams sent");
+            }
+            "recover" => {
+                // The starved guest drains what the tap queued, then echoes again.
+                let data = pattern(300, 3);
+                let mut ok = 0;
+                let until = Instant::now() + Duration::from_secs(30);
+                while ok < 5 && Instant::now() < until {
+                    sock.send_to(&data, kit)?;
+                    if let Ok(n) = sock.recv(&mut buf)
+                        && buf[..n] == data[..]
+                    {
+                        ok += 1;
+                    }
+                }
+                if ok < 5 {
+                    bail!("the guest answered {ok} of 5 echoes after the flood");
+                }
+                println!("recover: echoes work after the flood");
+            }
+            "stop" => {
+                for _ in 0..10 {
+                    sock.send_to(b"stop", SocketAddrV4::new(KIT_IP, 9))?;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            other => bail!("unknown peer step {other}"),
+        }
+    }
+    Ok(())
+}
