@@ -206,3 +206,32 @@ fn bad_disk_specs_are_errors() {
     assert!(err(with(&spec("backend=aio"))).contains("backend"));
     assert!(err(with(&spec("num_queues=x"))).contains("num_queues"));
 }
+
+#[test]
+fn the_example_vm_parses_with_a_disk_an_rng_and_a_network_card() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/vm.toml");
+    let file: FileConfig = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(file.disk.len(), 1);
+    assert!(file.rng.is_some());
+    assert_eq!(file.net.len(), 1);
+    let net = file.net[0].clone().into_config().unwrap();
+    assert_eq!(net.net.tap, "alioth%d");
+    assert_eq!(net.net.mac[0], 0x02, "a locally administered address");
+}
+
+#[test]
+fn net_flags_fill_every_setting() {
+    let n = parse_net_flag(
+        "tap=tap3,mac=02:aa:bb:cc:dd:ee,queues=2,queue_size=128,mtu=9000,backend=epoll",
+    )
+    .unwrap()
+    .into_config()
+    .unwrap();
+    assert_eq!(n.net.tap, "tap3");
+    assert_eq!(n.net.mac, [2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]);
+    assert_eq!(
+        (n.net.queue_pairs, n.net.queue_size, n.net.mtu),
+        (2, 128, 9000)
+    );
+    assert_eq!(n.backend, IoBackend::Epoll);
+}

@@ -410,12 +410,7 @@ pub fn kit_bench_iops(alioth: &Path, kit: &Path, disk: &str, qd: u32, secs: u64)
 /// kit through the whole path (notify -> ioeventfd -> worker -> used ring -> MSI-X irqfd ->
 /// guest), next to a plain io_uring loop on the same file.
 pub fn bench_in_guest(root: &Path, args: &[String]) -> Result<()> {
-    let secs: u64 = args
-        .iter()
-        .position(|a| a == "--secs")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let secs = crate::secs_arg(args);
     let kit = build_kit(root)?;
     run(cargo().args(["build", "--release", "--quiet", "-p", "alioth-cli"]))?;
     let alioth = root.join("target/release/alioth");

@@ -56,6 +56,15 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// The value of `--secs N` among a bench's arguments (3 by default).
+pub fn secs_arg(args: &[String]) -> u64 {
+    args.iter()
+        .position(|a| a == "--secs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+}
+
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(workspace_root());
@@ -220,7 +229,8 @@ fn bench(args: &[String]) -> Result<()> {
             e2e::bench_in_guest(&workspace_root(), &args[1..])
         }
         Some("vhost-user-blk") => uml::bench(&workspace_root(), &args[1..]),
-        _ => bail!("usage: cargo xtask bench blk|vhost-user-blk [--secs N]"),
+        Some("net") => net::bench(&workspace_root(), &args[1..]),
+        _ => bail!("usage: cargo xtask bench blk|vhost-user-blk|net [--secs N]"),
     }
 }
 
@@ -236,7 +246,8 @@ fn usage() -> ! {
          the kit's virtio conformance suite against a VMM, as a table\n  \
          uml     User-Mode Linux's virtio_blk against alioth's vhost-user backend\n  \
          bench blk [--secs N]  virtio-blk 4 KiB random-read IOPS vs a plain io_uring loop\n  \
-         bench vhost-user-blk [--secs N]  UML random reads: alioth's backend vs qemu-storage-daemon"
+         bench vhost-user-blk [--secs N]  UML random reads: alioth's backend vs qemu-storage-daemon\n  \
+         bench net [--secs N]  virtio-net frame rates vs a host-only process on the same tap"
     );
     std::process::exit(2);
 }
@@ -252,7 +263,10 @@ fn main() -> Result<()> {
         Some("bench") => bench(&args[1..]),
         Some("e2e") => e2e::e2e(&workspace_root()),
         // The host side of the net tests, run by e2e inside a test namespace.
-        Some("net-peer") => net::peer(args.get(1).map_or("", String::as_str)),
+        Some("net-peer") => match args.get(1).map(String::as_str) {
+            Some(s) if s.starts_with("bench-") || s == "counter" => net::bench_peer(&args[1..]),
+            steps => net::peer(steps.unwrap_or("")),
+        },
         Some("conformance") => conformance::conformance(&workspace_root(), &args[1..]),
         Some("uml") => uml::uml(&workspace_root()),
         _ => usage(),

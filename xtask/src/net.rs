@@ -76,6 +76,31 @@ impl NetNs {
         Ok(ns)
     }
 
+    /// A static neighbour entry for the kit's address, so that the host sends to it without
+    /// ARP (the benches' baselines have no one to answer).
+    pub fn pin_kit_neighbor(&self) -> Result<()> {
+        let kit = KIT_IP.to_string();
+        ip(&[
+            "-n", &self.name, "neigh", "add", &kit, "lladdr", KIT_MAC, "dev", TAP,
+        ])
+    }
+
+    /// `alioth boot` of the guest kit (128 MiB, exit device), inside the namespace; the caller
+    /// adds the command line and the devices.
+    pub fn boot_kit(&self, alioth: &Path, kit: &Path) -> Command {
+        let mut c = self.exec(alioth);
+        c.args([
+            "boot",
+            "--memory",
+            "128M",
+            "--exit-device",
+            "on",
+            "--kernel",
+        ])
+        .arg(kit);
+        c
+    }
+
     /// `cmd` run inside the namespace.
     pub fn exec(&self, program: &Path) -> Command {
         let mut c = Command::new("ip");
@@ -133,16 +158,7 @@ pub struct NetCase {
 pub fn run_case(alioth: &Path, kit: &Path, xtask: &Path, case: &NetCase) -> Result<()> {
     let ns = NetNs::new()?;
     let mut child = ns
-        .exec(alioth)
-        .args([
-            "boot",
-            "--memory",
-            "128M",
-            "--exit-device",
-            "on",
-            "--kernel",
-        ])
-        .arg(kit)
+        .boot_kit(alioth, kit)
         .arg("--cmdline")
         .arg(format!(
             "kit.test={} kit.ring={} kit.secs=60 {}",
@@ -403,6 +419,246 @@ pub fn peer(steps: &str) -> Result<()> {
                 }
             }
             other => bail!("unknown peer step {other}"),
+        }
+    }
+    Ok(())
+}
+
+/// The frame `net-bench` sends: broadcast, ethertype 0x88b5 (IEEE local experimental), `size`
+/// bytes, after a zero virtio-net header.
+fn bench_frame(size: usize) -> Vec<u8> {
+    let mut f = vec![0u8; 12 + size];
+    f[12..18].fill(0xff);
+    f[18..24].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+    f[24..26].copy_from_slice(&[0x88, 0xb5]);
+    f
+}
+
+/// The tap's receive counter (frames written into the tap by whoever holds a queue).
+fn tap_rx_packets() -> Result<u64> {
+    let p = format!("/sys/class/net/{TAP}/statistics/rx_packets");
+    Ok(std::fs::read_to_string(&p)
+        .with_context(|| p.clone())?
+        .trim()
+        .parse()?)
+}
+
+/// Floods 192.0.2.2:9 with UDP datagrams making `size`-byte frames for `secs`.
+fn flood(size: usize, secs: f64) -> Result<u64> {
+    let sock = UdpSocket::bind(SocketAddrV4::new(HOST_IP, 0))?;
+    let data = vec![0x5au8; size.saturating_sub(42).max(1)];
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let mut sent = 0u64;
+    while Instant::now() < until {
+        for _ in 0..64 {
+            if sock.send_to(&data, SocketAddrV4::new(KIT_IP, 9)).is_ok() {
+                sent += 1;
+            }
+        }
+    }
+    Ok(sent)
+}
+
+/// The host-only halves of `cargo xtask bench net`, run inside the namespace:
+/// `bench-write SIZE SECS` writes frames into the tap as fast as one process can (the
+/// guest-to-host baseline), `bench-read SIZE SECS` reads the tap while a second thread floods
+/// it with UDP (the host-to-guest baseline), `bench-send SIZE SECS` only floods, `counter`
+/// prints the tap's receive counter. Each prints `pps N`.
+pub fn bench_peer(args: &[String]) -> Result<()> {
+    use alioth_devices::tap::Tap;
+    let num = |i: usize| -> Result<f64> {
+        args.get(i)
+            .context("missing argument")?
+            .parse()
+            .context("not a number")
+    };
+    match args.first().map(String::as_str) {
+        Some("counter") => println!("{}", tap_rx_packets()?),
+        Some("bench-send") => {
+            flood(num(1)? as usize, num(2)?)?;
+        }
+        Some("bench-write") => {
+            let (size, secs) = (num(1)? as usize, num(2)?);
+            let tap = Tap::open(TAP, 1, false)?;
+            let fd = tap.fd(0).context("tap queue")?;
+            let frame = bench_frame(size);
+            let c0 = tap_rx_packets()?;
+            let t0 = Instant::now();
+            while t0.elapsed().as_secs_f64() < secs {
+                // SAFETY: `frame` is valid for its length; `fd` is the tap queue we hold.
+                unsafe { libc::write(fd, frame.as_ptr().cast(), frame.len()) };
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            println!("pps {:.0}", (tap_rx_packets()? - c0) as f64 / secs);
+        }
+        Some("bench-read") => {
+            let (size, secs) = (num(1)? as usize, num(2)?);
+            let tap = Tap::open(TAP, 1, true)?;
+            let fd = tap.fd(0).context("tap queue")?;
+            let sender = std::thread::spawn(move || flood(size, secs + 0.5));
+            std::thread::sleep(Duration::from_millis(100));
+            let mut buf = vec![0u8; 65536];
+            let (mut frames, t0) = (0u64, Instant::now());
+            while t0.elapsed().as_secs_f64() < secs {
+                let mut p = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd; `buf` is valid for its length.
+                unsafe {
+                    libc::poll(&mut p, 1, 100);
+                    while libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) > 0 {
+                        frames += 1;
+                    }
+                }
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let _ = sender.join();
+            println!("pps {:.0}", frames as f64 / secs);
+        }
+        _ => bail!("usage: xtask net-peer bench-write|bench-read|bench-send SIZE SECS | counter"),
+    }
+    Ok(())
+}
+
+fn pps_of(out: &std::process::Output) -> Result<f64> {
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("pps "))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| {
+            format!(
+                "no rate from the peer: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+/// One in-guest run: the kit's `net-bench` in direction `dir` with `size`-byte frames, timed by
+/// the host between the kit's window lines. Guest-to-host counts what the tap received;
+/// host-to-guest what the kit received while the host flooded.
+fn guest_pps(
+    alioth: &Path,
+    kit: &Path,
+    xtask: &Path,
+    backend: &str,
+    dir: &str,
+    size: usize,
+    secs: u64,
+) -> Result<f64> {
+    let ns = NetNs::new()?;
+    ns.pin_kit_neighbor()?;
+    let mut child = ns
+        .boot_kit(alioth, kit)
+        .arg("--cmdline")
+        .arg(format!(
+            "kit.test=net-bench kit.bench={dir},size={size},secs={secs}"
+        ))
+        .arg("--net")
+        .arg(format!(
+            "tap={TAP},mac={KIT_MAC},backend={backend},queue_size=256"
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (mut t0, mut t1, mut c0, mut c1, mut frames) = (None, None, 0u64, 0u64, None);
+    let mut sender = None;
+    let counter = || -> Result<u64> {
+        let out = ns.exec(xtask).args(["net-peer", "counter"]).output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+    };
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        if line.starts_with("ALIOTH-KIT bench-window start") {
+            t0 = Some(Instant::now());
+            if dir == "tx" {
+                c0 = counter()?;
+            } else {
+                sender = Some(
+                    ns.exec(xtask)
+                        .args(["net-peer", "bench-send", &size.to_string()])
+                        .arg((secs + 1).to_string())
+                        .stdout(Stdio::null())
+                        .spawn()?,
+                );
+            }
+        } else if line.starts_with("ALIOTH-KIT bench-window end") {
+            t1 = Some(Instant::now());
+            if dir == "tx" {
+                c1 = counter()?;
+            }
+        } else if let Some(rest) = line.strip_prefix("ALIOTH-KIT bench net-") {
+            frames = rest
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("frames="))
+                .and_then(|v| v.parse::<u64>().ok());
+        }
+    }
+    let _ = child.wait();
+    if let Some(mut s) = sender {
+        let _ = s.wait();
+    }
+    let (Some(t0), Some(t1)) = (t0, t1) else {
+        bail!("no bench window from the guest");
+    };
+    let secs = t1.duration_since(t0).as_secs_f64();
+    let n = if dir == "tx" {
+        c1.saturating_sub(c0)
+    } else {
+        frames.context("no frame count from the guest")?
+    };
+    Ok(n as f64 / secs)
+}
+
+/// `cargo xtask bench net [--secs N]`: virtio-net packet rates next to a host-only process on
+/// the same tap, in a namespace of their own.
+pub fn bench(root: &Path, args: &[String]) -> Result<()> {
+    if let Some(why) = unavailable() {
+        bail!("bench net cannot run here: {why}");
+    }
+    let secs = crate::secs_arg(args);
+    let kit = crate::e2e::build_kit(root)?;
+    crate::run(crate::cargo().args(["build", "--release", "--quiet", "-p", "alioth-cli"]))?;
+    let alioth = root.join("target/release/alioth");
+    let xtask = std::env::current_exe()?;
+    println!(
+        "\nvirtio-net frame rates, {secs} s per run, one queue pair of 256 entries; the guest kit \
+         sends one notification per batch of returned buffers (no EVENT_IDX), the host-only \
+         baseline is one process on the same tap (write loop, or read loop while a second \
+         thread floods it with UDP)"
+    );
+    println!(
+        "{:<10} {:<14} {:>6} {:>12} {:>10} {:>12} {:>7}",
+        "backend", "direction", "frame", "guest pps", "Mbit/s", "host pps", "ratio"
+    );
+    for (dir, label) in [("tx", "guest->host"), ("rx", "host->guest")] {
+        for size in [60usize, 1514] {
+            let ns = NetNs::new()?;
+            ns.pin_kit_neighbor()?;
+            let peer = ns
+                .exec(&xtask)
+                .arg("net-peer")
+                .arg(if dir == "tx" {
+                    "bench-write"
+                } else {
+                    "bench-read"
+                })
+                .arg(size.to_string())
+                .arg(secs.to_string())
+                .output()?;
+            drop(ns);
+            let base = pps_of(&peer)?;
+            for backend in ["io_uring", "epoll"] {
+                let pps = guest_pps(&alioth, &kit, &xtask, backend, dir, size, secs)?;
+                println!(
+                    "{backend:<10} {label:<14} {size:>6} {pps:>12.0} {:>10.1} {base:>12.0} {:>7.2}",
+                    pps * size as f64 * 8.0 / 1e6,
+                    pps / base
+                );
+            }
         }
     }
     Ok(())

@@ -206,6 +206,7 @@ fn run(out: &mut Com1, test: &[u8], cmd: &[u8]) -> Option<Verdict> {
                 .unwrap_or(60);
             tests::net(out, test == b"net-mq", test == b"net-starve", csum, secs)
         }
+        b"net-bench" => tests::net_bench(out, param(cmd, b"kit.bench").unwrap_or(b"")),
         b"net-hostile-rx" => tests::net_hostile(true),
         b"net-hostile-tx" => tests::net_hostile(false),
         b"bench" => tests::bench(out, param(cmd, b"kit.bench").unwrap_or(b"")),

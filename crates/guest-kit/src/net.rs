@@ -605,3 +605,88 @@ pub fn respond(
         Verdict::Fail(d)
     }
 }
+
+/// `kit.test=net-bench kit.bench=tx|rx,size=N,secs=S`: frames through virtio-net as fast as
+/// the kit can. `tx` sends `size`-byte frames (ethertype 0x88b5, IEEE local experimental, so
+/// the host stack counts and drops them) in batches, one notification per batch; `rx` keeps
+/// 256 buffers posted and counts what arrives. Prints `bench-window start`/`end` around the
+/// measured window and `ALIOTH-KIT bench net-DIR size=N frames=X ns=Y`.
+pub fn bench(
+    out: &mut Com1,
+    ring: usize,
+    buf: usize,
+    packed: bool,
+    tx: bool,
+    size: usize,
+    secs: u64,
+) -> Verdict {
+    const Q: u16 = 256;
+    let opts = Options {
+        features: F_MAC | F_MTU | F_STATUS | F_MRG_RXBUF,
+        queues: 2,
+        packed,
+        qsize: Q,
+    };
+    let mut dev = match Device::open(1, ring, &opts) {
+        Ok(d) => d,
+        Err(VirtioError::NotFound) => return skip("virtio-net device"),
+        Err(e) => return fail(format_args!("open {e:?}")),
+    };
+    dev.queue(0).set_interrupts(false);
+    dev.queue(1).set_interrupts(false);
+    let size = size.clamp(60, 1514);
+    // One frame (or receive buffer) shared by every descriptor: the device only reads frames,
+    // and the kit does not look at what it receives.
+    let frame = rd(buf, HDR + size);
+    frame.fill(0);
+    frame[HDR..HDR + 6].fill(0xff);
+    frame[HDR + 6..HDR + 12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+    frame[HDR + 12..HDR + 14].copy_from_slice(&[0x88, 0xb5]);
+    let q = if tx { 1 } else { 0 };
+    let bufs = |_| {
+        if tx {
+            [(buf as u64, (HDR + size) as u32, false)]
+        } else {
+            [(buf as u64 + 4096, BUF as u32, true)]
+        }
+    };
+    for slot in 0..Q {
+        dev.queue(q).add_slot(slot, &bufs(slot));
+    }
+    let _ = writeln!(out, "ALIOTH-KIT bench-window start");
+    let start = crate::clock::now_ns();
+    let end = start + secs * 1_000_000_000;
+    dev.kick(q as u16);
+    let mut frames = 0u64;
+    let mut now = start;
+    let mut slot = 0u16;
+    while now < end {
+        let mut batch = 0;
+        while dev.queue(q).used().is_some() {
+            batch += 1;
+        }
+        if batch > 0 {
+            frames += batch;
+            for _ in 0..batch {
+                dev.queue(q).add_slot(slot, &bufs(slot));
+                slot = (slot + 1) % Q;
+            }
+            dev.kick(q as u16);
+        }
+        now = crate::clock::now_ns();
+    }
+    let ns = now - start;
+    let _ = writeln!(out, "ALIOTH-KIT bench-window end");
+    let _ = writeln!(
+        out,
+        "ALIOTH-KIT bench net-{} size={size} frames={frames} ns={ns}",
+        if tx { "tx" } else { "rx" }
+    );
+    let mut d = Detail::default();
+    let _ = write!(d, "frames={frames}");
+    if frames > 0 {
+        Verdict::Pass(d)
+    } else {
+        Verdict::Fail(d)
+    }
+}

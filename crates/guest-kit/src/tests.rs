@@ -674,3 +674,24 @@ pub fn net_hostile(rx: bool) -> Verdict {
     }
     needs_reset(|| nic.status())
 }
+
+/// `kit.bench=tx|rx,size=N,secs=S` for `net-bench`.
+pub fn net_bench(out: &mut Com1, spec: &[u8]) -> Verdict {
+    let (mut tx, mut size, mut secs) = (true, 60usize, 3u64);
+    for item in spec.split(|b| *b == b',') {
+        match item {
+            b"tx" => tx = true,
+            b"rx" => tx = false,
+            _ => {
+                if let Some(v) = item.strip_prefix(b"size=") {
+                    size = number(v).unwrap_or(60) as usize;
+                } else if let Some(v) = item.strip_prefix(b"secs=") {
+                    secs = number(v).unwrap_or(3).clamp(1, 60);
+                } else if !item.is_empty() {
+                    return fail(format_args!("unknown bench parameter"));
+                }
+            }
+        }
+    }
+    crate::net::bench(out, memory(), buffers(), packed(), tx, size, secs)
+}
