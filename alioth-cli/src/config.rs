@@ -499,6 +499,7 @@ pub struct VhostUserFile {
     pub socket: Option<PathBuf>,
     pub blk: Option<DiskFile>,
     pub rng: Option<RngFile>,
+    pub net: Option<NetFile>,
 }
 
 /// `alioth vhost-user`: a device subcommand, or the file named by `--config`.
@@ -506,7 +507,11 @@ pub fn build_vhost_user(args: &VhostUserArgs) -> Result<VhostUserConfig> {
     let cwd = PathBuf::from(".");
     match (&args.device, &args.config) {
         (Some(_), Some(_)) => bail!("give either a device subcommand or --config, not both"),
-        (None, None) => bail!("give a device (`blk` or `rng`) or --config FILE"),
+        (None, None) => bail!("give a device (`blk`, `net` or `rng`) or --config FILE"),
+        (Some(VhostUserDevice::Net { socket, net }), None) => Ok(VhostUserConfig {
+            socket: socket.clone(),
+            device: VhostUserDeviceConfig::Net(parse_net_flag(net)?.into_config()?),
+        }),
         (Some(VhostUserDevice::Blk { socket, disk }), None) => {
             let d = parse_disk_flag(disk)?;
             if d.vhost_user.is_some() {
@@ -535,15 +540,16 @@ pub fn build_vhost_user(args: &VhostUserArgs) -> Result<VhostUserConfig> {
             let Some(socket) = file.socket else {
                 bail!("{}: `socket` is missing", path.display());
             };
-            let device = match (file.blk, file.rng) {
-                (Some(b), None) if b.vhost_user.is_some() => {
+            let device = match (file.blk, file.rng, file.net) {
+                (None, None, Some(n)) => VhostUserDeviceConfig::Net(n.into_config()?),
+                (Some(b), None, None) if b.vhost_user.is_some() => {
                     bail!(
                         "{}: [blk] serves an image (path), not another socket",
                         path.display()
                     )
                 }
-                (Some(b), None) => VhostUserDeviceConfig::Blk(b.into_config(&base)?),
-                (None, Some(r)) => VhostUserDeviceConfig::Rng(RngConfig {
+                (Some(b), None, None) => VhostUserDeviceConfig::Blk(b.into_config(&base)?),
+                (None, Some(r), None) => VhostUserDeviceConfig::Rng(RngConfig {
                     backend: r
                         .backend
                         .as_deref()
@@ -551,7 +557,10 @@ pub fn build_vhost_user(args: &VhostUserArgs) -> Result<VhostUserConfig> {
                         .transpose()?
                         .unwrap_or_default(),
                 }),
-                _ => bail!("{}: give exactly one of [blk] and [rng]", path.display()),
+                _ => bail!(
+                    "{}: give exactly one of [blk], [net] and [rng]",
+                    path.display()
+                ),
             };
             Ok(VhostUserConfig {
                 socket: base.join(socket),

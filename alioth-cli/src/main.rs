@@ -40,8 +40,8 @@ enum Command {
 /// Options of `alioth vhost-user`.
 #[derive(Args, Debug, Default)]
 pub struct VhostUserArgs {
-    /// TOML file: `socket = "PATH"` and a `[blk]` table (the keys of `[[disk]]`) or an `[rng]`
-    /// table. Relative paths are relative to the file's directory.
+    /// TOML file: `socket = "PATH"` and a `[blk]` table (the keys of `[[disk]]`), a `[net]`
+    /// table (the keys of `[[net]]`) or an `[rng]` table. Relative paths are relative to the file's directory.
     #[arg(short, long, value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
     /// The device.
@@ -60,6 +60,16 @@ pub enum VhostUserDevice {
         /// The disk, as for `alioth boot --disk`: PATH or `path=PATH[,read_only=on]...`.
         #[arg(long, value_name = "SPEC")]
         disk: String,
+    },
+    /// virtio-net on a host tap.
+    Net {
+        /// The Unix socket to listen on.
+        #[arg(long, value_name = "PATH")]
+        socket: std::path::PathBuf,
+        /// The device, as for `alioth boot --net`: `tap=NAME,mac=..,queues=N,...` (a named tap
+        /// is reopened for each frontend).
+        #[arg(long, value_name = "SPEC")]
+        net: String,
     },
     /// virtio-rng, fed by the host's getrandom.
     Rng {

@@ -264,7 +264,9 @@ fn main() -> Result<()> {
         Some("e2e") => e2e::e2e(&workspace_root()),
         // The host side of the net tests, run by e2e inside a test namespace.
         Some("net-peer") => match args.get(1).map(String::as_str) {
-            Some(s) if s.starts_with("bench-") || s == "counter" => net::bench_peer(&args[1..]),
+            Some(s) if s.starts_with("bench-") || s == "counter" || s == "uml-serve" => {
+                net::bench_peer(&args[1..])
+            }
             steps => net::peer(steps.unwrap_or("")),
         },
         Some("conformance") => conformance::conformance(&workspace_root(), &args[1..]),

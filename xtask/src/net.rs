@@ -76,6 +76,11 @@ impl NetNs {
         Ok(ns)
     }
 
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// A static neighbour entry for the kit's address, so that the host sends to it without
     /// ARP (the benches' baselines have no one to answer).
     pub fn pin_kit_neighbor(&self) -> Result<()> {
@@ -517,7 +522,10 @@ pub fn bench_peer(args: &[String]) -> Result<()> {
             let _ = sender.join();
             println!("pps {:.0}", frames as f64 / secs);
         }
-        _ => bail!("usage: xtask net-peer bench-write|bench-read|bench-send SIZE SECS | counter"),
+        Some("uml-serve") => uml_serve(Path::new(args.get(1).context("a folder")?))?,
+        _ => bail!(
+            "usage: xtask net-peer bench-write|bench-read|bench-send SIZE SECS | counter | uml-serve DIR"
+        ),
     }
     Ok(())
 }
@@ -661,5 +669,39 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// The host side of the UML net check: on 192.0.2.1, port 7000 sends 16 MiB (kept in
+/// `DIR/down.bin`) and closes; port 7001 stores what arrives (4 MiB) in `DIR/up.bin`.
+fn uml_serve(dir: &Path) -> Result<()> {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    let down: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(dir.join("down.bin"), &down)?;
+    let _ = std::fs::remove_file(dir.join("up.bin"));
+    let l_down = TcpListener::bind(SocketAddrV4::new(HOST_IP, 7000))?;
+    let l_up = TcpListener::bind(SocketAddrV4::new(HOST_IP, 7001))?;
+    let sender = std::thread::spawn(move || -> Result<()> {
+        let (mut s, _) = l_down.accept()?;
+        s.write_all(&down)?;
+        Ok(())
+    });
+    let (mut s, _) = l_up.accept()?;
+    let mut up = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    while up.len() < 4 << 20 {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        up.extend_from_slice(&buf[..n]);
+    }
+    std::fs::write(dir.join("up.bin"), &up)?;
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("the sender panicked"))??;
     Ok(())
 }

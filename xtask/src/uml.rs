@@ -13,6 +13,9 @@
 //!   with 16 in flight and reads them back.
 //! - `blk-ro`: a read-only disk reports itself read-only, refuses writes, and reads the
 //!   host's marker.
+//! - `net`: UML's virtio_net against `alioth vhost-user net` on a tap in a network namespace
+//!   this run creates: the MAC, ping, and TCP both ways (16 MiB down, 4 MiB up) with the
+//!   offloads Linux negotiates, checked by MD5.
 //!
 //! `cargo xtask bench vhost-user-blk` runs `uml-io randread` at QD1 and QD32 against our
 //! backend and against `qemu-storage-daemon --export type=vhost-user-blk` on the same file.
@@ -38,6 +41,10 @@ const MARKER: &str = "ALIOTH-UML-MARKER-0001";
 /// What the host writes at sector 0 of the read-only disk.
 const RO_MARKER: &str = "ALIOTH-UML-READ-ONLY";
 const DISK_SIZE: u64 = 64 << 20;
+/// UML's virtio_net and what it depends on, in load order.
+const NET_MODULES: [&str; 3] = ["failover", "net_failover", "virtio_net"];
+/// The MAC address the net check gives the device.
+const NET_MAC: &str = "02:00:00:00:0a:01";
 
 /// The UML kernel and the test initramfs.
 pub struct Uml {
@@ -50,9 +57,17 @@ const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 r() { echo "ALIOTH-UML result $1 $2"; }
-insmod /lib/modules/virtio_blk.ko
-i=0; while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 test=$(sed -n 's/.*alioth\.test=\([^ ]*\).*/\1/p' /proc/cmdline)
+case "$test" in
+net)
+  for m in failover net_failover virtio_net; do insmod /lib/modules/$m.ko; done
+  i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+  ;;
+*)
+  insmod /lib/modules/virtio_blk.ko
+  i=0; while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+  ;;
+esac
 q=/sys/block/vda/queue
 zeros() { [ "$(dd if=/dev/vda bs=4096 skip=$1 count=$2 2>/dev/null | tr -d '\000' | wc -c)" = 0 ]; }
 case "$test" in
@@ -88,6 +103,19 @@ blk-ro)
   got=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c @ROLEN@)
   [ "$got" = @ROMARKER@ ] && r ro-read pass || r ro-read "fail read '$got'"
   ;;
+net)
+  mac=$(sed -n 's/.*alioth\.mac=\([^ ]*\).*/\1/p' /proc/cmdline)
+  got=$(cat /sys/class/net/eth0/address 2>/dev/null)
+  [ "$got" = "$mac" ] && r mac pass || r mac "fail eth0 has '$got', not $mac"
+  ip link set lo up; ip addr add 192.0.2.2/24 dev eth0; ip link set eth0 up
+  ping -c 5 -W 2 192.0.2.1 > /tmp/ping 2>&1
+  grep -q " 5 packets received" /tmp/ping && r ping pass || r ping "fail $(tail -2 /tmp/ping | tr '\n' ' ')"
+  nc 192.0.2.1 7000 > /tmp/down
+  echo "ALIOTH-UML tcp-down $(md5sum < /tmp/down | cut -d' ' -f1) $(wc -c < /tmp/down)"
+  dd if=/dev/urandom of=/tmp/up bs=65536 count=64 2>/dev/null
+  echo "ALIOTH-UML tcp-up $(md5sum < /tmp/up | cut -d' ' -f1)"
+  nc 192.0.2.1 7001 < /tmp/up
+  ;;
 bench)
   secs=$(sed -n 's/.*alioth\.secs=\([0-9]*\).*/\1/p' /proc/cmdline)
   uml-io randread /dev/vda ${secs:-3} 1
@@ -111,7 +139,12 @@ pub fn prepare(root: &Path) -> Result<Uml> {
     let dir = root.join("target/uml");
     let work = dir.join("work");
     let linux = dir.join("linux.uml");
-    if !linux.is_file() || !dir.join("modules/virtio_blk.ko").is_file() {
+    if !linux.is_file()
+        || NET_MODULES
+            .iter()
+            .chain(["virtio_blk"].iter())
+            .any(|m| !dir.join(format!("modules/{m}.ko")).is_file())
+    {
         if work.exists() {
             std::fs::remove_dir_all(&work)?;
         }
@@ -131,10 +164,13 @@ pub fn prepare(root: &Path) -> Result<Uml> {
                     .arg(work.join("root")))?;
             }
         }
-        let ko = find(&work.join("root/usr/lib/uml/modules"), "virtio_blk.ko")?
-            .context("user-mode-linux ships no virtio_blk.ko")?;
         std::fs::create_dir_all(dir.join("modules"))?;
-        std::fs::copy(ko, dir.join("modules/virtio_blk.ko"))?;
+        for m in NET_MODULES.iter().chain(["virtio_blk"].iter()) {
+            let name = format!("{m}.ko");
+            let ko = find(&work.join("root/usr/lib/uml/modules"), &name)?
+                .with_context(|| format!("user-mode-linux ships no {name}"))?;
+            std::fs::copy(ko, dir.join("modules").join(&name))?;
+        }
         std::fs::copy(work.join("root/bin/busybox"), dir.join("busybox"))?;
         std::fs::copy(work.join("root/usr/bin/linux.uml"), &linux)?;
         std::fs::remove_dir_all(&work)?;
@@ -166,11 +202,14 @@ pub fn prepare(root: &Path) -> Result<Uml> {
     cpio.file("bin/busybox", 0o755, &std::fs::read(dir.join("busybox"))?);
     cpio.symlink("bin/sh", "busybox");
     cpio.file("bin/uml-io", 0o755, &uml_io);
-    cpio.file(
-        "lib/modules/virtio_blk.ko",
-        0o644,
-        &std::fs::read(dir.join("modules/virtio_blk.ko"))?,
-    );
+    for m in NET_MODULES.iter().chain(["virtio_blk"].iter()) {
+        let name = format!("{m}.ko");
+        cpio.file(
+            &format!("lib/modules/{name}"),
+            0o644,
+            &std::fs::read(dir.join("modules").join(&name))?,
+        );
+    }
     cpio.file("init", 0o755, init_script().as_bytes());
     let initrd = dir.join("initramfs.cpio");
     std::fs::write(&initrd, cpio.finish())?;
@@ -231,9 +270,14 @@ fn qsd_backend(sock: &Path, image: &Path) -> Result<Server> {
 }
 
 impl Uml {
-    /// Boots UML against the blk backend on `sock` with `alioth.test=<test>`; returns its
-    /// console output.
+    /// Boots UML against the backend on `sock` (a blk device) with `alioth.test=<test>`;
+    /// returns its console output.
     fn boot(&self, sock: &Path, test: &str, extra: &str) -> Result<String> {
+        self.boot_device(sock, 2, test, extra)
+    }
+
+    /// Like `boot`, with virtio device `id` on the socket.
+    fn boot_device(&self, sock: &Path, id: u16, test: &str, extra: &str) -> Result<String> {
         let tmp = self.dir.join("run");
         std::fs::create_dir_all(&tmp)?;
         let mut child = Command::new(&self.linux)
@@ -243,7 +287,7 @@ impl Uml {
             .arg("con=null")
             .arg("con0=null,fd:1")
             .arg(format!("uml_dir={}", tmp.display()))
-            .arg(format!("virtio_uml.device={}:2", sock.display()))
+            .arg(format!("virtio_uml.device={}:{id}", sock.display()))
             .arg(format!("alioth.test={test}"))
             .args(extra.split_whitespace())
             .env("TMPDIR", &tmp)
@@ -362,6 +406,7 @@ pub fn uml(root: &Path) -> Result<()> {
                 "the read-only image was written",
             ),
         ));
+        checks.extend(net_checks(&u, &alioth, backend)?);
         for (check, verdict) in checks {
             let ok = verdict == "pass" || verdict.starts_with("skip");
             println!("uml: {check}/{backend} ... {verdict}");
@@ -481,6 +526,74 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
     }
     let _ = std::fs::remove_file(&img);
     Ok(())
+}
+
+/// Linux's virtio_net (in UML) against `alioth vhost-user net` on a tap in a namespace of its
+/// own: the MAC from the config space, ping, and 16 MiB down and 4 MiB up over TCP (checksum
+/// and segmentation offloads as Linux negotiates them), compared by MD5 on both sides.
+fn net_checks(u: &Uml, alioth: &Path, backend: &str) -> Result<Vec<(String, String)>> {
+    if let Some(why) = crate::net::unavailable() {
+        if std::env::var_os("CI").is_some() {
+            return Ok(vec![("net".into(), format!("fail cannot run: {why}"))]);
+        }
+        return Ok(vec![("net".into(), format!("skip {why}"))]);
+    }
+    let ns = crate::net::NetNs::new()?;
+    let sock = u.dir.join(format!("net-{backend}.sock"));
+    let mut cmd: Vec<String> = vec!["ip".into(), "netns".into(), "exec".into(), ns.name().into()];
+    cmd.extend([
+        alioth.display().to_string(),
+        "vhost-user".into(),
+        "net".into(),
+        "--socket".into(),
+        sock.display().to_string(),
+        "--net".into(),
+        format!("tap={},mac={NET_MAC},backend={backend}", crate::net::TAP),
+    ]);
+    let _backend = start_server(&cmd, &sock)?;
+    let files = u.dir.join(format!("net-{backend}"));
+    std::fs::create_dir_all(&files)?;
+    let xtask = std::env::current_exe()?;
+    let mut peer = ns
+        .exec(&xtask)
+        .args(["net-peer", "uml-serve"])
+        .arg(&files)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let out = u.boot_device(&sock, 1, "net", &format!("alioth.mac={NET_MAC}"));
+    let _ = peer.kill();
+    let _ = peer.wait();
+    let out = out?;
+    let mut checks = results(&out);
+    let line = |tag: &str| -> Vec<String> {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(tag))
+            .map(|l| l.split_whitespace().map(String::from).collect())
+            .unwrap_or_default()
+    };
+    let md5 = |path: &Path| -> Result<String> {
+        let o = Command::new("md5sum").arg(path).output()?;
+        Ok(String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string())
+    };
+    // (check, the guest's line, the host's copy)
+    for (check, file) in [("tcp-down", "down.bin"), ("tcp-up", "up.bin")] {
+        let guest = line(&format!("ALIOTH-UML {check} "));
+        let host = md5(&files.join(file))?;
+        checks.push((
+            check.into(),
+            if guest.first() == Some(&host) {
+                "pass".into()
+            } else {
+                format!("fail the guest's md5 and size {guest:?}, the host's md5 {host}")
+            },
+        ));
+    }
+    Ok(checks)
 }
 
 #[cfg(test)]

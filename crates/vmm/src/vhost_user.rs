@@ -3,12 +3,13 @@
 use std::path::PathBuf;
 
 use alioth_devices::virtio::blk::VirtioBlk;
+use alioth_devices::virtio::net::VirtioNet;
 use alioth_devices::virtio::rng::VirtioRng;
 use alioth_io_uring::IoUringBackend;
 use alioth_vhost_user::{VhostUserDevice, bind, serve};
 use alioth_virtio::{ChainHandler, EpollBackend};
 
-use crate::config::{DiskConfig, IoBackend, RngConfig};
+use crate::config::{DiskConfig, IoBackend, NetDeviceConfig, RngConfig};
 use crate::pci::{IO_URING_ENTRIES, use_io_uring};
 use crate::{Error, Result};
 
@@ -19,6 +20,8 @@ pub enum VhostUserDeviceConfig {
     Blk(DiskConfig),
     /// virtio-rng.
     Rng(RngConfig),
+    /// virtio-net on a host tap.
+    Net(NetDeviceConfig),
 }
 
 /// A vhost-user backend process: the socket it listens on and the device it serves.
@@ -76,6 +79,25 @@ pub fn serve_vhost_user(config: &VhostUserConfig) -> Result<()> {
                 config,
                 move || VirtioBlk::open("virtio-blk0", &blk).map_err(std::io::Error::other),
                 d.backend,
+            )
+        }
+        VhostUserDeviceConfig::Net(n) => {
+            let net = n.net.clone();
+            n.net.validate().map_err(|e| Error::Config(e.to_string()))?;
+            // io_uring keeps a read in flight on a blocking tap; epoll reads when readable.
+            let nonblocking = !use_io_uring("vhost-user", n.backend)?;
+            // Open once up front so a bad tap is reported before the socket is served (the
+            // tap is reopened for each frontend).
+            drop(
+                VirtioNet::open("virtio-net0", &net, nonblocking)
+                    .map_err(|e| Error::Device(e.to_string()))?,
+            );
+            run(
+                config,
+                move || {
+                    VirtioNet::open("virtio-net0", &net, nonblocking).map_err(std::io::Error::other)
+                },
+                n.backend,
             )
         }
         VhostUserDeviceConfig::Rng(r) => {

@@ -591,6 +591,12 @@ impl Virtio for VirtioNet {
             })?;
         // One pair until the driver asks for more (virtio 1.2 §5.1.6.5.5).
         self.set_active_pairs(1);
+        log::info!(
+            "{}: started on tap {} with features {:#x} (tap offloads {flags:#x})",
+            self.name,
+            self.tap.name(),
+            self.acked
+        );
         Ok(())
     }
 
