@@ -24,13 +24,54 @@ struct Vm {
     seen: Vec<String>,
 }
 
+/// Whether a VM can be run in a network namespace of its own with a tap (root, `unshare`, `ip`).
+fn net_namespace_available() -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(
+            "not root (a network namespace and a tap need CAP_SYS_ADMIN, CAP_NET_ADMIN)".into(),
+        );
+    }
+    for tool in ["unshare", "ip"] {
+        if Command::new(tool)
+            .arg("-V")
+            .output()
+            .map_or(true, |o| !o.status.success())
+        {
+            return Err(format!("`{tool}` is missing"));
+        }
+    }
+    Ok(())
+}
+
 impl Vm {
     fn boot(kernel: &Path, args: &[&str]) -> Vm {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_alioth"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_alioth"));
+        cmd.arg("boot").arg("--kernel").arg(kernel).args(args);
+        Self::spawn(cmd)
+    }
+
+    /// Boots inside a new network namespace (never the host's) holding a multi-queue tap `kt0`
+    /// with 192.0.2.1/24, with a virtio-net device on it.
+    fn boot_in_netns(kernel: &Path, args: &[&str]) -> Vm {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["-n", "sh", "-c"])
+            .arg(
+                "ip link set lo up && ip tuntap add dev kt0 mode tap multi_queue vnet_hdr && \
+                 ip addr add 192.0.2.1/24 dev kt0 && ip link set kt0 up && exec \"$@\"",
+            )
+            .arg("sh")
+            .arg(env!("CARGO_BIN_EXE_alioth"))
             .arg("boot")
             .arg("--kernel")
             .arg(kernel)
             .args(args)
+            .args(["--net", "tap=kt0,mac=02:00:00:00:00:02"]);
+        Self::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Vm {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -217,27 +258,41 @@ fn debian_kernel_full_boot_runs_init_and_powers_off() {
     };
     let disk = tempfile::NamedTempFile::new().unwrap();
     std::fs::copy(&blank, disk.path()).unwrap();
-    let mut vm = Vm::boot(
-        &vmlinux,
-        &[
-            "--cpus",
-            "2",
-            "--memory",
-            "512M",
-            "--initramfs",
-            initramfs.to_str().unwrap(),
-            "--cmdline",
-            "console=ttyS0 panic=-1 alioth.test=full-boot",
-            "--disk",
-            disk.path().to_str().unwrap(),
-            "--rng",
-        ],
-    );
+    // With root and iproute2, the VM also gets a network card on a tap in a network namespace
+    // of its own (192.0.2.1/24 on the host side), and the guest pings the host.
+    let net = net_namespace_available();
+    let args = [
+        "--cpus",
+        "2",
+        "--memory",
+        "512M",
+        "--initramfs",
+        initramfs.to_str().unwrap(),
+        "--cmdline",
+        if net.is_ok() {
+            "console=ttyS0 panic=-1 alioth.test=full-boot alioth.net=1"
+        } else {
+            "console=ttyS0 panic=-1 alioth.test=full-boot"
+        },
+        "--disk",
+        disk.path().to_str().unwrap(),
+        "--rng",
+    ];
+    let mut vm = match &net {
+        Ok(()) => Vm::boot_in_netns(&vmlinux, &args),
+        Err(why) => {
+            eprintln!("full boot without a network card: {why}");
+            Vm::boot(&vmlinux, &args)
+        }
+    };
     let deadline = Instant::now() + Duration::from_secs(120);
     vm.expect("ALIOTH-INIT-START", deadline);
     vm.expect("ALIOTH-CPUS 2", deadline);
     vm.expect("ALIOTH-BLK-OK", deadline);
     vm.expect("ALIOTH-RNG-OK", deadline);
+    if net.is_ok() {
+        vm.expect("ALIOTH-NET-OK", deadline);
+    }
     vm.expect("ALIOTH-INIT-OK", deadline);
     assert!(
         !vm.seen.iter().any(|l| l.contains("ALIOTH-MODULE-FAILED")),

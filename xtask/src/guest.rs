@@ -230,7 +230,11 @@ fn init_script(modules: &[String]) -> String {
          \x20 if dd if=/dev/vda bs=512 count=1 2>/dev/null | grep -q ALIOTH-DISK-MARKER; then\n\
          \x20   echo ALIOTH-BLK-OK; else echo ALIOTH-BLK-FAIL; fi\n\
          fi\n\
-         grep -q virtio /sys/class/misc/hw_random/rng_current 2>/dev/null && echo ALIOTH-RNG-OK\n",
+         grep -q virtio /sys/class/misc/hw_random/rng_current 2>/dev/null && echo ALIOTH-RNG-OK\n\
+         if grep -q alioth.net=1 /proc/cmdline && [ -e /sys/class/net/eth0 ]; then\n\
+         \x20 ip link set lo up; ip addr add 192.0.2.2/24 dev eth0; ip link set eth0 up\n\
+         \x20 if ping -c 3 -W 2 192.0.2.1 >/dev/null 2>&1; then echo ALIOTH-NET-OK; else echo ALIOTH-NET-FAIL; fi\n\
+         fi\n",
     );
     s.push_str(&format!(
         "echo \"ALIOTH-CMDLINE $(cat /proc/cmdline)\"\n\
