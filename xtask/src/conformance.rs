@@ -152,7 +152,7 @@ impl Vmm {
 
 /// A pseudo-terminal pair: (controller, terminal). The controller must stay open while the VMM
 /// runs, or reads of its terminal fail.
-fn pty() -> Result<(OwnedFd, OwnedFd)> {
+pub fn pty() -> Result<(OwnedFd, OwnedFd)> {
     let (mut controller, mut terminal) = (-1, -1);
     // SAFETY: openpty writes two new descriptors into the two ints; the name, termios and
     // winsize arguments may be null.

@@ -340,50 +340,96 @@ pub fn e2e(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs the kit's polling-mode 4 KiB random-read bench at `qd` against the disk `disk` (an
-/// `alioth boot --disk` spec); returns the IOPS over the measured window as the host timed it
-/// (between the kit's `bench-window start` and `end` lines), after checking that the kit's own
-/// clock agrees within 10 %.
-pub fn kit_bench_iops(alioth: &Path, kit: &Path, disk: &str, qd: u32, secs: u64) -> Result<f64> {
+/// What one in-guest bench run measured.
+pub struct KitBench {
+    /// I/Os per second over the window the host timed.
+    pub iops: f64,
+    /// CPU time of the VMM's threads other than vCPUs (the I/O path: workers, event loops),
+    /// in microseconds per I/O over the window.
+    pub cpu_us_per_io: Option<f64>,
+}
+
+/// CPU seconds (user + system) of `pid`'s threads whose name does not contain "vcpu".
+fn io_threads_cpu(pid: u32) -> Option<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut total = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        // "tid (comm) state ..." — comm may hold spaces; fields follow the last ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if stat[open + 1..close].to_ascii_lowercase().contains("vcpu") {
+            continue;
+        }
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // utime and stime are fields 14 and 15 (1-based), 11 and 12 after the comm.
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+        total += ticks(11)? + ticks(12)?;
+    }
+    Some(total as f64 / tick)
+}
+
+/// Runs a VMM command that boots the kit's bench (with a pseudo-terminal on stdin, which
+/// upstream Alioth needs) and times the kit's window from its `bench-window` lines; stops the
+/// VMM if it has not exited two seconds after the result.
+pub fn timed_kit_bench(mut cmd: Command) -> Result<KitBench> {
     use std::io::BufRead;
-    let mut child = Command::new(alioth)
-        .args([
-            "boot",
-            "--memory",
-            "256M",
-            "--exit-device",
-            "on",
-            "--serial",
-            "stdio",
-        ])
-        .arg("--kernel")
-        .arg(kit)
-        .arg("--cmdline")
-        .arg(format!(
-            "kit.test=bench kit.bench=blk-randread,qd={qd},secs={secs}"
-        ))
-        .arg("--disk")
-        .arg(disk)
-        .stdin(Stdio::null())
+    let (_controller, terminal) = crate::conformance::pty()?;
+    let mut child = cmd
+        .stdin(Stdio::from(terminal))
         .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()?;
+    let pid = child.id();
     let stdout = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
     let (mut start, mut end, mut result) = (None, None, None);
+    let (mut cpu0, mut cpu1) = (None, None);
     let mut text = String::new();
-    for line in std::io::BufReader::new(stdout).lines() {
-        let line = line?;
-        let now = Instant::now();
+    let deadline = Instant::now() + TIMEOUT;
+    while result.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok((at, line)) = rx.recv_timeout(left) else {
+            break;
+        };
         if line.starts_with("ALIOTH-KIT bench-window start") {
-            start = Some(now);
+            start = Some(at);
+            cpu0 = io_threads_cpu(pid);
         } else if line.starts_with("ALIOTH-KIT bench-window end") {
-            end = Some(now);
+            end = Some(at);
+            cpu1 = io_threads_cpu(pid);
         } else if let Some(rest) = line.strip_prefix("ALIOTH-KIT bench ") {
-            result = Some(rest.to_string());
+            result = Some(rest.trim_end_matches('\r').to_string());
         }
         text.push_str(&line);
         text.push('\n');
     }
-    child.wait()?;
+    let stop_by = Instant::now() + Duration::from_secs(2);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > stop_by {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let field = |name: &str| -> Option<f64> {
         result
             .as_deref()?
@@ -403,17 +449,70 @@ pub fn kit_bench_iops(alioth: &Path, kit: &Path, disk: &str, qd: u32, secs: u64)
             "the guest's clock ({guest_secs:.3} s) and the host's ({host_secs:.3} s) disagree about the bench window"
         );
     }
-    Ok(ios / host_secs)
+    Ok(KitBench {
+        iops: ios / host_secs,
+        cpu_us_per_io: cpu0.zip(cpu1).map(|(a, b)| (b - a) * 1e6 / ios.max(1.0)),
+    })
+}
+
+/// The kit's command line for its 4 KiB random-read bench.
+fn bench_cmdline(qd: u32, secs: u64) -> String {
+    format!("kit.test=bench kit.bench=blk-randread,qd={qd},secs={secs}")
+}
+
+/// Runs the kit's polling-mode 4 KiB random-read bench at `qd` under this tree's `alioth`
+/// against the disk `disk` (an `alioth boot --disk` spec).
+pub fn kit_bench_iops(alioth: &Path, kit: &Path, disk: &str, qd: u32, secs: u64) -> Result<f64> {
+    Ok(kit_bench(alioth, kit, disk, qd, secs)?.iops)
+}
+
+fn kit_bench(alioth: &Path, kit: &Path, disk: &str, qd: u32, secs: u64) -> Result<KitBench> {
+    let mut cmd = Command::new(alioth);
+    cmd.args(["boot", "--memory", "256M", "--exit-device", "on"])
+        .args(["--serial", "stdio", "--kernel"])
+        .arg(kit)
+        .arg("--cmdline")
+        .arg(bench_cmdline(qd, secs))
+        .arg("--disk")
+        .arg(disk);
+    timed_kit_bench(cmd)
+}
+
+/// The same bench under upstream Alioth (`--blk file,...,api=iouring`, read-only).
+fn upstream_kit_bench(
+    upstream: &Path,
+    kit: &Path,
+    img: &Path,
+    qd: u32,
+    secs: u64,
+) -> Result<KitBench> {
+    let mut cmd = Command::new(upstream);
+    cmd.args(["boot", "--pvh"])
+        .arg(kit)
+        .args(["--memory", "size=256M", "--cmdline"])
+        .arg(bench_cmdline(qd, secs))
+        .arg("--blk")
+        .arg(format!(
+            "file,path={},readonly=true,api=iouring",
+            img.display()
+        ));
+    timed_kit_bench(cmd)
 }
 
 /// The in-guest half of `cargo xtask bench blk`: 4 KiB random reads measured inside the guest
 /// kit through the whole path (notify -> ioeventfd -> worker -> used ring -> MSI-X irqfd ->
-/// guest), next to a plain io_uring loop on the same file.
+/// guest), next to a plain io_uring loop on the same file and to upstream Alioth 0.12.0 running
+/// the same kit (installed into target/peers; `--no-peer` leaves it out).
 pub fn bench_in_guest(root: &Path, args: &[String]) -> Result<()> {
     let secs = crate::secs_arg(args);
     let kit = build_kit(root)?;
     run(cargo().args(["build", "--release", "--quiet", "-p", "alioth-cli"]))?;
     let alioth = root.join("target/release/alioth");
+    let upstream = if args.iter().any(|a| a == "--no-peer") {
+        None
+    } else {
+        Some(crate::conformance::upstream_alioth(root)?)
+    };
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let img = dir.join("in-guest.img");
@@ -427,12 +526,15 @@ pub fn bench_in_guest(root: &Path, args: &[String]) -> Result<()> {
         f.sync_all()?;
     }
     println!(
-        "\nin-guest (guest kit) 4 KiB random read, 256 MiB file (page cache), {secs} s per run"
+        "\nin-guest (guest kit, polling its used ring) 4 KiB random read, 256 MiB file (page cache), {secs} s per run;\n\
+         vs host: against a plain io_uring loop on the file; vs upstream: against upstream Alioth 0.12.0's io_uring\n\
+         worker running the same kit; CPU: user+sys of the VMM's threads other than vCPUs, per I/O"
     );
     println!(
-        "{:<10} {:>4} {:>14} {:>14} {:>8}",
-        "backend", "qd", "guest IOPS", "io_uring IOPS", "ratio"
+        "{:<18} {:>4} {:>12} {:>12} {:>8} {:>11} {:>10}",
+        "vmm/backend", "qd", "guest IOPS", "host IOPS", "vs host", "vs upstream", "CPU us/IO"
     );
+    let cpu = |b: &KitBench| b.cpu_us_per_io.map_or("?".into(), |c| format!("{c:.1}"));
     for qd in [1u32, 32] {
         let base_out = output(
             cargo()
@@ -454,17 +556,37 @@ pub fn bench_in_guest(root: &Path, args: &[String]) -> Result<()> {
             .find_map(|l| l.strip_prefix("baseline-iops "))
             .and_then(|v| v.trim().parse().ok())
             .context("baseline output")?;
+        let peer = match &upstream {
+            Some(u) => Some(upstream_kit_bench(u, &kit, &img, qd, secs)?),
+            None => None,
+        };
         for backend in ["io_uring", "epoll"] {
-            let iops = kit_bench_iops(
+            let b = kit_bench(
                 &alioth,
                 &kit,
                 &format!("path={},read_only=on,backend={backend}", img.display()),
                 qd,
                 secs,
             )?;
+            let vs = peer
+                .as_ref()
+                .map_or("-".into(), |p| format!("{:.2}", b.iops / p.iops));
             println!(
-                "{backend:<10} {qd:>4} {iops:>14.0} {base:>14.0} {:>8.2}",
-                iops / base
+                "{:<18} {qd:>4} {:>12.0} {base:>12.0} {:>8.2} {vs:>11} {:>10}",
+                format!("alioth {backend}"),
+                b.iops,
+                b.iops / base,
+                cpu(&b)
+            );
+        }
+        if let Some(p) = &peer {
+            println!(
+                "{:<18} {qd:>4} {:>12.0} {base:>12.0} {:>8.2} {:>11} {:>10}",
+                "upstream io_uring",
+                p.iops,
+                p.iops / base,
+                "1.00",
+                cpu(p)
             );
         }
     }

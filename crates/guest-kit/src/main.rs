@@ -221,6 +221,10 @@ pub extern "C" fn user_main(boot_info: u64) -> ! {
     let list = param(cmd, b"kit.test").unwrap_or(b"hello");
     let ring = param(cmd, b"kit.ring").unwrap_or(b"split");
     tests::use_packed_rings(ring == b"packed");
+    tests::use_ring_features(
+        param(cmd, b"kit.event_idx") != Some(b"off"),
+        param(cmd, b"kit.indirect") != Some(b"off"),
+    );
     let found = acpi::discover(boot_info);
     ACPI.set(found);
     if let Some(ecam) = found.ecam {

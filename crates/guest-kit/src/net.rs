@@ -123,7 +123,8 @@ fn pseudo(src: &[u8], dst: &[u8], len: usize) -> u32 {
 impl Nic {
     /// Brings up device 1 with `mode`, memory at `base` (0x48000 bytes).
     pub fn open(ring: usize, base: usize, packed: bool, mode: &Mode) -> Result<Nic, Verdict> {
-        let mut features = F_MAC | F_MTU | F_STATUS | F_MRG_RXBUF | F_CTRL_VQ;
+        let mut features =
+            F_MAC | F_MTU | F_STATUS | F_MRG_RXBUF | F_CTRL_VQ | crate::tests::ring_features();
         if mode.mq {
             features |= F_MQ;
         }
@@ -500,14 +501,14 @@ impl Nic {
     pub fn hostile_rx(&mut self) {
         let addr = self.rx_buf(0, QSIZE - 1) as u64;
         self.dev.queue(0).add(&[(addr, 64, false)]);
-        self.dev.kick(0);
+        self.dev.kick_now(0);
     }
 
     /// Publishes a transmit chain that never ends (hostile).
     pub fn hostile_tx(&mut self) {
         let addr = self.tx_buf(0, 0) as u64;
         self.dev.queue(1).add_endless_chain(addr);
-        self.dev.kick(1);
+        self.dev.kick_now(1);
     }
 }
 
@@ -622,7 +623,7 @@ pub fn bench(
 ) -> Verdict {
     const Q: u16 = 256;
     let opts = Options {
-        features: F_MAC | F_MTU | F_STATUS | F_MRG_RXBUF,
+        features: F_MAC | F_MTU | F_STATUS | F_MRG_RXBUF | crate::tests::ring_features(),
         queues: 2,
         packed,
         qsize: Q,

@@ -25,9 +25,9 @@ pub(crate) fn memory() -> usize {
     &raw mut MEMORY as usize
 }
 
-/// Buffers start after the rings of eight queues.
+/// Buffers start after the rings of eight queues and their indirect tables.
 pub(crate) fn buffers() -> usize {
-    memory() + 0x20000
+    memory() + 0x40000
 }
 
 /// A test's outcome, with what it saw.
@@ -118,11 +118,34 @@ fn packed() -> bool {
     PACKED.load(core::sync::atomic::Ordering::Relaxed)
 }
 
+/// EVENT_IDX and INDIRECT_DESC, which the kit uses when offered unless `kit.event_idx=off` /
+/// `kit.indirect=off` said not to.
+static RING_FEATURES: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(
+    crate::virtio::VIRTIO_F_EVENT_IDX | crate::virtio::VIRTIO_F_INDIRECT_DESC,
+);
+
+/// Turns EVENT_IDX and indirect descriptors on or off for the tests.
+pub fn use_ring_features(event_idx: bool, indirect: bool) {
+    let mut f = 0;
+    if event_idx {
+        f |= crate::virtio::VIRTIO_F_EVENT_IDX;
+    }
+    if indirect {
+        f |= crate::virtio::VIRTIO_F_INDIRECT_DESC;
+    }
+    RING_FEATURES.store(f, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// The ring features the tests ask for.
+pub fn ring_features() -> u64 {
+    RING_FEATURES.load(core::sync::atomic::Ordering::Relaxed)
+}
+
 /// Opens a device for a test: a missing device or an unoffered ring format is a skip, any
 /// other failure a fail.
 fn open(device_id: u16, queues: usize, features: u64, qsize: u16) -> Result<Device, Verdict> {
     let opts = Options {
-        features,
+        features: features | ring_features(),
         queues,
         packed: packed(),
         qsize,
@@ -478,7 +501,7 @@ pub fn hostile_chain() -> Verdict {
     let mut dev = tri!(open_blk(1));
     let buf = buffers() as u64;
     dev.queue(0).add_endless_chain(buf);
-    dev.kick(0);
+    dev.kick_now(0);
     needs_reset(|| dev.status())
 }
 

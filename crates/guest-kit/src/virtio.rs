@@ -41,10 +41,8 @@ pub enum VirtioError {
 pub const MAX_QUEUES: usize = 8;
 
 /// `VIRTIO_F_INDIRECT_DESC`.
-#[allow(dead_code)]
 pub const VIRTIO_F_INDIRECT_DESC: u64 = 1 << 28;
 /// `VIRTIO_F_EVENT_IDX`.
-#[allow(dead_code)]
 pub const VIRTIO_F_EVENT_IDX: u64 = 1 << 29;
 
 /// What `Device::open` asks for.
@@ -97,23 +95,94 @@ impl Ring {
     }
 
     /// Publishes a chain in slot `slot` of `n`-descriptor slots (split rings reuse the slot's
-    /// descriptors; packed rings take the next positions anyway). Returns the chain's ID.
+    /// descriptors, one per chain when it goes indirect; packed rings take the next positions
+    /// anyway). Returns the chain's ID.
     pub fn add_slot(&mut self, slot: u16, bufs: &[(u64, u32, bool)]) -> u16 {
         match self {
-            Ring::Split(q) => q.add_at(slot * bufs.len() as u16, bufs),
+            Ring::Split(q) => {
+                let per = if q.ext.goes_indirect(bufs.len()) {
+                    1
+                } else {
+                    bufs.len() as u16
+                };
+                q.add_at(slot * per, bufs)
+            }
             Ring::Packed(q) => q.add(bufs),
         }
+    }
+
+    /// Uses what was negotiated: EVENT_IDX, and indirect tables at `indirect` (64 bytes per
+    /// ring slot) when INDIRECT_DESC was.
+    pub fn configure(&mut self, event_idx: bool, indirect: Option<usize>) {
+        let ext = match self {
+            Ring::Split(q) => &mut q.ext,
+            Ring::Packed(q) => &mut q.ext,
+        };
+        ext.event_idx = event_idx;
+        ext.indirect = indirect;
     }
 
     /// Asks the device for interrupts, or not (polling mode).
     pub fn set_interrupts(&mut self, on: bool) {
         match self {
-            // VRING_AVAIL_F_NO_INTERRUPT
-            Ring::Split(q) => w16(q.avail, u16::from(!on)),
+            Ring::Split(q) => {
+                q.ext.interrupts = on;
+                if q.ext.event_idx {
+                    // used_event: the next used entry, or half a ring of indices away.
+                    let at = if on {
+                        q.last_used
+                    } else {
+                        q.last_used.wrapping_add(0x8000)
+                    };
+                    w16(q.used_event(), at);
+                } else {
+                    // VRING_AVAIL_F_NO_INTERRUPT
+                    w16(q.avail, u16::from(!on));
+                }
+            }
             // Driver event suppression: ENABLE (0) or DISABLE (1).
-            Ring::Packed(q) => w16(q.driver + 2, u16::from(!on)),
+            Ring::Packed(q) => {
+                q.ext.interrupts = on;
+                w16(q.driver + 2, u16::from(!on));
+            }
         }
         fence(Ordering::SeqCst);
+    }
+
+    /// Whether the device wants a notification for what was published since the last one
+    /// (VRING_USED_F_NO_NOTIFY, the avail event index, or the packed device event suppression);
+    /// the answer counts as the notification being sent.
+    pub fn should_kick(&mut self) -> bool {
+        // Publishing must be visible before the device's suppression state is read.
+        fence(Ordering::SeqCst);
+        match self {
+            Ring::Split(q) => {
+                let (old, new) = (q.ext.kicked_at as u16, q.next_avail);
+                q.ext.kicked_at = u64::from(new);
+                if q.ext.event_idx {
+                    let event = r16(q.avail_event());
+                    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+                } else {
+                    r16(q.used) & 1 == 0
+                }
+            }
+            Ring::Packed(q) => {
+                let (old, new) = (q.ext.kicked_at, q.next_avail);
+                q.ext.kicked_at = new;
+                match r16(q.device + 2) {
+                    0 => true,
+                    2 if q.ext.event_idx => {
+                        let off_wrap = r16(q.device);
+                        let (off, wrap) = (u64::from(off_wrap & 0x7fff), off_wrap & 0x8000 != 0);
+                        let size = u64::from(q.size);
+                        let abs = old + (off + size - old % size) % size;
+                        abs < new && q.wrap(abs) == wrap
+                    }
+                    2 => true,
+                    _ => false,
+                }
+            }
+        }
     }
 
     /// The next used element (ID, length), if any.
@@ -137,6 +206,25 @@ impl Ring {
     }
 }
 
+/// What a queue does beyond the basics: negotiated extensions and notification state.
+#[derive(Default)]
+pub struct Ext {
+    event_idx: bool,
+    /// Where indirect tables go (64 bytes, up to 4 entries, per ring slot), if negotiated.
+    indirect: Option<usize>,
+    interrupts: bool,
+    /// Where the available index stood at the last notification decision.
+    kicked_at: u64,
+}
+
+impl Ext {
+    fn goes_indirect(&self, n: usize) -> bool {
+        self.indirect.is_some() && (2..=4).contains(&n)
+    }
+}
+
+const DESC_F_INDIRECT: u16 = 4;
+
 /// A packed virtqueue in the kit's memory (virtio 1.2 §2.8), driver side.
 pub struct PackedQueue {
     size: u16,
@@ -146,6 +234,7 @@ pub struct PackedQueue {
     next_avail: u64,
     last_used: u64,
     ndesc: [u16; 256],
+    ext: Ext,
 }
 
 impl PackedQueue {
@@ -158,6 +247,7 @@ impl PackedQueue {
             next_avail: 0,
             last_used: 0,
             ndesc: [0; 256],
+            ext: Ext::default(),
         }
     }
 
@@ -177,10 +267,35 @@ impl PackedQueue {
         }
     }
 
-    /// Publishes a chain; the buffer ID is its first slot. The head's flags go last.
+    /// Publishes a chain; the buffer ID is its first slot. The head's flags go last. Chains of
+    /// 2-4 buffers go into an indirect table when that was negotiated.
     pub fn add(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
         let start = self.next_avail;
         let id = (start % u64::from(self.size)) as u16;
+        if let Some(area) = self
+            .ext
+            .indirect
+            .filter(|_| self.ext.goes_indirect(bufs.len()))
+        {
+            // Packed indirect entries are packed descriptors read in order (no NEXT).
+            let table = area + usize::from(id) * 64;
+            for (i, &(addr, len, write)) in bufs.iter().enumerate() {
+                let d = table + i * 16;
+                w64(d, addr);
+                w32(d + 8, len);
+                w16(d + 12, 0);
+                w16(d + 14, if write { DESC_F_WRITE } else { 0 });
+            }
+            let d = self.slot(start);
+            w64(d, table as u64);
+            w32(d + 8, 16 * bufs.len() as u32);
+            w16(d + 12, id);
+            fence(Ordering::Release);
+            w16(d + 14, self.avail_flags(start, DESC_F_INDIRECT));
+            self.ndesc[usize::from(id) % 256] = 1;
+            self.next_avail += 1;
+            return id;
+        }
         for (i, &(addr, len, write)) in bufs.iter().enumerate().rev() {
             let abs = start + i as u64;
             let d = self.slot(abs);
@@ -272,6 +387,7 @@ pub struct SplitQueue {
     next_avail: u16,
     last_used: u16,
     free: u16,
+    ext: Ext,
 }
 
 impl SplitQueue {
@@ -288,6 +404,7 @@ impl SplitQueue {
             next_avail: 0,
             last_used: 0,
             free: 0,
+            ext: Ext::default(),
         }
     }
 
@@ -316,9 +433,48 @@ impl SplitQueue {
         self.add(bufs)
     }
 
+    /// `used_event`, after the available ring's entries.
+    fn used_event(&self) -> usize {
+        self.avail + 4 + 2 * usize::from(self.size)
+    }
+
+    /// `avail_event`, after the used ring's entries.
+    fn avail_event(&self) -> usize {
+        self.used + 4 + 8 * usize::from(self.size)
+    }
+
     /// Publishes a chain of (address, length, device-writable) buffers; returns its head.
+    /// Chains of 2-4 buffers go into an indirect table when that was negotiated.
     pub fn add(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
         let head = self.free;
+        if let Some(area) = self
+            .ext
+            .indirect
+            .filter(|_| self.ext.goes_indirect(bufs.len()))
+        {
+            let table = area + usize::from(head) * 64;
+            for (i, &(addr, len, write)) in bufs.iter().enumerate() {
+                let d = table + i * 16;
+                let mut flags = if write { DESC_F_WRITE } else { 0 };
+                if i + 1 < bufs.len() {
+                    flags |= DESC_F_NEXT;
+                }
+                w64(d, addr);
+                w32(d + 8, len);
+                w16(d + 12, flags);
+                w16(d + 14, (i + 1) as u16);
+            }
+            self.write_desc(
+                head,
+                table as u64,
+                16 * bufs.len() as u32,
+                DESC_F_INDIRECT,
+                0,
+            );
+            self.free = (head + 1) % self.size;
+            self.publish(head);
+            return head;
+        }
         for (i, &(addr, len, write)) in bufs.iter().enumerate() {
             let idx = (usize::from(head) + i) % usize::from(self.size);
             let d = self.desc + idx * 16;
@@ -350,7 +506,12 @@ impl SplitQueue {
         }
         let e = self.used + 4 + 8 * usize::from(self.last_used % self.size);
         self.last_used = self.last_used.wrapping_add(1);
-        Some((r32(e) as u16, r32(e + 4)))
+        let got = (r32(e) as u16, r32(e + 4));
+        if self.ext.event_idx && self.ext.interrupts {
+            // The next completion interrupts again.
+            w16(self.used_event(), self.last_used);
+        }
+        Some(got)
     }
 }
 
@@ -379,7 +540,8 @@ fn region(bdf: pci::Bdf, bar: u8, off: u32, len: u32) -> Result<usize, VirtioErr
 const STATUS: usize = 0x14;
 
 impl Device {
-    /// Brings up virtio device `device_id` with `opts`, queue `i` at `ring + i * 16 KiB`.
+    /// Brings up virtio device `device_id` with `opts`, queue `i` at `ring + i * 16 KiB`, its
+    /// indirect tables (if negotiated) at `ring + 128 KiB + i * 16 KiB`.
     ///
     /// Follows virtio 1.2 §3.1.1 (reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK, queues,
     /// DRIVER_OK) and §4.1.4 (capabilities in any BAR, 32- or 64-bit; MSI-X when offered).
@@ -530,6 +692,11 @@ impl Device {
                 let (d, a, u) = (sq.desc, sq.avail, sq.used);
                 (Ring::Split(sq), d, a, u)
             };
+            let mut queue = queue;
+            queue.configure(
+                features & VIRTIO_F_EVENT_IDX != 0,
+                (features & VIRTIO_F_INDIRECT_DESC != 0).then_some(ring + 0x20000 + i * 0x4000),
+            );
             w16(common + 0x18, size);
             w64(common + 0x20, desc as u64);
             w64(common + 0x28, driver as u64);
@@ -545,8 +712,20 @@ impl Device {
         Ok(dev)
     }
 
-    /// Notifies queue `q`.
-    pub fn kick(&self, q: u16) {
+    /// Notifies queue `q` if the device asked to be (notification suppression, EVENT_IDX).
+    pub fn kick(&mut self, q: u16) {
+        let wanted = self
+            .queues
+            .get_mut(usize::from(q))
+            .and_then(Option::as_mut)
+            .is_none_or(Ring::should_kick);
+        if wanted {
+            self.kick_now(q);
+        }
+    }
+
+    /// Notifies queue `q` whatever the device asked.
+    pub fn kick_now(&self, q: u16) {
         let off = self
             .notify_off
             .get(usize::from(q))
