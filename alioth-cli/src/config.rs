@@ -46,6 +46,7 @@ pub struct NetFile {
     pub queue_size: Option<u16>,
     pub mtu: Option<u16>,
     pub backend: Option<String>,
+    pub poll_us: Option<u32>,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff` (unicast).
@@ -105,6 +106,7 @@ impl NetFile {
                 Some(b) => parse_backend(b)?,
                 None => IoBackend::Auto,
             },
+            poll_us: self.poll_us.unwrap_or(0),
         })
     }
 }
@@ -126,7 +128,12 @@ pub fn parse_net_flag(spec: &str) -> Result<NetFile> {
             "queue_size" => n.queue_size = Some(num("queue_size")?),
             "mtu" => n.mtu = Some(num("mtu")?),
             "backend" => n.backend = Some(v.to_string()),
-            _ => bail!("--net: unknown key `{k}` (tap, mac, queues, queue_size, mtu, backend)"),
+            "poll_us" => {
+                n.poll_us = Some(v.parse().with_context(|| format!("--net poll_us=`{v}`"))?)
+            }
+            _ => bail!(
+                "--net: unknown key `{k}` (tap, mac, queues, queue_size, mtu, backend, poll_us)"
+            ),
         }
     }
     Ok(n)
@@ -144,6 +151,7 @@ pub struct DiskFile {
     pub queue_size: Option<u16>,
     pub direct: Option<bool>,
     pub backend: Option<String>,
+    pub poll_us: Option<u32>,
 }
 
 /// The `[rng]` table.
@@ -188,10 +196,11 @@ impl DiskFile {
                 || self.num_queues.is_some()
                 || self.queue_size.is_some()
                 || self.direct.is_some()
-                || self.backend.is_some())
+                || self.backend.is_some()
+                || self.poll_us.is_some())
         {
             bail!(
-                "a vhost_user disk takes its settings from the backend; read_only, num_queues, queue_size, direct and backend belong there"
+                "a vhost_user disk takes its settings from the backend; read_only, num_queues, queue_size, direct, backend and poll_us belong there"
             );
         }
         Ok(DiskConfig {
@@ -207,6 +216,7 @@ impl DiskFile {
                 Some(b) => parse_backend(b)?,
                 None => IoBackend::Auto,
             },
+            poll_us: self.poll_us.unwrap_or(0),
         })
     }
 }
@@ -222,6 +232,7 @@ pub fn parse_disk_flag(spec: &str) -> Result<DiskFile> {
             queue_size: None,
             direct: None,
             backend: None,
+            poll_us: None,
         });
     }
     let mut d = DiskFile {
@@ -232,6 +243,7 @@ pub fn parse_disk_flag(spec: &str) -> Result<DiskFile> {
         queue_size: None,
         direct: None,
         backend: None,
+        poll_us: None,
     };
     for item in spec.split(',').filter(|s| !s.is_empty()) {
         let Some((k, v)) = item.split_once('=') else {
@@ -249,8 +261,9 @@ pub fn parse_disk_flag(spec: &str) -> Result<DiskFile> {
                 d.queue_size = Some(v.parse().with_context(|| format!("queue_size=`{v}`"))?)
             }
             "backend" => d.backend = Some(v.to_string()),
+            "poll_us" => d.poll_us = Some(v.parse().with_context(|| format!("poll_us=`{v}`"))?),
             _ => bail!(
-                "--disk: unknown key `{k}` (path, vhost_user, read_only, num_queues, queue_size, direct, backend)"
+                "--disk: unknown key `{k}` (path, vhost_user, read_only, num_queues, queue_size, direct, backend, poll_us)"
             ),
         }
     }

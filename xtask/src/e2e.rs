@@ -455,6 +455,9 @@ pub fn timed_kit_bench(mut cmd: Command) -> Result<KitBench> {
     })
 }
 
+/// The polling window the bench's `poll` rows give the worker (`poll_us`).
+const POLL_US: u32 = 50;
+
 /// The kit's command line for its 4 KiB random-read bench.
 fn bench_cmdline(qd: u32, secs: u64) -> String {
     format!("kit.test=bench kit.bench=blk-randread,qd={qd},secs={secs}")
@@ -528,10 +531,11 @@ pub fn bench_in_guest(root: &Path, args: &[String]) -> Result<()> {
     println!(
         "\nin-guest (guest kit, polling its used ring) 4 KiB random read, 256 MiB file (page cache), {secs} s per run;\n\
          vs host: against a plain io_uring loop on the file; vs upstream: against upstream Alioth 0.12.0's io_uring\n\
-         worker running the same kit; CPU: user+sys of the VMM's threads other than vCPUs, per I/O"
+         worker running the same kit; CPU: user+sys of the VMM's threads other than vCPUs, per I/O;\n\
+         poll rows: the worker polls its rings for up to {POLL_US} us (self-tuning) before sleeping"
     );
     println!(
-        "{:<18} {:>4} {:>12} {:>12} {:>8} {:>11} {:>10}",
+        "{:<20} {:>4} {:>12} {:>12} {:>8} {:>11} {:>10}",
         "vmm/backend", "qd", "guest IOPS", "host IOPS", "vs host", "vs upstream", "CPU us/IO"
     );
     let cpu = |b: &KitBench| b.cpu_us_per_io.map_or("?".into(), |c| format!("{c:.1}"));
@@ -560,20 +564,33 @@ pub fn bench_in_guest(root: &Path, args: &[String]) -> Result<()> {
             Some(u) => Some(upstream_kit_bench(u, &kit, &img, qd, secs)?),
             None => None,
         };
-        for backend in ["io_uring", "epoll"] {
+        for (backend, poll) in [
+            ("io_uring", 0),
+            ("epoll", 0),
+            ("io_uring", POLL_US),
+            ("epoll", POLL_US),
+        ] {
             let b = kit_bench(
                 &alioth,
                 &kit,
-                &format!("path={},read_only=on,backend={backend}", img.display()),
+                &format!(
+                    "path={},read_only=on,backend={backend},poll_us={poll}",
+                    img.display()
+                ),
                 qd,
                 secs,
             )?;
             let vs = peer
                 .as_ref()
                 .map_or("-".into(), |p| format!("{:.2}", b.iops / p.iops));
+            let label = if poll > 0 {
+                format!("alioth {backend} poll")
+            } else {
+                format!("alioth {backend}")
+            };
             println!(
-                "{:<18} {qd:>4} {:>12.0} {base:>12.0} {:>8.2} {vs:>11} {:>10}",
-                format!("alioth {backend}"),
+                "{:<20} {qd:>4} {:>12.0} {base:>12.0} {:>8.2} {vs:>11} {:>10}",
+                label,
                 b.iops,
                 b.iops / base,
                 cpu(&b)
@@ -581,7 +598,7 @@ pub fn bench_in_guest(root: &Path, args: &[String]) -> Result<()> {
         }
         if let Some(p) = &peer {
             println!(
-                "{:<18} {qd:>4} {:>12.0} {base:>12.0} {:>8.2} {:>11} {:>10}",
+                "{:<20} {qd:>4} {:>12.0} {base:>12.0} {:>8.2} {:>11} {:>10}",
                 "upstream io_uring",
                 p.iops,
                 p.iops / base,

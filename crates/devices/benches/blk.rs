@@ -100,7 +100,7 @@ fn device(path: &std::path::Path, uring: bool, qd: usize, secs: f64) -> f64 {
     let worker = if uring {
         Worker::spawn(dev, IoUringBackend::new(256), mem)
     } else {
-        Worker::spawn(dev, EpollBackend, mem)
+        Worker::spawn(dev, EpollBackend::default(), mem)
     }
     .unwrap();
     let mut d = TestDriver::new(

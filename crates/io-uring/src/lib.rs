@@ -23,6 +23,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use alioth_queue::{DescChain, Iov, VirtQueue};
+use alioth_virtio::PollWindow;
 use alioth_virtio::{
     ActiveBackend, ActiveQueue, Backend, BufferAction, ChainHandler, Error, IoOp, IrqSender, Result,
 };
@@ -73,6 +74,7 @@ pub fn io_uring_available() -> bool {
 #[derive(Debug, Clone, Copy)]
 pub struct IoUringBackend {
     entries: u32,
+    poll_us: u32,
 }
 
 impl IoUringBackend {
@@ -80,7 +82,15 @@ impl IoUringBackend {
     pub fn new(entries: u32) -> Self {
         IoUringBackend {
             entries: entries.max(4).next_power_of_two(),
+            poll_us: 0,
         }
+    }
+
+    /// Polls the virtqueues and the completion ring for up to `poll_us` microseconds
+    /// (self-tuning, see [`PollWindow`]) before sleeping; 0 never polls.
+    pub fn with_poll(mut self, poll_us: u32) -> Self {
+        self.poll_us = poll_us;
+        self
     }
 }
 
@@ -119,6 +129,7 @@ pub struct ActiveIoUring {
     armed: Vec<bool>,
     poke: Vec<bool>,
     used: Vec<(DescChain, u32)>,
+    poller: Option<PollWindow>,
 }
 
 fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -139,9 +150,18 @@ impl<D: ChainHandler> Backend<D> for IoUringBackend {
         mem: GuestMemoryMmap,
         notifier: Arc<EventFd>,
     ) -> Result<ActiveIoUring> {
+        // Only this worker thread submits (SINGLE_ISSUER), and it needs no interrupt to run
+        // completion work (COOP_TASKRUN); kernels without them (before 6.0) get a plain ring.
         let ring = IoUring::builder()
             .setup_cqsize(self.entries * 4)
+            .setup_single_issuer()
+            .setup_coop_taskrun()
             .build(self.entries)
+            .or_else(|_| {
+                IoUring::builder()
+                    .setup_cqsize(self.entries * 4)
+                    .build(self.entries)
+            })
             .map_err(io_err("io_uring setup"))?;
         // Polls are multishot and re-armed only when they end, so chains get everything else.
         let capacity = (self.entries as usize)
@@ -174,6 +194,7 @@ impl<D: ChainHandler> Backend<D> for IoUringBackend {
             armed: vec![false; n],
             poke: vec![false; n],
             used: Vec::new(),
+            poller: PollWindow::new(self.poll_us),
         };
         a.arm_notifier()?;
         for q in 0..n {
@@ -434,11 +455,50 @@ impl ActiveIoUring {
         Ok(())
     }
 
+    /// One polling round, if polling is on: watches the virtqueues (notifications suppressed)
+    /// and the completion ring; returns whether either has something.
+    fn poll(&mut self, name: &str) -> Result<bool> {
+        let Some(mut poller) = self.poller.take() else {
+            return Ok(false);
+        };
+        for aq in &mut self.queues {
+            aq.queue
+                .disable_notification(&self.mem)
+                .map_err(Self::qerr(name, aq.index))?;
+        }
+        let (queues, mem, ring, paused) = (&self.queues, &self.mem, &mut self.ring, &self.paused);
+        // A ring that cannot be read counts as work: pulling it reports the error. A queue out
+        // of budget waits for completions, not for its ring.
+        let mut found = poller.poll(|| {
+            !ring.completion().is_empty()
+                || queues
+                    .iter()
+                    .zip(paused)
+                    .any(|(q, p)| !p && q.queue.has_available(mem).unwrap_or(true))
+        });
+        if !found {
+            for aq in &mut self.queues {
+                found |= aq
+                    .queue
+                    .enable_notification(&self.mem)
+                    .map_err(Self::qerr(name, aq.index))?;
+            }
+        }
+        self.poller = Some(poller);
+        Ok(found)
+    }
+
     /// Submits what is queued and waits for at least one completion; the completions are left
     /// in `self.cqes`.
     fn wait(&mut self) -> Result<()> {
+        self.wait_for(1)
+    }
+
+    /// Submits what is queued, waits for `min` completions (0: none), and leaves what has
+    /// completed in `self.cqes`.
+    fn wait_for(&mut self, min: usize) -> Result<()> {
         loop {
-            match self.ring.submit_and_wait(1) {
+            match self.ring.submit_and_wait(min) {
                 Ok(_) => break,
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) => return Err(io_err("io_uring wait")(e)),
@@ -467,7 +527,14 @@ impl<D: ChainHandler> ActiveBackend<D> for ActiveIoUring {
             self.interrupt(&name, &touched)?;
         }
         loop {
-            self.wait()?;
+            // Poll first (if on), after handing the kernel what is queued (what is polled for
+            // may be its completion); with work found, only reap what has completed, then pull
+            // every queue.
+            if self.poller.is_some() && !self.ring.submission().is_empty() {
+                self.ring.submit().map_err(io_err("io_uring submit"))?;
+            }
+            let polled = self.poll(&name)?;
+            self.wait_for(usize::from(!polled))?;
             let cqes = std::mem::take(&mut self.cqes);
             let mut touched = std::mem::take(&mut self.touched);
             let mut kicked = std::mem::take(&mut self.kicked);
@@ -508,7 +575,7 @@ impl<D: ChainHandler> ActiveBackend<D> for ActiveIoUring {
                 }
             }
             for q in 0..n {
-                if kicked[q] || self.paused[q] {
+                if kicked[q] || self.paused[q] || polled {
                     touched[q] |= self.pull(dev, q)?;
                 } else if self.poke[q] {
                     touched[q] |= self.device_io(dev, q)?;

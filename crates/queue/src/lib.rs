@@ -170,6 +170,9 @@ pub trait VirtQueue: Send {
     /// clone sharing its regions, or the `GuestMemoryAtomic` snapshot it came from) is alive,
     /// so keep it alive until the chain's I/O is done.
     fn pop<M: GuestMemory>(&mut self, mem: &M) -> Result<Option<DescChain>>;
+    /// Whether the driver has made a chain available that [`VirtQueue::pop`] would return (a
+    /// cheap look at one index or descriptor, for polling).
+    fn has_available<M: GuestMemory>(&self, mem: &M) -> Result<bool>;
     /// Returns a chain to the driver with `len` bytes written to its writable buffers (which
     /// are marked dirty in `mem`'s bitmap).
     fn push_used<M: GuestMemory>(&mut self, mem: &M, chain: &DescChain, len: u32) -> Result<()>;
@@ -216,6 +219,9 @@ impl VirtQueue for Queue {
     }
     fn pop<M: GuestMemory>(&mut self, mem: &M) -> Result<Option<DescChain>> {
         each!(self, q => q.pop(mem))
+    }
+    fn has_available<M: GuestMemory>(&self, mem: &M) -> Result<bool> {
+        each!(self, q => q.has_available(mem))
     }
     fn push_used<M: GuestMemory>(&mut self, mem: &M, chain: &DescChain, len: u32) -> Result<()> {
         each!(self, q => q.push_used(mem, chain, len))

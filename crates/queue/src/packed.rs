@@ -179,6 +179,10 @@ impl VirtQueue for PackedQueue {
         self.size
     }
 
+    fn has_available<M: GuestMemory>(&self, mem: &M) -> Result<bool> {
+        self.head_available(mem)
+    }
+
     fn pop<M: GuestMemory>(&mut self, mem: &M) -> Result<Option<DescChain>> {
         if !self.head_available(mem)? {
             return Ok(None);

@@ -140,6 +140,14 @@ impl VirtQueue for SplitQueue {
         self.size
     }
 
+    fn has_available<M: GuestMemory>(&self, mem: &M) -> Result<bool> {
+        let avail = self
+            .q
+            .avail_idx(mem, Ordering::Acquire)
+            .map_err(|_| QueueError::Memory(self.q.avail_ring()))?;
+        Ok(avail.0 != self.q.next_avail())
+    }
+
     fn pop<M: GuestMemory>(&mut self, mem: &M) -> Result<Option<DescChain>> {
         let avail = self
             .q

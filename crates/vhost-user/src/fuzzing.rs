@@ -78,7 +78,7 @@ fn memfd() -> Option<File> {
 /// Feeds `data` to one backend connection as messages: each is a 12-byte header from the
 /// input (its size field capped at what is left) followed by that many payload bytes.
 pub fn run_messages(data: &[u8]) {
-    let Ok(dev) = VhostUserDevice::new(|| Ok(Echo), EpollBackend) else {
+    let Ok(dev) = VhostUserDevice::new(|| Ok(Echo), EpollBackend::default()) else {
         return;
     };
     let dev = Arc::new(Mutex::new(dev));

@@ -21,7 +21,7 @@
 //! use alioth_virtio::EpollBackend;
 //!
 //! let listener = bind("/tmp/rng.sock".as_ref())?;
-//! let dev = VhostUserDevice::new(|| Ok(VirtioRng::new("virtio-rng0")), EpollBackend)?;
+//! let dev = VhostUserDevice::new(|| Ok(VirtioRng::new("virtio-rng0")), EpollBackend::default())?;
 //! serve(listener, dev, || false)?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

@@ -121,7 +121,7 @@ fn blk_device(image: &std::path::Path) -> VhostUserDevice<VirtioBlk, EpollBacken
     };
     VhostUserDevice::new(
         move || VirtioBlk::open("virtio-blk0", &cfg).map_err(std::io::Error::other),
-        EpollBackend,
+        EpollBackend::default(),
     )
     .unwrap()
 }
@@ -234,7 +234,11 @@ fn refused<T: std::fmt::Debug>(what: &str, r: vhost::Result<T>) {
 #[test]
 fn hostile_frontends_get_errors_and_the_server_keeps_serving() {
     let server = Server::start(
-        VhostUserDevice::new(|| Ok(VirtioRng::new("virtio-rng0")), EpollBackend).unwrap(),
+        VhostUserDevice::new(
+            || Ok(VirtioRng::new("virtio-rng0")),
+            EpollBackend::default(),
+        )
+        .unwrap(),
     );
     let m = frontend_memory();
     let region = m.region();

@@ -99,7 +99,7 @@ fn rig() -> Rig {
     let ram = RamBus::new(MemoryMap::new(16 << 20).unwrap()).unwrap();
     let mmio = Arc::new(Bus::new("mmio"));
     let vm = Arc::new(FakeVm::default());
-    let worker = Worker::spawn(Echo, EpollBackend, ram.memory().clone()).unwrap();
+    let worker = Worker::spawn(Echo, EpollBackend::default(), ram.memory().clone()).unwrap();
     let pci = VirtioPci::new(
         DeviceInfo::of(&Echo),
         worker,

@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{ChainHandler, IoOp};
 use crate::irq::IrqSender;
+use crate::poll::PollWindow;
 use crate::worker::{ActiveBackend, ActiveQueue, Backend, device_io, process_queue};
 use crate::{Error, Result};
 
@@ -19,7 +20,28 @@ const EVENT: u64 = 1 << 32;
 
 /// The epoll backend.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct EpollBackend;
+pub struct EpollBackend {
+    poll_us: u32,
+}
+
+impl EpollBackend {
+    /// A backend that polls its rings for up to `poll_us` microseconds (self-tuning, see
+    /// [`PollWindow`]) before it sleeps; 0 never polls.
+    pub fn polling(poll_us: u32) -> Self {
+        EpollBackend { poll_us }
+    }
+}
+
+/// How a queue came to be served.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Why {
+    /// Its notification eventfd fired.
+    Kicked,
+    /// Polling saw chains.
+    Polled,
+    /// One of the device's event fds is readable.
+    Event,
+}
 
 /// A running epoll loop.
 pub struct ActiveEpoll {
@@ -28,6 +50,7 @@ pub struct ActiveEpoll {
     irq: Arc<dyn IrqSender>,
     mem: GuestMemoryMmap,
     fresh: bool,
+    poller: Option<PollWindow>,
 }
 
 fn epoll_add(epfd: &OwnedFd, fd: i32, token: u64, edge: bool) -> Result<()> {
@@ -84,21 +107,25 @@ impl<D: ChainHandler> Backend<D> for EpollBackend {
             irq,
             mem,
             fresh: true,
+            poller: PollWindow::new(self.poll_us),
         })
     }
 }
 
 impl ActiveEpoll {
-    /// Serves queue `slot` after its notification (`kicked`) or one of its event fds.
-    fn serve<D: ChainHandler>(&mut self, dev: &mut D, slot: usize, kicked: bool) -> Result<()> {
+    /// Serves queue `slot` after its notification, a poll that saw chains, or one of its event
+    /// fds.
+    fn serve<D: ChainHandler>(&mut self, dev: &mut D, slot: usize, why: Why) -> Result<()> {
         let Some(aq) = self.queues.get_mut(slot) else {
             return Ok(());
         };
-        let done = if kicked {
-            let _ = aq.ioeventfd.read();
-            process_queue(dev, aq, &self.mem, &mut execute_sync)?
-        } else {
-            device_io(dev, aq, &self.mem, &mut execute_sync)?
+        let done = match why {
+            Why::Kicked => {
+                let _ = aq.ioeventfd.read();
+                process_queue(dev, aq, &self.mem, &mut execute_sync)?
+            }
+            Why::Polled => process_queue(dev, aq, &self.mem, &mut execute_sync)?,
+            Why::Event => device_io(dev, aq, &self.mem, &mut execute_sync)?,
         };
         if done {
             let wants = aq
@@ -117,19 +144,64 @@ impl ActiveEpoll {
     }
 }
 
+impl ActiveEpoll {
+    /// One polling round, if polling is on: returns whether a queue has chains (its
+    /// notifications are then still suppressed; serving it re-enables them).
+    fn poll<D: ChainHandler>(&mut self, dev: &D) -> Result<bool> {
+        let Some(mut poller) = self.poller.take() else {
+            return Ok(false);
+        };
+        let qerr = |q: u16| {
+            move |source| Error::Queue {
+                dev: dev.name().to_string(),
+                queue: q,
+                source,
+            }
+        };
+        for aq in &mut self.queues {
+            aq.queue
+                .disable_notification(&self.mem)
+                .map_err(qerr(aq.index))?;
+        }
+        let (queues, mem) = (&self.queues, &self.mem);
+        // A ring that cannot be read counts as work: serving it reports the error.
+        let mut found = poller.poll(|| {
+            queues
+                .iter()
+                .any(|q| q.queue.has_available(mem).unwrap_or(true))
+        });
+        if !found {
+            for aq in &mut self.queues {
+                found |= aq
+                    .queue
+                    .enable_notification(&self.mem)
+                    .map_err(qerr(aq.index))?;
+            }
+        }
+        self.poller = Some(poller);
+        Ok(found)
+    }
+}
+
 impl<D: ChainHandler> ActiveBackend<D> for ActiveEpoll {
     fn run(&mut self, dev: &mut D) -> Result<()> {
         if self.fresh {
             // Chains the driver queued before DRIVER_OK, without a notification.
             self.fresh = false;
             for slot in 0..self.queues.len() {
-                self.serve(dev, slot, true)?;
+                self.serve(dev, slot, Why::Kicked)?;
             }
         }
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 16];
         loop {
+            // Poll the rings (notifications suppressed) before sleeping; with work found, only
+            // collect what epoll has without waiting, then serve every queue.
+            let polled = self.poll(dev)?;
+            let timeout = if polled { 0 } else { -1 };
             // SAFETY: `events` is a valid buffer of 16 entries.
-            let n = unsafe { libc::epoll_wait(self.epfd.as_raw_fd(), events.as_mut_ptr(), 16, -1) };
+            let n = unsafe {
+                libc::epoll_wait(self.epfd.as_raw_fd(), events.as_mut_ptr(), 16, timeout)
+            };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -146,8 +218,13 @@ impl<D: ChainHandler> ActiveBackend<D> for ActiveEpoll {
                 let token = ev.u64;
                 match token {
                     NOTIFIER => notified = true,
-                    t if t >= EVENT => self.serve(dev, (t - EVENT) as usize, false)?,
-                    slot => self.serve(dev, slot as usize, true)?,
+                    t if t >= EVENT => self.serve(dev, (t - EVENT) as usize, Why::Event)?,
+                    slot => self.serve(dev, slot as usize, Why::Kicked)?,
+                }
+            }
+            if polled {
+                for slot in 0..self.queues.len() {
+                    self.serve(dev, slot, Why::Polled)?;
                 }
             }
             if notified {

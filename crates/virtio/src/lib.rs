@@ -27,12 +27,14 @@
 mod device;
 mod epoll;
 mod irq;
+mod poll;
 mod status;
 mod worker;
 
 pub use device::{BufferAction, ChainHandler, DeviceId, DeviceInfo, IoOp, Virtio};
 pub use epoll::{EpollBackend, execute_sync};
 pub use irq::{EventFdIrq, IrqSender};
+pub use poll::PollWindow;
 pub use status::{DeviceStatus, StatusBits, StatusChange};
 pub use worker::{
     ActiveBackend, ActiveQueue, Backend, DeviceRunner, QueueSetup, QueueState, WakeEvent, Worker,

@@ -47,7 +47,7 @@ impl ChainHandler for Bomb {
 #[test]
 fn a_device_that_panics_needs_reset_and_its_failure_handler_hears_why() {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
-    let worker = Worker::spawn(Bomb, EpollBackend, mem.clone()).unwrap();
+    let worker = Worker::spawn(Bomb, EpollBackend::default(), mem.clone()).unwrap();
     let (tx, rx) = channel();
     worker.on_failure(move |dev, msg| {
         let _ = tx.send((dev.to_string(), msg.to_string()));

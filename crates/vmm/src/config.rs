@@ -44,6 +44,8 @@ pub struct DiskConfig {
     pub backend: IoBackend,
     /// Served by the vhost-user backend listening on this socket instead of in-process.
     pub vhost_user: Option<PathBuf>,
+    /// Adaptive polling window in microseconds before the worker sleeps (0: off).
+    pub poll_us: u32,
 }
 
 /// The virtio-rng device.
@@ -60,6 +62,8 @@ pub struct NetDeviceConfig {
     pub net: NetConfig,
     /// Event loop.
     pub backend: IoBackend,
+    /// Adaptive polling window in microseconds before the worker sleeps (0: off).
+    pub poll_us: u32,
 }
 
 /// A complete VM description.
@@ -87,6 +91,9 @@ pub struct VmConfig {
 
 /// The most virtio devices: 31 slots on bus 0 (slot 0 is the host bridge).
 pub const MAX_PCI_DEVICES: usize = 31;
+
+/// The longest polling window a device may ask for (1 ms): beyond it polling only burns CPU.
+pub const MAX_POLL_US: u32 = 1000;
 
 /// The most vCPUs Alioth describes (xAPIC IDs in the MADT).
 pub const MAX_CPUS: u32 = 255;
@@ -154,6 +161,17 @@ impl VmConfig {
                     d.blk.path.display()
                 )));
             }
+        }
+        if let Some(p) = self
+            .disks
+            .iter()
+            .map(|d| d.poll_us)
+            .chain(self.nets.iter().map(|n| n.poll_us))
+            .find(|p| *p > MAX_POLL_US)
+        {
+            return Err(Error::Config(format!(
+                "poll_us = {p}: at most {MAX_POLL_US} microseconds"
+            )));
         }
         let mut taps = std::collections::HashSet::new();
         for n in &self.nets {

@@ -306,10 +306,10 @@ fn add_pci_devices(
             continue;
         }
         let dev = VirtioBlk::open(&name, &d.blk).map_err(|e| Error::Device(e.to_string()))?;
-        placer.add(dev, d.backend)?;
+        placer.add(dev, d.backend, d.poll_us)?;
     }
     if let Some(r) = &config.rng {
-        placer.add(VirtioRng::new("virtio-rng0"), r.backend)?;
+        placer.add(VirtioRng::new("virtio-rng0"), r.backend, 0)?;
     }
     for (i, n) in config.nets.iter().enumerate() {
         let name = format!("virtio-net{i}");
@@ -318,7 +318,7 @@ fn add_pci_devices(
         let dev =
             VirtioNet::open(&name, &n.net, !io_uring).map_err(|e| Error::Device(e.to_string()))?;
         log::info!("{name}: tap {}", dev.tap_name());
-        placer.add(dev, n.backend)?;
+        placer.add(dev, n.backend, n.poll_us)?;
     }
     Ok(placer.devices)
 }

@@ -165,14 +165,15 @@ impl VirtioPlacer {
     }
 
     /// Spawns `dev`'s worker under `backend` and plugs it into the next PCI slot.
-    pub fn add<D: ChainHandler>(&mut self, dev: D, backend: IoBackend) -> Result<()> {
+    pub fn add<D: ChainHandler>(&mut self, dev: D, backend: IoBackend, poll_us: u32) -> Result<()> {
         let info = DeviceInfo::of(&dev);
         let name = info.name.clone();
         let use_uring = use_io_uring(&name, backend)?;
         let worker = if use_uring {
-            Worker::spawn(dev, IoUringBackend::new(IO_URING_ENTRIES), self.mem.clone())
+            let b = IoUringBackend::new(IO_URING_ENTRIES).with_poll(poll_us);
+            Worker::spawn(dev, b, self.mem.clone())
         } else {
-            Worker::spawn(dev, EpollBackend, self.mem.clone())
+            Worker::spawn(dev, EpollBackend::polling(poll_us), self.mem.clone())
         }
         .map_err(|e| Error::Thread {
             thread: name.clone(),

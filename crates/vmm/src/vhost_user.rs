@@ -37,13 +37,14 @@ fn run<D: ChainHandler>(
     config: &VhostUserConfig,
     make: impl FnMut() -> std::io::Result<D> + Send + 'static,
     backend: IoBackend,
+    poll_us: u32,
 ) -> Result<()> {
     let name = "vhost-user";
     // Bad input (device, socket) fails here, before anything is served.
     let listener = bind(&config.socket).map_err(|e| Error::Config(e.to_string()))?;
     let served = if use_io_uring(name, backend)? {
-        let dev = VhostUserDevice::new(make, IoUringBackend::new(IO_URING_ENTRIES))
-            .map_err(|e| Error::Device(e.to_string()))?;
+        let b = IoUringBackend::new(IO_URING_ENTRIES).with_poll(poll_us);
+        let dev = VhostUserDevice::new(make, b).map_err(|e| Error::Device(e.to_string()))?;
         log::info!(
             "{}: serving on {} (io_uring)",
             dev.name(),
@@ -51,8 +52,8 @@ fn run<D: ChainHandler>(
         );
         serve(listener, dev, || false)
     } else {
-        let dev =
-            VhostUserDevice::new(make, EpollBackend).map_err(|e| Error::Device(e.to_string()))?;
+        let dev = VhostUserDevice::new(make, EpollBackend::polling(poll_us))
+            .map_err(|e| Error::Device(e.to_string()))?;
         log::info!(
             "{}: serving on {} (epoll)",
             dev.name(),
@@ -79,6 +80,7 @@ pub fn serve_vhost_user(config: &VhostUserConfig) -> Result<()> {
                 config,
                 move || VirtioBlk::open("virtio-blk0", &blk).map_err(std::io::Error::other),
                 d.backend,
+                d.poll_us,
             )
         }
         VhostUserDeviceConfig::Net(n) => {
@@ -98,10 +100,11 @@ pub fn serve_vhost_user(config: &VhostUserConfig) -> Result<()> {
                     VirtioNet::open("virtio-net0", &net, nonblocking).map_err(std::io::Error::other)
                 },
                 n.backend,
+                n.poll_us,
             )
         }
         VhostUserDeviceConfig::Rng(r) => {
-            run(config, || Ok(VirtioRng::new("virtio-rng0")), r.backend)
+            run(config, || Ok(VirtioRng::new("virtio-rng0")), r.backend, 0)
         }
     }
 }

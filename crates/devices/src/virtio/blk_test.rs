@@ -67,7 +67,7 @@ impl<'a> Rig<'a> {
         let features = dev.device_features();
         let mem = ram.memory().clone();
         let worker = match be {
-            Be::Epoll => Worker::spawn(dev, EpollBackend, mem),
+            Be::Epoll => Worker::spawn(dev, EpollBackend::default(), mem),
             Be::IoUring(n) => Worker::spawn(dev, IoUringBackend::new(n), mem),
         }
         .unwrap();

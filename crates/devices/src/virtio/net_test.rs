@@ -56,7 +56,7 @@ fn start(ram: &RamBus, kind: Kind, features: u64, rx: &TestDriver, tx: &TestDriv
     let counters = dev.counters();
     let mem = ram.memory().clone();
     let worker = match kind {
-        Kind::Epoll => Worker::spawn(dev, EpollBackend, mem),
+        Kind::Epoll => Worker::spawn(dev, EpollBackend::default(), mem),
         Kind::IoUring => Worker::spawn(dev, IoUringBackend::new(64), mem),
     }
     .unwrap();

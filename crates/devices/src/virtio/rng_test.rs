@@ -18,7 +18,7 @@ struct Rig {
 fn start_with(ram: &RamBus, features: u64, config: alioth_queue::QueueConfig) -> Rig {
     let worker = Worker::spawn(
         VirtioRng::new("virtio-rng0"),
-        EpollBackend,
+        EpollBackend::default(),
         ram.memory().clone(),
     )
     .unwrap();
@@ -34,6 +34,19 @@ fn start_with(ram: &RamBus, features: u64, config: alioth_queue::QueueConfig) ->
         irq: irq.clone(),
     });
     Rig { worker, irq, kick }
+}
+
+/// Starts `worker` on `d`'s one queue with the driver's features.
+fn start_queue(worker: &Worker, d: &TestDriver, kick: &Arc<EventFd>, irq: &Arc<EventFdIrq>) {
+    worker.wake(WakeEvent::Start {
+        features: d.features() | (1 << VIRTIO_F_VERSION_1),
+        queues: vec![Some(QueueSetup {
+            config: d.config(),
+            ioeventfd: kick.clone(),
+            base: 0,
+        })],
+        irq: irq.clone(),
+    });
 }
 
 fn start(ram: &RamBus, driver: &TestDriver) -> Rig {
@@ -184,22 +197,14 @@ fn a_blocking_kick_eventfd_is_made_non_blocking_so_a_spare_notification_cannot_s
         let dev = VirtioRng::new("virtio-rng0");
         let mem = ram.memory().clone();
         let worker = match backend {
-            "epoll" => Worker::spawn(dev, EpollBackend, mem),
+            "epoll" => Worker::spawn(dev, EpollBackend::default(), mem),
             _ => Worker::spawn(dev, alioth_io_uring::IoUringBackend::new(16), mem),
         }
         .unwrap();
         let irq = Arc::new(EventFdIrq::new(1).unwrap());
         // As a vhost-user frontend may pass it: without EFD_NONBLOCK.
         let kick = Arc::new(EventFd::new(0).unwrap());
-        worker.wake(WakeEvent::Start {
-            features: 1 << VIRTIO_F_VERSION_1,
-            queues: vec![Some(QueueSetup {
-                config: d.config(),
-                ioeventfd: kick.clone(),
-                base: 0,
-            })],
-            irq: irq.clone(),
-        });
+        start_queue(&worker, &d, &kick, &irq);
         let id = d.add(&[], &[8]).unwrap();
         kick.write(1).unwrap();
         assert!(wait_eventfd(&irq.queues[0], 5000), "{backend}");
@@ -219,5 +224,55 @@ fn a_blocking_kick_eventfd_is_made_non_blocking_so_a_spare_notification_cannot_s
         assert!(wait_eventfd(&irq.queues[0], 5000), "{backend}: stalled");
         assert_eq!(d.used(), Some((id, 8)));
         worker.shutdown();
+    }
+}
+
+#[test]
+fn a_polling_worker_serves_chains_without_notifications_and_suppresses_them() {
+    let ram = RamBus::new(MemoryMap::new(16 << 20).unwrap()).unwrap();
+    for format in [QueueFormat::Split, QueueFormat::Packed] {
+        for (backend, poll_us) in [
+            ("epoll", 0),
+            ("epoll", 200_000),
+            ("io_uring", 0),
+            ("io_uring", 200_000),
+        ] {
+            let what = format!("{format:?} {backend} poll_us={poll_us}");
+            let mut d = TestDriver::new(ram.memory(), format, 16, 0x10_0000, 0);
+            let dev = VirtioRng::new("virtio-rng0");
+            let mem = ram.memory().clone();
+            let worker = match backend {
+                "epoll" => Worker::spawn(dev, EpollBackend::polling(poll_us), mem),
+                _ => Worker::spawn(
+                    dev,
+                    alioth_io_uring::IoUringBackend::new(16).with_poll(poll_us),
+                    mem,
+                ),
+            }
+            .unwrap();
+            let irq = Arc::new(EventFdIrq::new(1).unwrap());
+            let kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+            start_queue(&worker, &d, &kick, &irq);
+            let id = d.add(&[], &[8]).unwrap();
+            kick.write(1).unwrap();
+            assert!(wait_eventfd(&irq.queues[0], 5000), "{what}");
+            assert_eq!(d.used(), Some((id, 8)));
+            // Right after the work, a polling worker watches the ring (for up to 200 ms here)
+            // with notifications suppressed; without polling it sleeps until a notification.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let id = d.add(&[], &[8]).unwrap();
+            if poll_us > 0 {
+                assert!(!d.kick_needed(), "{what}: notifications not suppressed");
+                assert!(wait_eventfd(&irq.queues[0], 5000), "{what}: not polled");
+                assert_eq!(d.used(), Some((id, 8)));
+            } else {
+                assert!(d.kick_needed(), "{what}");
+                assert!(!wait_eventfd(&irq.queues[0], 100), "{what}: served unasked");
+                kick.write(1).unwrap();
+                assert!(wait_eventfd(&irq.queues[0], 5000), "{what}");
+                assert_eq!(d.used(), Some((id, 8)));
+            }
+            worker.shutdown();
+        }
     }
 }
