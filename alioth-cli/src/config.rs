@@ -114,10 +114,14 @@ impl NetFile {
 /// Parses `--net tap=NAME|auto,mac=..,queues=N,queue_size=N,mtu=N,backend=B`.
 pub fn parse_net_flag(spec: &str) -> Result<NetFile> {
     let mut n = NetFile::default();
+    let mut seen = std::collections::HashSet::new();
     for item in spec.split(',').filter(|s| !s.is_empty()) {
         let Some((k, v)) = item.split_once('=') else {
             bail!("--net `{item}`: expected key=value");
         };
+        if !seen.insert(k) {
+            bail!("--net `{spec}`: `{k}` is given twice");
+        }
         let num = |what: &str| -> Result<u16> {
             v.parse().with_context(|| format!("--net {what}=`{v}`"))
         };
@@ -152,6 +156,8 @@ pub struct DiskFile {
     pub direct: Option<bool>,
     pub backend: Option<String>,
     pub poll_us: Option<u32>,
+    /// Take the image's lock (default on).
+    pub lock: Option<bool>,
 }
 
 /// The `[rng]` table.
@@ -197,10 +203,11 @@ impl DiskFile {
                 || self.queue_size.is_some()
                 || self.direct.is_some()
                 || self.backend.is_some()
-                || self.poll_us.is_some())
+                || self.poll_us.is_some()
+                || self.lock.is_some())
         {
             bail!(
-                "a vhost_user disk takes its settings from the backend; read_only, num_queues, queue_size, direct, backend and poll_us belong there"
+                "a vhost_user disk takes its settings from the backend; read_only, num_queues, queue_size, direct, backend, poll_us and lock belong there"
             );
         }
         Ok(DiskConfig {
@@ -211,6 +218,7 @@ impl DiskFile {
                 num_queues: self.num_queues.unwrap_or(DISK_QUEUES),
                 queue_size: self.queue_size.unwrap_or(DISK_QUEUE_SIZE),
                 direct: self.direct.unwrap_or(false),
+                lock: self.lock.unwrap_or(true),
             },
             backend: match &self.backend {
                 Some(b) => parse_backend(b)?,
@@ -233,6 +241,7 @@ pub fn parse_disk_flag(spec: &str) -> Result<DiskFile> {
             direct: None,
             backend: None,
             poll_us: None,
+            lock: None,
         });
     }
     let mut d = DiskFile {
@@ -244,16 +253,22 @@ pub fn parse_disk_flag(spec: &str) -> Result<DiskFile> {
         direct: None,
         backend: None,
         poll_us: None,
+        lock: None,
     };
+    let mut seen = std::collections::HashSet::new();
     for item in spec.split(',').filter(|s| !s.is_empty()) {
         let Some((k, v)) = item.split_once('=') else {
             bail!("--disk `{item}`: expected key=value");
         };
+        if !seen.insert(k) {
+            bail!("--disk `{spec}`: `{k}` is given twice");
+        }
         match k {
             "path" => d.path = Some(PathBuf::from(v)),
             "vhost_user" => d.vhost_user = Some(PathBuf::from(v)),
             "read_only" | "readonly" => d.read_only = Some(parse_bool(k, v)?),
             "direct" => d.direct = Some(parse_bool(k, v)?),
+            "lock" => d.lock = Some(parse_bool(k, v)?),
             "num_queues" => {
                 d.num_queues = Some(v.parse().with_context(|| format!("num_queues=`{v}`"))?)
             }
@@ -263,7 +278,7 @@ pub fn parse_disk_flag(spec: &str) -> Result<DiskFile> {
             "backend" => d.backend = Some(v.to_string()),
             "poll_us" => d.poll_us = Some(v.parse().with_context(|| format!("poll_us=`{v}`"))?),
             _ => bail!(
-                "--disk: unknown key `{k}` (path, vhost_user, read_only, num_queues, queue_size, direct, backend, poll_us)"
+                "--disk: unknown key `{k}` (path, vhost_user, read_only, num_queues, queue_size, direct, backend, poll_us, lock)"
             ),
         }
     }

@@ -352,3 +352,38 @@ fn a_tap_with_other_flags_is_a_usage_error_naming_what_is_needed() {
         assert_usage_error(&out, "multi_queue vnet_hdr");
     }
 }
+
+#[test]
+fn a_disk_another_process_holds_is_a_usage_error_and_duplicate_keys_too() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let k = dir.path().join("k");
+    std::fs::write(&k, "x").unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let (k, img_s) = (k.to_str().unwrap(), img.to_str().unwrap());
+    let spec = format!("path={img_s},path={img_s}");
+    let out = alioth(&["boot", "--kernel", k, "--serial", "off", "--disk", &spec]);
+    assert_usage_error(&out, "`path` is given twice");
+    // Another "VM" holds a write lock on the image, as Alioth and QEMU take it.
+    let holder = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    // SAFETY: flock is plain data; zero is valid and the fields used are set.
+    let mut l: libc::flock = unsafe { std::mem::zeroed() };
+    l.l_type = libc::F_WRLCK as libc::c_short;
+    l.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: fcntl on a descriptor `holder` owns with a valid flock.
+    let r = unsafe { libc::fcntl(holder.as_raw_fd(), libc::F_OFD_SETLK, &mut l) };
+    assert_eq!(r, 0);
+    let out = alioth(&["boot", "--kernel", k, "--serial", "off", "--disk", img_s]);
+    assert_usage_error(&out, "locked by another process");
+    let ro = format!("path={img_s},read_only=on");
+    let out = alioth(&["boot", "--kernel", k, "--serial", "off", "--disk", &ro]);
+    assert_usage_error(&out, "a write lock");
+}

@@ -93,6 +93,7 @@ fn device(path: &std::path::Path, uring: bool, qd: usize, secs: f64) -> f64 {
         num_queues: 1,
         queue_size: 256,
         direct: false,
+        lock: true,
     };
     let dev = VirtioBlk::open("virtio-blk0", &cfg).unwrap();
     let features = dev.device_features();

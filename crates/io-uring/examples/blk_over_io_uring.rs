@@ -58,6 +58,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             num_queues: 1,
             queue_size: 64,
             direct: false,
+            lock: true,
         },
     )?;
     let features = blk.device_features();

@@ -118,6 +118,7 @@ fn blk_device(image: &std::path::Path) -> VhostUserDevice<VirtioBlk, EpollBacken
         num_queues: 1,
         queue_size: 64,
         direct: false,
+        lock: true,
     };
     VhostUserDevice::new(
         move || VirtioBlk::open("virtio-blk0", &cfg).map_err(std::io::Error::other),

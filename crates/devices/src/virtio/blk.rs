@@ -78,6 +78,9 @@ pub struct BlkConfig {
     pub queue_size: u16,
     /// Bypass the host page cache (O_DIRECT).
     pub direct: bool,
+    /// Take an OFD lock on the image (shared when read-only, exclusive otherwise), as QEMU and
+    /// Cloud Hypervisor do, so that two VMs cannot write one image.
+    pub lock: bool,
 }
 
 /// Errors opening a disk.
@@ -91,6 +94,16 @@ pub enum BlkError {
         /// The OS error.
         #[source]
         source: std::io::Error,
+    },
+    /// Another process holds a conflicting lock on the image.
+    #[error(
+        "disk {path}: the image is locked by another process ({held} lock; another VM using it?); lock=off overrides"
+    )]
+    Locked {
+        /// The image.
+        path: PathBuf,
+        /// "a write" or "a read" lock.
+        held: &'static str,
     },
     /// A setting is out of range.
     #[error("disk {path}: {reason}")]
@@ -131,6 +144,50 @@ struct Pending {
     zero: Option<(u64, u64)>,
 }
 
+enum LockError {
+    Held(&'static str),
+    Os(std::io::Error),
+}
+
+fn flock(kind: libc::c_int) -> libc::flock {
+    // SAFETY: flock is plain data; all-zero is a valid value, the fields that matter are set.
+    let mut l: libc::flock = unsafe { std::mem::zeroed() };
+    l.l_type = kind as libc::c_short;
+    l.l_whence = libc::SEEK_SET as libc::c_short;
+    l.l_start = 0;
+    l.l_len = 0; // the whole file
+    l
+}
+
+/// Takes an OFD lock on the whole image: shared for reading, exclusive for writing. The lock
+/// belongs to this open file description and goes with it.
+fn lock_image(file: &File, read_only: bool) -> Result<(), LockError> {
+    let mut l = flock(if read_only {
+        libc::F_RDLCK
+    } else {
+        libc::F_WRLCK
+    });
+    // SAFETY: fcntl on a descriptor `file` owns with a valid flock.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut l) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if !matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
+        return Err(LockError::Os(e));
+    }
+    // Which kind of lock is in the way (OFD locks do not name a process).
+    let mut probe = flock(libc::F_WRLCK);
+    // SAFETY: as above.
+    let held = if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut probe) } == 0
+        && i32::from(probe.l_type) == libc::F_RDLCK
+    {
+        "a read"
+    } else {
+        "a write"
+    };
+    Err(LockError::Held(held))
+}
+
 impl VirtioBlk {
     /// Opens the image of `cfg` for the device called `name`.
     pub fn open(name: &str, cfg: &BlkConfig) -> Result<Self, BlkError> {
@@ -158,6 +215,18 @@ impl VirtioBlk {
         let meta = file.metadata().map_err(open_err)?;
         if !meta.is_file() {
             return Err(bad("not a regular file (raw images only)"));
+        }
+        if cfg.lock {
+            lock_image(&file, cfg.read_only).map_err(|e| match e {
+                LockError::Held(held) => BlkError::Locked {
+                    path: path.clone(),
+                    held,
+                },
+                LockError::Os(source) => BlkError::Open {
+                    path: path.clone(),
+                    source,
+                },
+            })?;
         }
         let size = meta.len();
         if size % SECTOR_SIZE != 0 {

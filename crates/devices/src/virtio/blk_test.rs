@@ -35,6 +35,7 @@ fn cfg(path: &Path) -> BlkConfig {
         num_queues: 1,
         queue_size: 64,
         direct: false,
+        lock: true,
     }
 }
 
@@ -510,4 +511,45 @@ fn write_zeroes_works_on_a_filesystem_without_zero_range() {
                 .all(|b| *b == 0xa5)
         );
     }
+}
+
+#[test]
+fn a_writable_image_is_locked_against_other_openers_and_readers_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let c = |read_only: bool, lock: bool| BlkConfig {
+        read_only,
+        lock,
+        ..cfg(&path)
+    };
+    let rw = VirtioBlk::open("virtio-blk0", &c(false, true)).unwrap();
+    for ro in [false, true] {
+        let e = VirtioBlk::open("virtio-blk1", &c(ro, true)).err().unwrap();
+        assert!(
+            matches!(
+                e,
+                BlkError::Locked {
+                    held: "a write",
+                    ..
+                }
+            ),
+            "read_only={ro}: {e}"
+        );
+        assert!(e.to_string().contains("lock=off"), "{e}");
+    }
+    // lock=off opens it anyway.
+    VirtioBlk::open("virtio-blk1", &c(false, false)).unwrap();
+    drop(rw);
+    // Readers share; a writer is refused while they hold it.
+    let r1 = VirtioBlk::open("virtio-blk0", &c(true, true)).unwrap();
+    let _r2 = VirtioBlk::open("virtio-blk1", &c(true, true)).unwrap();
+    let e = VirtioBlk::open("virtio-blk2", &c(false, true))
+        .err()
+        .unwrap();
+    assert!(matches!(e, BlkError::Locked { held: "a read", .. }), "{e}");
+    drop(r1);
 }
