@@ -22,7 +22,9 @@ mod vm;
 
 pub use alioth_arch::{BootCpuState, CpuMode};
 pub use cpuid::{CpuFeature, CpuFeatureEdit, Cpuid, CpuidEntry, parse_cpu_features};
-pub use vcpu::{InternalError, Regs, Vcpu, VcpuKicker, VmExit, install_kick_signal_handler};
+pub use vcpu::{
+    InternalError, Regs, Vcpu, VcpuKicker, VcpuThread, VmExit, install_kick_signal_handler,
+};
 pub use vm::{DataMatch, GsiRoute, IoEventAddress, IrqChip, Vm};
 pub use vmm_sys_util::eventfd::EventFd;
 

@@ -1,8 +1,9 @@
 //! vCPUs: boot state, the run loop's exits and the kick that stops a running vCPU.
 
-use std::cell::Cell;
-use std::ptr::null_mut;
-use std::sync::Once;
+use std::cell::{Cell, RefCell};
+use std::ptr::{null, null_mut};
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::{Arc, Once};
 
 use kvm_bindings::{
     KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, Msrs, kvm_fpu,
@@ -15,9 +16,33 @@ use alioth_arch::{BootCpuState, CpuMode};
 use crate::cpuid::Cpuid;
 use crate::{Error, Result};
 
+/// Where a kick of a thread lands: the `immediate_exit` byte of the vCPU bound to the thread.
+/// The thread (through [`BoundSlot`]) and the vCPU share it, so whichever goes first leaves the
+/// other nothing dangling: a vCPU dropped on another thread than the one it ran on clears the
+/// target here, and waits for a handler that is writing through it.
+struct KickSlot {
+    /// The vCPU's `immediate_exit` byte; null once the vCPU is gone.
+    target: AtomicPtr<u8>,
+    /// Kick handlers between loading `target` and their write through it.
+    writers: AtomicUsize,
+}
+
+/// This thread's binding: the slot, kept alive for as long as the handler may read `SLOT`.
+struct BoundSlot(Option<Arc<KickSlot>>);
+
+impl Drop for BoundSlot {
+    fn drop(&mut self) {
+        // The handler must stop reading the slot before its last reference can go.
+        SLOT.with(|c| c.set(null()));
+    }
+}
+
 thread_local! {
-    /// The `immediate_exit` byte of the vCPU this thread is running, for the kick signal handler.
-    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(null_mut()) };
+    /// The slot of the vCPU this thread is bound to, for the signal handler (a plain pointer:
+    /// const-initialised, no destructor, so it is readable from a handler at any time).
+    static SLOT: Cell<*const KickSlot> = const { Cell::new(null()) };
+    /// Owns that slot while `SLOT` points at it.
+    static BOUND: RefCell<BoundSlot> = const { RefCell::new(BoundSlot(None)) };
 }
 
 /// The signal used to kick a vCPU thread out of `KVM_RUN`.
@@ -26,14 +51,23 @@ fn kick_signal() -> libc::c_int {
 }
 
 extern "C" fn handle_kick(_: libc::c_int) {
-    // Only async-signal-safe work: a const-initialised thread local and a volatile store.
-    let p = IMMEDIATE_EXIT.with(|c| c.get());
-    if !p.is_null() {
-        // SAFETY: the pointer is set by `Vcpu::run` on this very thread to the `immediate_exit`
-        // byte of the vCPU's `kvm_run` mapping, which lives as long as the `Vcpu`; `Vcpu::drop`
-        // clears it before that mapping goes away.
-        unsafe { std::ptr::write_volatile(p, 1) };
+    // Only async-signal-safe work: a const-initialised thread local, atomics, a volatile store.
+    let p = SLOT.with(|c| c.get());
+    if p.is_null() {
+        return;
     }
+    // SAFETY: `SLOT` points at the slot `BOUND` keeps alive on this very thread (it is set only
+    // after `BOUND` owns the slot, and cleared before `BOUND` lets it go).
+    let slot = unsafe { &*p };
+    slot.writers.fetch_add(1, Ordering::SeqCst);
+    let target = slot.target.load(Ordering::SeqCst);
+    if !target.is_null() {
+        // SAFETY: a non-null target is the `immediate_exit` byte of a live vCPU's `kvm_run`
+        // mapping: `Vcpu::drop` nulls it and then waits until `writers` is 0 before the
+        // mapping can go, and this handler counted itself in `writers` before loading it.
+        unsafe { std::ptr::write_volatile(target, 1) };
+    }
+    slot.writers.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// Installs the (process-wide) handler of the vCPU kick signal. [`Vm::create_vcpu`] users call
@@ -54,35 +88,68 @@ pub fn install_kick_signal_handler() {
     });
 }
 
-/// A handle that forces a vCPU thread out of `KVM_RUN` (the run returns [`VmExit::Interrupted`]).
+/// A handle that forces a thread out of `KVM_RUN` (the run returns [`VmExit::Interrupted`]),
+/// made for the calling thread. For a thread spawned to run a vCPU, [`VcpuThread`] does the
+/// same with the thread's lifetime enforced.
 #[derive(Debug, Clone, Copy)]
 pub struct VcpuKicker {
     thread: libc::pthread_t,
 }
 
 impl VcpuKicker {
-    /// A kicker for the calling thread; the vCPU must be run on this thread.
-    pub fn for_current_thread() -> Self {
+    /// A kicker for the calling thread (which runs the vCPU).
+    ///
+    /// # Safety
+    /// The kicker (and its copies) must not be used after the calling thread has ended and been
+    /// joined or detached: its id may then name another thread, or nothing.
+    pub unsafe fn for_current_thread() -> Self {
         VcpuKicker {
             // SAFETY: pthread_self has no preconditions.
             thread: unsafe { libc::pthread_self() },
         }
     }
 
-    /// A kicker for the thread behind `handle`, which must run the vCPU.
-    pub fn for_thread<T>(handle: &std::thread::JoinHandle<T>) -> Self {
-        use std::os::unix::thread::JoinHandleExt;
-        VcpuKicker {
-            thread: handle.as_pthread_t(),
-        }
+    /// Kicks the thread.
+    pub fn kick(&self) {
+        // SAFETY: the id names a live (or finished but unjoined) thread: the constructor's
+        // contract. The signal's handler is installed by `install_kick_signal_handler` (without
+        // it the signal's default action applies, which is sound, if fatal).
+        unsafe { libc::pthread_kill(self.thread, kick_signal()) };
+    }
+}
+
+/// A thread that runs a vCPU and can be kicked out of `KVM_RUN` until it is joined: the
+/// join consumes the handle, so no kick can reach a joined thread's reused id.
+#[derive(Debug)]
+pub struct VcpuThread<T> {
+    handle: std::thread::JoinHandle<T>,
+}
+
+impl<T: Send + 'static> VcpuThread<T> {
+    /// Spawns thread `name` running `f`.
+    pub fn spawn(name: String, f: impl FnOnce() -> T + Send + 'static) -> std::io::Result<Self> {
+        let handle = std::thread::Builder::new().name(name).spawn(f)?;
+        Ok(VcpuThread { handle })
     }
 
-    /// Kicks the thread. The thread must not have been joined yet (a finished but unjoined
-    /// thread is fine: its id stays valid).
+    /// Kicks the thread out of `KVM_RUN` (or makes its next run return at once, if its vCPU is
+    /// bound with [`Vcpu::bind_kick_to_current_thread`]).
     pub fn kick(&self) {
-        // SAFETY: the id names a thread that has not been joined (the caller's contract); the
-        // signal's handler is installed by `install_kick_signal_handler`.
-        unsafe { libc::pthread_kill(self.thread, kick_signal()) };
+        use std::os::unix::thread::JoinHandleExt;
+        // SAFETY: `self` owns the unjoined JoinHandle, so the pthread id stays valid (a
+        // finished thread's id is kept until it is joined). The handler is installed by
+        // `install_kick_signal_handler`.
+        unsafe { libc::pthread_kill(self.handle.as_pthread_t(), kick_signal()) };
+    }
+
+    /// Whether the thread has finished.
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// Waits for the thread.
+    pub fn join(self) -> std::thread::Result<T> {
+        self.handle.join()
     }
 }
 
@@ -284,11 +351,20 @@ fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
 pub struct Vcpu {
     fd: VcpuFd,
     id: u32,
+    slot: Arc<KickSlot>,
 }
 
 impl Vcpu {
-    pub(crate) fn new(fd: VcpuFd, id: u32) -> Self {
-        Vcpu { fd, id }
+    pub(crate) fn new(mut fd: VcpuFd, id: u32) -> Self {
+        let target: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
+        Vcpu {
+            fd,
+            id,
+            slot: Arc::new(KickSlot {
+                target: AtomicPtr::new(target),
+                writers: AtomicUsize::new(0),
+            }),
+        }
     }
 
     /// The vCPU's index (also its APIC ID).
@@ -457,9 +533,14 @@ impl Vcpu {
     /// not in `KVM_RUN` makes the next [`Vcpu::run`] return [`VmExit::Interrupted`] at once.
     /// Call it on the vCPU's thread before checking any stop condition, so no kick is lost.
     pub fn bind_kick_to_current_thread(&mut self) {
-        let run = self.fd.get_kvm_run();
-        let ie: *mut u8 = &mut run.immediate_exit;
-        IMMEDIATE_EXIT.with(|c| c.set(ie));
+        if SLOT.with(|c| c.get()) == Arc::as_ptr(&self.slot) {
+            return;
+        }
+        // Point the handler at this vCPU's slot (alive: `self` holds it) before the previous
+        // binding's slot may be released.
+        SLOT.with(|c| c.set(Arc::as_ptr(&self.slot)));
+        let previous = BOUND.with(|b| b.borrow_mut().0.replace(self.slot.clone()));
+        drop(previous);
     }
 
     /// Runs the guest until the next exit that needs userspace.
@@ -473,20 +554,13 @@ impl Vcpu {
             }
             Err(e) => return Err(Error::ioctl("RUN")(e)),
         };
-        // Raw views of the data buffers, so the io size/count can be read from kvm_run below.
-        let (raw_ptr, raw_len, kind) = match exit {
-            VcpuExit::IoIn(port, data) => (data.as_mut_ptr(), data.len(), Pending::IoIn(port)),
-            VcpuExit::IoOut(port, data) => {
-                (data.as_ptr().cast_mut(), data.len(), Pending::IoOut(port))
-            }
-            VcpuExit::MmioRead(addr, data) => {
-                (data.as_mut_ptr(), data.len(), Pending::MmioRead(addr))
-            }
-            VcpuExit::MmioWrite(addr, data) => (
-                data.as_ptr().cast_mut(),
-                data.len(),
-                Pending::MmioWrite(addr),
-            ),
+        // Only what the exit says is kept (ports, addresses); the data is then viewed through
+        // one `&mut kvm_run`, so no pointer derived from an earlier borrow outlives it.
+        let kind = match exit {
+            VcpuExit::IoIn(port, _) => Pending::IoIn(port),
+            VcpuExit::IoOut(port, _) => Pending::IoOut(port),
+            VcpuExit::MmioRead(addr, _) => Pending::MmioRead(addr),
+            VcpuExit::MmioWrite(addr, _) => Pending::MmioWrite(addr),
             VcpuExit::Hlt => return Ok(VmExit::Hlt),
             VcpuExit::Shutdown => return Ok(VmExit::Shutdown),
             VcpuExit::Intr => return Ok(VmExit::Interrupted),
@@ -499,7 +573,7 @@ impl Vcpu {
                     _ => VmExit::Other(kvm_bindings::KVM_EXIT_SYSTEM_EVENT),
                 });
             }
-            VcpuExit::InternalError => (null_mut(), 0, Pending::Internal),
+            VcpuExit::InternalError => Pending::Internal,
             VcpuExit::Unsupported(n) => return Ok(VmExit::Other(n)),
             _ => {
                 let n = self.fd.get_kvm_run().exit_reason;
@@ -519,21 +593,36 @@ impl Vcpu {
                 }))
             }
             Pending::IoIn(port) | Pending::IoOut(port) => {
-                // SAFETY: exit_reason is KVM_EXIT_IO, so `io` is the live union member.
-                let size = unsafe { run.__bindgen_anon_1.io.size };
-                // SAFETY: the pointer and length come from the slice kvm-ioctls built over the
-                // vCPU's kvm_run mapping, which outlives `&mut self`; nothing else refers to it
-                // while the returned exit borrows `self` mutably.
-                let data = unsafe { std::slice::from_raw_parts_mut(raw_ptr, raw_len) };
+                // SAFETY: exit_reason is KVM_EXIT_IO, so `io` is the live union member (plain
+                // data, copied out).
+                let io = unsafe { run.__bindgen_anon_1.io };
+                let len = usize::from(io.size) * io.count as usize;
+                let base: *mut u8 = (run as *mut kvm_bindings::kvm_run).cast();
+                // SAFETY: KVM puts the `count` elements of `size` bytes at `data_offset` inside
+                // the vCPU's kvm_run mapping (as kvm-ioctls relies on too); the slice is derived
+                // from the one `&mut kvm_run` and borrows `self` mutably for its life.
+                let data = unsafe {
+                    std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), len)
+                };
                 Ok(if matches!(kind, Pending::IoIn(_)) {
-                    VmExit::IoIn { port, size, data }
+                    VmExit::IoIn {
+                        port,
+                        size: io.size,
+                        data,
+                    }
                 } else {
-                    VmExit::IoOut { port, size, data }
+                    VmExit::IoOut {
+                        port,
+                        size: io.size,
+                        data,
+                    }
                 })
             }
             Pending::MmioRead(addr) | Pending::MmioWrite(addr) => {
-                // SAFETY: as above, for the mmio data bytes inside kvm_run.
-                let data = unsafe { std::slice::from_raw_parts_mut(raw_ptr, raw_len) };
+                // SAFETY: exit_reason is KVM_EXIT_MMIO, so `mmio` is the live union member.
+                let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+                let len = (mmio.len as usize).min(mmio.data.len());
+                let data = &mut mmio.data[..len];
                 Ok(if matches!(kind, Pending::MmioRead(_)) {
                     VmExit::MmioRead { addr, data }
                 } else {
@@ -554,13 +643,12 @@ enum Pending {
 
 impl Drop for Vcpu {
     fn drop(&mut self) {
-        let run = self.fd.get_kvm_run();
-        let ie: *mut u8 = &mut run.immediate_exit;
-        IMMEDIATE_EXIT.with(|c| {
-            if c.get() == ie {
-                c.set(null_mut());
-            }
-        });
+        // Whatever thread this vCPU was bound to, its kicks stop landing in our kvm_run, and a
+        // handler already writing there finishes before the mapping goes (with `fd`, after this).
+        self.slot.target.store(null_mut(), Ordering::SeqCst);
+        while self.slot.writers.load(Ordering::SeqCst) != 0 {
+            std::hint::spin_loop();
+        }
     }
 }
 

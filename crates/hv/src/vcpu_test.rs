@@ -156,7 +156,8 @@ fn kick_interrupts_a_spinning_vcpu() {
         a.pause().unwrap();
         a.jmp(spin).unwrap();
     });
-    let kicker = crate::VcpuKicker::for_current_thread();
+    // SAFETY: the thread that uses the kicker is joined before this test ends.
+    let kicker = unsafe { crate::VcpuKicker::for_current_thread() };
     let t = std::thread::spawn(move || {
         std::thread::sleep(std::time::Duration::from_millis(200));
         kicker.kick();
@@ -190,4 +191,64 @@ fn emulation_failure_bytes_follow_the_size_byte() {
         data: vec![0, 0, 0],
     };
     assert_eq!(no_bytes.insn_bytes(), None);
+}
+
+#[test]
+fn a_vcpu_dropped_on_another_thread_leaves_no_dangling_kick_target() {
+    crate::install_kick_signal_handler();
+    let g = TestGuest::new(|a| {
+        a.hlt().unwrap();
+    });
+    let TestGuest {
+        mut vcpu, vm, kvm, ..
+    } = g;
+    // Bound here (as `run` does), then dropped on another thread: its kvm_run mapping goes.
+    vcpu.bind_kick_to_current_thread();
+    std::thread::spawn(move || drop(vcpu)).join().unwrap();
+    // A kick of this thread now must not write into the unmapped kvm_run (before the fix it
+    // did: SIGSEGV, or a write into whatever was mapped there since).
+    // SAFETY: the kicker is used on this thread only, while it runs.
+    let kicker = unsafe { crate::VcpuKicker::for_current_thread() };
+    for _ in 0..100 {
+        kicker.kick();
+    }
+    // A vCPU bound afterwards still gets kicks: a fresh VM with a spinning guest.
+    drop((vm, kvm));
+    let mut g = TestGuest::new(|a| {
+        let mut spin = a.create_label();
+        a.set_label(&mut spin).unwrap();
+        a.pause().unwrap();
+        a.jmp(spin).unwrap();
+    });
+    g.vcpu.bind_kick_to_current_thread();
+    kicker.kick();
+    assert!(matches!(g.vcpu.run().unwrap(), VmExit::Interrupted));
+}
+
+#[test]
+fn a_vcpu_thread_can_be_kicked_until_joined() {
+    crate::install_kick_signal_handler();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = crate::VcpuThread::spawn("vcpu-test".into(), move || {
+        let mut g = TestGuest::new(|a| {
+            let mut spin = a.create_label();
+            a.set_label(&mut spin).unwrap();
+            a.pause().unwrap();
+            a.jmp(spin).unwrap();
+        });
+        tx.send(()).unwrap();
+        matches!(g.vcpu.run(), Ok(VmExit::Interrupted))
+    })
+    .unwrap();
+    rx.recv().unwrap();
+    // Kick until the run returns (the first kick may land just before KVM_RUN; the binding
+    // makes that run return at once, and a later kick covers a miss).
+    while !t.is_finished() {
+        t.kick();
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        t.join().unwrap(),
+        "the run ended otherwise than by the kick"
+    );
 }

@@ -6,7 +6,6 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use alioth_boot::acpi::{AcpiConfig, LegacySerial, PmPorts};
@@ -16,7 +15,7 @@ use alioth_devices::virtio::blk::VirtioBlk;
 use alioth_devices::virtio::net::VirtioNet;
 use alioth_devices::virtio::rng::VirtioRng;
 use alioth_devices::{EventSink, VmEvent, acpi_pm, cmos, exit, i8042};
-use alioth_hv::{EventFd, Kvm, Vcpu, VcpuKicker, Vm, VmExit, install_kick_signal_handler};
+use alioth_hv::{EventFd, Kvm, Vcpu, VcpuThread, Vm, VmExit, install_kick_signal_handler};
 use alioth_mem::layout::{ECAM_BASE, ECAM_SIZE, MMIO32_START, PCI_MMIO_END, PCI_MMIO_START};
 use alioth_mem::{Bus, BusDevice, MemoryMap, RamBus};
 use alioth_pci::{CONFIG_IO_LEN, CONFIG_IO_PORT, PciBus, PciConfigIo, PciEcam};
@@ -491,6 +490,14 @@ impl Machine {
             ram,
             ..
         } = self;
+        // Dropped in field order on every path out of here: the devices (they hold guest memory
+        // and the VM), then the VM (its memory slots point into guest RAM), then guest RAM, as
+        // `Vm::set_memory_slot` requires.
+        let owned = Owned {
+            virtio,
+            _vm: vm,
+            _ram: ram,
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = channel::<String>();
 
@@ -548,7 +555,7 @@ impl Machine {
             );
         }
 
-        let mut threads: Vec<(String, JoinHandle<()>, VcpuKicker)> = Vec::new();
+        let mut threads: Vec<(String, VcpuThread<()>)> = Vec::new();
         for vcpu in vcpus {
             let id = vcpu.id();
             let name = format!("vcpu{id}");
@@ -560,21 +567,18 @@ impl Machine {
             };
             let done = done_tx.clone();
             let thread_name = name.clone();
-            let h = std::thread::Builder::new()
-                .name(name.clone())
-                .spawn(move || {
-                    let r = std::panic::catch_unwind(AssertUnwindSafe(|| ctx.run_vcpu(vcpu)));
-                    if let Err(p) = r {
-                        let msg = panic_message(&p);
-                        let _ = ctx
-                            .tx
-                            .send(Event::VcpuFailed(id, format!("panicked: {msg}")));
-                    }
-                    let _ = done.send(thread_name);
-                })
-                .map_err(io_err(format!("spawning {name}")))?;
-            let kicker = VcpuKicker::for_thread(&h);
-            threads.push((name, h, kicker));
+            let h = VcpuThread::spawn(name.clone(), move || {
+                let r = std::panic::catch_unwind(AssertUnwindSafe(|| ctx.run_vcpu(vcpu)));
+                if let Err(p) = r {
+                    let msg = panic_message(&p);
+                    let _ = ctx
+                        .tx
+                        .send(Event::VcpuFailed(id, format!("panicked: {msg}")));
+                }
+                let _ = done.send(thread_name);
+            })
+            .map_err(io_err(format!("spawning {name}")))?;
+            threads.push((name, h));
         }
         drop(done_tx);
 
@@ -597,8 +601,8 @@ impl Machine {
         // Stop everything: flag first, then kick, so no vCPU can miss it.
         stop.store(true, Ordering::SeqCst);
         let _ = input_stop.write(1);
-        for (_, _, kicker) in &threads {
-            kicker.kick();
+        for (_, t) in &threads {
+            t.kick();
         }
         let deadline = Instant::now() + STOP_GRACE;
         let mut pending: Vec<String> = threads.iter().map(|t| t.0.clone()).collect();
@@ -609,36 +613,47 @@ impl Machine {
                 Err(_) => break,
             }
             // Kick again in case a vCPU was between exits when the first kick landed.
-            for (name, _, kicker) in &threads {
+            for (name, t) in &threads {
                 if pending.contains(name) {
-                    kicker.kick();
+                    t.kick();
                 }
             }
         }
         if pending.is_empty() {
-            for (_, h, _) in threads {
-                let _ = h.join();
+            for (_, t) in threads {
+                let _ = t.join();
             }
         } else {
             log::error!(
                 "{} did not stop within {STOP_GRACE:?}; leaving them behind",
                 pending.join(", ")
             );
-            // The threads still hold the RAM and VM; keep them alive for the process's life.
-            std::mem::forget(ram);
-            std::mem::forget(vm);
+            // The threads still use the RAM and VM; keep them alive for the process's life.
+            std::mem::forget(owned);
+            drop(_raw);
+            return outcome;
         }
         if let Some(h) = input_thread {
             // The input thread polls the stop eventfd and ends promptly.
             let _ = h.join();
         }
         // Devices finish their in-flight requests before the machine is gone.
-        for d in &virtio {
+        for d in &owned.virtio {
             d.shutdown();
         }
+        drop(owned);
         drop(_raw);
         outcome
     }
+}
+
+/// What `Machine::run` must drop in this order (struct fields drop in declaration order).
+struct Owned {
+    virtio: Vec<VirtioPci>,
+    /// Held only to be dropped after the devices.
+    _vm: Arc<Vm>,
+    /// Held only to be dropped after the VM.
+    _ram: Arc<RamBus>,
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {

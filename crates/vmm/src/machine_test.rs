@@ -15,7 +15,8 @@ fn config(kernel: std::path::PathBuf) -> VmConfig {
 /// Runs the boot vCPU on this thread, kicking it every `slice` to sample RIP, until `total`.
 fn sample_rips(m: &mut Machine, slice: Duration, total: Duration) -> Vec<u64> {
     install_kick_signal_handler();
-    let kicker = VcpuKicker::for_current_thread();
+    // SAFETY: the ticker that uses the kicker is joined before this function returns.
+    let kicker = unsafe { alioth_hv::VcpuKicker::for_current_thread() };
     let deadline = Instant::now() + total;
     let (tx, rx) = channel::<()>();
     let ticker = std::thread::spawn(move || {
