@@ -29,6 +29,7 @@ pub mod acpi_pm;
 pub mod cmos;
 pub mod exit;
 pub mod i8042;
+pub mod ioapic;
 pub mod serial;
 pub mod tap;
 pub mod virtio;

@@ -25,7 +25,7 @@ pub use cpuid::{CpuFeature, CpuFeatureEdit, Cpuid, CpuidEntry, parse_cpu_feature
 pub use vcpu::{
     InternalError, Regs, Vcpu, VcpuKicker, VcpuThread, VmExit, install_kick_signal_handler,
 };
-pub use vm::{DataMatch, GsiRoute, IoEventAddress, IrqChip, Vm};
+pub use vm::{DataMatch, GsiRoute, IOAPIC_PINS, IoEventAddress, Vm};
 pub use vmm_sys_util::eventfd::EventFd;
 
 use kvm_ioctls::Cap;
@@ -95,7 +95,7 @@ impl Kvm {
             (Cap::Irqfd, "IRQFD"),
             (Cap::IrqRouting, "IRQ_ROUTING"),
             (Cap::ImmediateExit, "IMMEDIATE_EXIT"),
-            (Cap::Pit2, "PIT2"),
+            (Cap::SplitIrqchip, "SPLIT_IRQCHIP"),
         ] {
             if !kvm.check_extension(cap) {
                 return Err(Error::MissingCap(name));
@@ -123,7 +123,8 @@ impl Kvm {
         Ok(Cpuid::from_kvm(&cpuid))
     }
 
-    /// Creates a VM with an in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT.
+    /// Creates a VM with the split irqchip: local APICs in the kernel, the I/O APIC left to
+    /// userspace (see [`Vm`]).
     pub fn create_vm(&self) -> Result<Vm> {
         Vm::new(&self.kvm)
     }

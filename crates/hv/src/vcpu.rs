@@ -191,6 +191,12 @@ pub enum VmExit<'a> {
     },
     /// The guest executed HLT with no in-kernel LAPIC to wait on it.
     Hlt,
+    /// The guest signalled the end of a level-triggered interrupt routed through the userspace
+    /// I/O APIC (split irqchip).
+    IoapicEoi {
+        /// The interrupt vector.
+        vector: u8,
+    },
     /// Triple fault or similar: the guest is gone (a reset, for a PC).
     Shutdown,
     /// The guest asked for a reset through a system event.
@@ -562,6 +568,7 @@ impl Vcpu {
             VcpuExit::MmioRead(addr, _) => Pending::MmioRead(addr),
             VcpuExit::MmioWrite(addr, _) => Pending::MmioWrite(addr),
             VcpuExit::Hlt => return Ok(VmExit::Hlt),
+            VcpuExit::IoapicEoi(vector) => return Ok(VmExit::IoapicEoi { vector }),
             VcpuExit::Shutdown => return Ok(VmExit::Shutdown),
             VcpuExit::Intr => return Ok(VmExit::Interrupted),
             VcpuExit::FailEntry(reason, _) => return Ok(VmExit::FailEntry { reason }),

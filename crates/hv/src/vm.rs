@@ -1,9 +1,8 @@
 //! The VM: memory slots, ioeventfds, irqfds and interrupt routing.
 
 use kvm_bindings::{
-    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY, KvmIrqRouting,
-    kvm_irq_routing_entry, kvm_msi, kvm_pit_config, kvm_userspace_memory_region,
+    KVM_IRQ_ROUTING_MSI, KVM_MEM_READONLY, KvmIrqRouting, kvm_irq_routing_entry, kvm_msi,
+    kvm_userspace_memory_region,
 };
 use kvm_ioctls::{NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -41,29 +40,10 @@ pub enum DataMatch {
     U64(u64),
 }
 
-/// An interrupt controller pin of the in-kernel irqchip.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IrqChip {
-    /// The master 8259 PIC (pins 0-7).
-    PicMaster,
-    /// The slave 8259 PIC (pins 0-7, IRQ 8-15).
-    PicSlave,
-    /// The IOAPIC (pins 0-23).
-    IoApic,
-}
-
-/// One entry of the GSI routing table.
+/// One entry of the GSI routing table. With the split irqchip every route is an MSI: the
+/// userspace I/O APIC turns its pins' redirection entries into MSI routes for GSIs 0-23.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GsiRoute {
-    /// A GSI that drives a pin of the in-kernel irqchip.
-    Irqchip {
-        /// The GSI number.
-        gsi: u32,
-        /// The chip.
-        chip: IrqChip,
-        /// The pin on the chip.
-        pin: u32,
-    },
     /// A GSI that sends an MSI message.
     Msi {
         /// The GSI number.
@@ -76,46 +56,9 @@ pub enum GsiRoute {
 }
 
 impl GsiRoute {
-    /// The routes KVM installs by default with an in-kernel irqchip: GSI 0-15 to the PICs and the
-    /// IOAPIC, GSI 16-23 to the IOAPIC. A routing table set later replaces the whole table, so
-    /// users start from these and add their MSI routes.
-    pub fn default_irqchip_routes() -> Vec<GsiRoute> {
-        let mut routes = Vec::with_capacity(40);
-        for gsi in 0..24u32 {
-            if gsi < 16 {
-                let chip = if gsi < 8 {
-                    IrqChip::PicMaster
-                } else {
-                    IrqChip::PicSlave
-                };
-                routes.push(GsiRoute::Irqchip {
-                    gsi,
-                    chip,
-                    pin: gsi % 8,
-                });
-            }
-            routes.push(GsiRoute::Irqchip {
-                gsi,
-                chip: IrqChip::IoApic,
-                pin: gsi,
-            });
-        }
-        routes
-    }
-
     fn to_kvm(self) -> kvm_irq_routing_entry {
         let mut entry = kvm_irq_routing_entry::default();
         match self {
-            GsiRoute::Irqchip { gsi, chip, pin } => {
-                entry.gsi = gsi;
-                entry.type_ = KVM_IRQ_ROUTING_IRQCHIP;
-                entry.u.irqchip.irqchip = match chip {
-                    IrqChip::PicMaster => KVM_IRQCHIP_PIC_MASTER,
-                    IrqChip::PicSlave => KVM_IRQCHIP_PIC_SLAVE,
-                    IrqChip::IoApic => KVM_IRQCHIP_IOAPIC,
-                };
-                entry.u.irqchip.pin = pin;
-            }
             GsiRoute::Msi { gsi, addr, data } => {
                 entry.gsi = gsi;
                 entry.type_ = KVM_IRQ_ROUTING_MSI;
@@ -141,7 +84,14 @@ macro_rules! with_datamatch {
     };
 }
 
-/// A KVM virtual machine with an in-kernel irqchip and PIT.
+/// Pins of the (userspace) I/O APIC the split irqchip is created for: GSIs 0-23.
+pub const IOAPIC_PINS: u32 = 24;
+
+/// A KVM virtual machine with the split irqchip: local APICs in the kernel, the I/O APIC in
+/// userspace (no PIC, no PIT), as Cloud Hypervisor and upstream Alioth do. Besides the smaller
+/// in-kernel surface, on software KVM hosts such as PVM the full in-kernel irqchip made every
+/// memory-slot change cost milliseconds (5 ms for 128 MiB, and 16 ms at VM teardown); the
+/// split irqchip costs 0.1 ms and 0.4 ms.
 pub struct Vm {
     fd: VmFd,
 }
@@ -153,13 +103,13 @@ impl Vm {
             .map_err(Error::ioctl("SET_TSS_ADDR"))?;
         fd.set_identity_map_address(IDENTITY_MAP_ADDR)
             .map_err(Error::ioctl("SET_IDENTITY_MAP_ADDR"))?;
-        fd.create_irq_chip()
-            .map_err(Error::ioctl("CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
+        let mut cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_SPLIT_IRQCHIP,
             ..Default::default()
         };
-        fd.create_pit2(pit).map_err(Error::ioctl("CREATE_PIT2"))?;
+        cap.args[0] = u64::from(IOAPIC_PINS);
+        fd.enable_cap(&cap)
+            .map_err(Error::ioctl("ENABLE_CAP(SPLIT_IRQCHIP)"))?;
         Ok(Vm { fd })
     }
 
@@ -237,8 +187,8 @@ impl Vm {
             .map_err(Error::ioctl("IRQFD (deassign)"))
     }
 
-    /// Replaces the whole GSI routing table. Include [`GsiRoute::default_irqchip_routes`] to keep
-    /// legacy interrupts working.
+    /// Replaces the whole GSI routing table (GSIs 0-23 are the I/O APIC's pins, routed by
+    /// whoever emulates it; a GSI without a route delivers nothing).
     pub fn set_gsi_routing(&self, routes: &[GsiRoute]) -> Result<()> {
         let entries: Vec<_> = routes.iter().map(|r| r.to_kvm()).collect();
         let table = KvmIrqRouting::from_entries(&entries)
@@ -246,13 +196,6 @@ impl Vm {
         self.fd
             .set_gsi_routing(&table)
             .map_err(Error::ioctl("SET_GSI_ROUTING"))
-    }
-
-    /// Raises (`true`) or lowers a legacy interrupt line (PIC/IOAPIC input `irq`).
-    pub fn set_irq_line(&self, irq: u32, level: bool) -> Result<()> {
-        self.fd
-            .set_irq_line(irq, level)
-            .map_err(Error::ioctl("IRQ_LINE"))
     }
 
     /// Sends one MSI message directly (a slow path; use an irqfd with an MSI route for devices).

@@ -97,12 +97,11 @@ fn irqfd_msi_reaches_guest_idt_handler() {
     g.write(IDT + VECTOR * 16, &gate.to_le_bytes());
     g.write(IDT + VECTOR * 16 + 8, &(HANDLER >> 32).to_le_bytes());
 
-    let mut routes = GsiRoute::default_irqchip_routes();
-    routes.push(GsiRoute::Msi {
+    let routes = [GsiRoute::Msi {
         gsi: 24,
         addr: 0xfee0_0000,
         data: VECTOR as u32,
-    });
+    }];
     g.vm.set_gsi_routing(&routes).unwrap();
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     g.vm.register_irqfd(&irq, 24).unwrap();

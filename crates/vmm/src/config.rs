@@ -196,7 +196,8 @@ impl VmConfig {
                 (cmos::BASE_PORT, cmos::LEN, "CMOS"),
                 (acpi_pm::BASE_PORT, acpi_pm::LEN, "ACPI PM"),
                 (CONFIG_IO_PORT, CONFIG_IO_LEN, "PCI config"),
-                // In-kernel devices of KVM's irqchip and PIT.
+                // No PIC or PIT here (split irqchip), but guests probe their ports: an exit
+                // device there would end the VM on the probe.
                 (0x20, 2, "PIC"),
                 (0xa0, 2, "PIC"),
                 (0x40, 4, "PIT"),

@@ -10,13 +10,16 @@ use std::time::{Duration, Instant};
 
 use alioth_boot::acpi::{AcpiConfig, LegacySerial, PmPorts};
 use alioth_boot::{BootedKernel, load_kernel};
+use alioth_devices::ioapic::{self, IoApic};
 use alioth_devices::serial::{COM1_IRQ, COM1_PORT, Serial};
 use alioth_devices::virtio::blk::VirtioBlk;
 use alioth_devices::virtio::net::VirtioNet;
 use alioth_devices::virtio::rng::VirtioRng;
 use alioth_devices::{EventSink, VmEvent, acpi_pm, cmos, exit, i8042};
 use alioth_hv::{EventFd, Kvm, Vcpu, VcpuThread, Vm, VmExit, install_kick_signal_handler};
-use alioth_mem::layout::{ECAM_BASE, ECAM_SIZE, MMIO32_START, PCI_MMIO_END, PCI_MMIO_START};
+use alioth_mem::layout::{
+    ECAM_BASE, ECAM_SIZE, IOAPIC_BASE, MMIO32_START, PCI_MMIO_END, PCI_MMIO_START,
+};
 use alioth_mem::{Bus, BusDevice, MemoryMap, RamBus};
 use alioth_pci::{CONFIG_IO_LEN, CONFIG_IO_PORT, PciBus, PciConfigIo, PciEcam};
 use alioth_vhost_user::{SharedRegion, VhostUserFrontend};
@@ -266,6 +269,7 @@ fn add_legacy_devices(pio: &Bus, ram: &RamBus, sink: &EventSink, config: &VmConf
 /// behind it, each with its worker thread.
 fn add_pci_devices(
     vm: &Arc<Vm>,
+    msi: Arc<KvmMsi>,
     pio: &Bus,
     mmio: &Arc<Bus>,
     ram: &RamBus,
@@ -283,7 +287,7 @@ fn add_pci_devices(
         pci,
         mmio: mmio.clone(),
         mem: ram.memory().clone(),
-        msi: Arc::new(KvmMsi::new(vm.clone())),
+        msi,
         ioevents: Arc::new(KvmIoevents::new(vm.clone())),
         next_bar: PCI_MMIO_START,
         bar_end: PCI_MMIO_END,
@@ -361,6 +365,12 @@ fn add_devices(
         None => Vec::new(),
     };
     add_legacy_devices(&pio, ram, sink, config)?;
+    // The I/O APIC (split irqchip): its redirection entries become MSI routes of GSIs 0-23,
+    // which legacy devices' irqfds (COM1's on GSI 4) drive.
+    let msi = Arc::new(KvmMsi::new(vm.clone()));
+    let router = msi.clone();
+    let ioapic = IoApic::new(Arc::new(move |pin, route| router.update(pin, route)));
+    mmio.insert(IOAPIC_BASE, ioapic::MMIO_LEN, Arc::new(ioapic))?;
     let failed = Mutex::new(tx.clone());
     let on_failure: OnFailure = Arc::new(move |dev, msg| {
         let _ = failed
@@ -371,7 +381,7 @@ fn add_devices(
                 format!("panicked: {msg}"),
             ));
     });
-    let virtio = add_pci_devices(vm, &pio, &mmio, ram, config, on_failure)?;
+    let virtio = add_pci_devices(vm, msi, &pio, &mmio, ram, config, on_failure)?;
     Ok(Devices {
         pio,
         mmio,
@@ -711,7 +721,8 @@ impl VcpuContext {
                         log::debug!("vcpu{id}: write to unhandled MMIO {addr:#x}");
                     }
                 }
-                VmExit::Interrupted | VmExit::Hlt => {}
+                // Pins are edge-triggered (see alioth_devices::ioapic): nothing waits for the EOI.
+                VmExit::Interrupted | VmExit::Hlt | VmExit::IoapicEoi { .. } => {}
                 VmExit::Shutdown => {
                     log::info!("vcpu{id}: triple fault (shutdown); treating it as a reset");
                     let _ = self.tx.send(Event::Device(VmEvent::Reset));

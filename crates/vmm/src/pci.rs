@@ -16,8 +16,9 @@ use vm_memory::GuestMemoryMmap;
 use crate::config::IoBackend;
 use crate::{Error, Result};
 
-/// The first GSI above the IOAPIC's 24 pins.
-const FIRST_MSI_GSI: u32 = 24;
+/// The first GSI above the I/O APIC's pins (GSIs 0-23 are its pins, routed by the userspace
+/// I/O APIC).
+const FIRST_MSI_GSI: u32 = alioth_hv::IOAPIC_PINS;
 /// io_uring submission ring size per device.
 pub const IO_URING_ENTRIES: u32 = 256;
 
@@ -36,6 +37,20 @@ impl KvmMsi {
             routes: Mutex::new(BTreeMap::new()),
         }
     }
+
+    /// Routes `gsi` to an MSI message, or removes its route (`None`), and installs the table.
+    pub fn update(&self, gsi: u32, route: Option<(u64, u32)>) -> std::io::Result<()> {
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        match route {
+            Some(r) => routes.insert(gsi, r),
+            None => routes.remove(&gsi),
+        };
+        let table: Vec<GsiRoute> = routes
+            .iter()
+            .map(|(&gsi, &(addr, data))| GsiRoute::Msi { gsi, addr, data })
+            .collect();
+        self.vm.set_gsi_routing(&table).map_err(hv_io)
+    }
 }
 
 fn hv_io(e: alioth_hv::Error) -> std::io::Error {
@@ -48,15 +63,7 @@ impl MsiRouter for KvmMsi {
     }
 
     fn set_route(&self, gsi: u32, addr: u64, data: u32) -> std::io::Result<()> {
-        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        routes.insert(gsi, (addr, data));
-        let mut table = GsiRoute::default_irqchip_routes();
-        table.extend(
-            routes
-                .iter()
-                .map(|(&gsi, &(addr, data))| GsiRoute::Msi { gsi, addr, data }),
-        );
-        self.vm.set_gsi_routing(&table).map_err(hv_io)
+        self.update(gsi, Some((addr, data)))
     }
 
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> std::io::Result<()> {
