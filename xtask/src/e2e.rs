@@ -502,6 +502,130 @@ fn upstream_kit_bench(
     timed_kit_bench(cmd)
 }
 
+/// One boot of the kit's `hello` test: milliseconds from exec to the kit's first line, to its
+/// verdict (summary line), and to the VMM's exit.
+fn boot_times(mut cmd: Command) -> Result<[f64; 3]> {
+    use std::io::BufRead;
+    let (_controller, terminal) = crate::conformance::pty()?;
+    let t0 = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::from(terminal))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (mut first, mut verdict) = (None, None);
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        if first.is_none() && line.contains("ALIOTH-KIT start") {
+            first = Some(t0.elapsed());
+        }
+        if line.contains("ALIOTH-KIT summary") {
+            verdict = Some(t0.elapsed());
+            break;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the VMM did not exit after the kit's verdict");
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let exit = t0.elapsed();
+    let (Some(first), Some(verdict)) = (first, verdict) else {
+        bail!("no kit output");
+    };
+    Ok([first, verdict, exit].map(|d| d.as_secs_f64() * 1e3))
+}
+
+/// The start-up table: exec -> the kit's first line (its ring-0 setup and 10 ms of clock
+/// calibration included), -> its `hello` verdict, -> process exit; min/median/max of `runs`
+/// boots of this tree's `alioth` and, when given, upstream Alioth's.
+pub fn startup_table(
+    alioth: &Path,
+    kit: &Path,
+    upstream: Option<&Path>,
+    runs: usize,
+) -> Result<()> {
+    println!(
+        "\nstart-up: exec -> kit's first line / hello verdict / process exit, ms, {runs} runs (min / median / max)"
+    );
+    println!("| vmm | first line | verdict | exit |");
+    println!("| --- | --- | --- | --- |");
+    let mut vmms: Vec<(&str, Box<dyn Fn() -> Command>)> = vec![(
+        "alioth",
+        Box::new(|| {
+            let mut c = Command::new(alioth);
+            c.args([
+                "boot",
+                "--memory",
+                "128M",
+                "--exit-device",
+                "on",
+                "--kernel",
+            ])
+            .arg(kit)
+            .args(["--cmdline", "kit.test=hello"]);
+            c
+        }),
+    )];
+    if let Some(u) = upstream {
+        vmms.push((
+            "upstream 0.12.0",
+            Box::new(move || {
+                let mut c = Command::new(u);
+                c.args(["boot", "--pvh"]).arg(kit).args([
+                    "--memory",
+                    "size=128M",
+                    "--cmdline",
+                    "kit.test=hello",
+                ]);
+                c
+            }),
+        ));
+    }
+    for (name, make) in &vmms {
+        let mut samples = [Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..runs {
+            let t = boot_times(make())?;
+            for (s, v) in samples.iter_mut().zip(t) {
+                s.push(v);
+            }
+        }
+        let cell = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            format!(
+                "{:.1} / {:.1} / {:.1}",
+                v[0],
+                v[v.len() / 2],
+                v[v.len() - 1]
+            )
+        };
+        let [a, b, c] = &mut samples;
+        println!("| {name} | {} | {} | {} |", cell(a), cell(b), cell(c));
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench startup [--no-peer]`: the start-up table alone.
+pub fn bench_startup(root: &Path, args: &[String]) -> Result<()> {
+    let kit = build_kit(root)?;
+    run(cargo().args(["build", "--release", "--quiet", "-p", "alioth-cli"]))?;
+    let upstream = if args.iter().any(|a| a == "--no-peer") {
+        None
+    } else {
+        Some(crate::conformance::upstream_alioth(root)?)
+    };
+    startup_table(
+        &root.join("target/release/alioth"),
+        &kit,
+        upstream.as_deref(),
+        20,
+    )
+}
+
 /// The in-guest half of `cargo xtask bench blk`: 4 KiB random reads measured inside the guest
 /// kit through the whole path (notify -> ioeventfd -> worker -> used ring -> MSI-X irqfd ->
 /// guest), next to a plain io_uring loop on the same file and to upstream Alioth 0.12.0 running
@@ -607,5 +731,5 @@ pub fn bench_in_guest(root: &Path, args: &[String]) -> Result<()> {
             );
         }
     }
-    Ok(())
+    startup_table(&alioth, &kit, upstream.as_deref(), 20)
 }

@@ -230,7 +230,8 @@ fn bench(args: &[String]) -> Result<()> {
         }
         Some("vhost-user-blk") => uml::bench(&workspace_root(), &args[1..]),
         Some("net") => net::bench(&workspace_root(), &args[1..]),
-        _ => bail!("usage: cargo xtask bench blk|vhost-user-blk|net [--secs N]"),
+        Some("startup") => e2e::bench_startup(&workspace_root(), &args[1..]),
+        _ => bail!("usage: cargo xtask bench blk|vhost-user-blk|net|startup [--secs N]"),
     }
 }
 
@@ -247,7 +248,8 @@ fn usage() -> ! {
          uml     User-Mode Linux's virtio_blk against alioth's vhost-user backend\n  \
          bench blk [--secs N]  virtio-blk 4 KiB random-read IOPS vs a plain io_uring loop\n  \
          bench vhost-user-blk [--secs N]  UML random reads: alioth's backend vs qemu-storage-daemon\n  \
-         bench net [--secs N]  virtio-net frame rates vs a host-only process on the same tap"
+         bench net [--secs N]  virtio-net frame rates vs a host-only process on the same tap\n  \
+         bench startup [--no-peer]  exec -> first kit line / verdict / exit, vs upstream Alioth"
     );
     std::process::exit(2);
 }
