@@ -540,6 +540,9 @@ fn boot_times(mut cmd: Command) -> Result<[f64; 3]> {
     Ok([first, verdict, exit].map(|d| d.as_secs_f64() * 1e3))
 }
 
+/// Makes the command that boots one VM.
+type CommandMaker<'a> = Box<dyn Fn() -> Command + 'a>;
+
 /// The start-up table: exec -> the kit's first line (its ring-0 setup and 10 ms of clock
 /// calibration included), -> its `hello` verdict, -> process exit; min/median/max of `runs`
 /// boots of this tree's `alioth` and, when given, upstream Alioth's.
@@ -554,7 +557,7 @@ pub fn startup_table(
     );
     println!("| vmm | first line | verdict | exit |");
     println!("| --- | --- | --- | --- |");
-    let mut vmms: Vec<(&str, Box<dyn Fn() -> Command>)> = vec![(
+    let mut vmms: Vec<(&str, CommandMaker)> = vec![(
         "alioth",
         Box::new(|| {
             let mut c = Command::new(alioth);

@@ -27,6 +27,7 @@ use alioth_virtio::PollWindow;
 use alioth_virtio::{
     ActiveBackend, ActiveQueue, Backend, BufferAction, ChainHandler, Error, IoOp, IrqSender, Result,
 };
+use io_uring::register::Restriction;
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -63,6 +64,49 @@ fn rw(fd: i32, iovs: &[Iov], offset: u64, write: bool) -> (squeue::Entry, Vec<li
             .build()
     };
     (sqe, v)
+}
+
+/// The only operations a worker's ring accepts: seccomp cannot see what an io_uring executes,
+/// so the ring itself is restricted (IORING_REGISTER_RESTRICTIONS) to what the backend submits.
+const ALLOWED_OPS: [u8; 6] = [
+    opcode::PollAdd::CODE,
+    opcode::Readv::CODE,
+    opcode::Writev::CODE,
+    opcode::Fsync::CODE,
+    opcode::Fallocate::CODE,
+    opcode::AsyncCancel::CODE,
+];
+
+/// A worker's ring: created disabled, restricted to [`ALLOWED_OPS`] (and no further
+/// `io_uring_register` calls), then enabled. Only the worker thread submits (SINGLE_ISSUER) and
+/// it needs no interrupt to run completion work (COOP_TASKRUN); kernels without those (before
+/// 6.0) get a restricted ring without them, and kernels without restrictions (before 5.10) a
+/// plain one, with a warning.
+pub(crate) fn restricted_ring(entries: u32) -> std::io::Result<IoUring> {
+    let build = |fast: bool| {
+        let mut b = IoUring::builder();
+        b.setup_cqsize(entries * 4).setup_r_disabled();
+        if fast {
+            b.setup_single_issuer().setup_coop_taskrun();
+        }
+        b.build(entries)
+    };
+    let ring = match build(true).or_else(|_| build(false)) {
+        Ok(ring) => ring,
+        Err(_) => {
+            log::warn!(
+                "io_uring: this kernel cannot restrict a ring's operations; the worker's ring is unrestricted"
+            );
+            return IoUring::builder().setup_cqsize(entries * 4).build(entries);
+        }
+    };
+    let mut allowed: Vec<Restriction> = ALLOWED_OPS
+        .iter()
+        .map(|&op| Restriction::sqe_op(op))
+        .collect();
+    ring.submitter().register_restrictions(&mut allowed)?;
+    ring.submitter().register_enable_rings()?;
+    Ok(ring)
 }
 
 /// Whether io_uring can be used here (it may be compiled out or blocked by seccomp).
@@ -150,19 +194,7 @@ impl<D: ChainHandler> Backend<D> for IoUringBackend {
         mem: GuestMemoryMmap,
         notifier: Arc<EventFd>,
     ) -> Result<ActiveIoUring> {
-        // Only this worker thread submits (SINGLE_ISSUER), and it needs no interrupt to run
-        // completion work (COOP_TASKRUN); kernels without them (before 6.0) get a plain ring.
-        let ring = IoUring::builder()
-            .setup_cqsize(self.entries * 4)
-            .setup_single_issuer()
-            .setup_coop_taskrun()
-            .build(self.entries)
-            .or_else(|_| {
-                IoUring::builder()
-                    .setup_cqsize(self.entries * 4)
-                    .build(self.entries)
-            })
-            .map_err(io_err("io_uring setup"))?;
+        let ring = restricted_ring(self.entries).map_err(io_err("io_uring setup"))?;
         // Polls are multishot and re-armed only when they end, so chains get everything else.
         let capacity = (self.entries as usize)
             .saturating_sub(queues.len() + 1)
@@ -628,3 +660,7 @@ impl<D: ChainHandler> ActiveBackend<D> for ActiveIoUring {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "lib_test.rs"]
+mod tests;
