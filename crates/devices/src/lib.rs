@@ -35,54 +35,8 @@ pub mod tap;
 pub mod virtio;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-/// A rate limit for log lines a guest can trigger over and over (a malformed packet per
-/// transmit, say): at most [`LogLimiter::LINES`] lines per [`LogLimiter::WINDOW`]; the next
-/// line allowed says how many were suppressed.
-#[derive(Debug)]
-pub struct LogLimiter {
-    window: Instant,
-    lines: u32,
-    suppressed: u64,
-}
-
-impl Default for LogLimiter {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl LogLimiter {
-    /// Lines allowed per window.
-    pub const LINES: u32 = 10;
-    /// The window.
-    pub const WINDOW: Duration = Duration::from_secs(10);
-
-    /// A limiter with a fresh window.
-    pub fn new() -> Self {
-        LogLimiter {
-            window: Instant::now(),
-            lines: 0,
-            suppressed: 0,
-        }
-    }
-
-    /// Whether a line may be logged now: `Some(n)` with the lines suppressed since the last
-    /// one logged, or `None` (the line is counted as suppressed).
-    pub fn allow(&mut self) -> Option<u64> {
-        if self.window.elapsed() >= Self::WINDOW {
-            self.window = Instant::now();
-            self.lines = 0;
-        }
-        if self.lines >= Self::LINES {
-            self.suppressed += 1;
-            return None;
-        }
-        self.lines += 1;
-        Some(std::mem::take(&mut self.suppressed))
-    }
-}
+pub use alioth_virtio::LogLimiter;
 
 /// A machine-level request from a device or the console.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -91,6 +91,8 @@ struct State {
     // Weak: the bus holds this device, so a strong reference would be a cycle.
     mmio: Weak<Bus>,
     ioevents: Arc<dyn IoeventRegistry>,
+    /// Rate limit for what the driver can make us log over and over.
+    log: alioth_virtio::LogLimiter,
 }
 
 /// Interrupts of a virtio-pci device: queue and config vectors chosen by the driver.
@@ -186,6 +188,7 @@ impl VirtioPci {
             mapped: Mutex::new(None),
             mmio: Arc::downgrade(&mmio),
             ioevents,
+            log: alioth_virtio::LogLimiter::new(),
         });
         Ok(VirtioPci { state })
     }
@@ -355,10 +358,10 @@ impl VirtioPci {
         let before_ok = c.status.driver_ok();
         let set_q = |c: &mut Common, f: &dyn Fn(&mut QueueRegs)| {
             if before_ok {
-                log::warn!(
+                s.log.warn(format_args!(
                     "{}: queue register written after DRIVER_OK; ignored",
                     s.name
-                );
+                ));
                 return;
             }
             if let Some(q) = c.queues.get_mut(sel) {

@@ -27,6 +27,7 @@
 mod device;
 mod epoll;
 mod irq;
+mod log_limit;
 mod poll;
 mod status;
 mod worker;
@@ -34,6 +35,7 @@ mod worker;
 pub use device::{BufferAction, ChainHandler, DeviceId, DeviceInfo, IoOp, Virtio};
 pub use epoll::{EpollBackend, execute_sync};
 pub use irq::{EventFdIrq, IrqSender};
+pub use log_limit::LogLimiter;
 pub use poll::PollWindow;
 pub use status::{DeviceStatus, StatusBits, StatusChange};
 pub use worker::{

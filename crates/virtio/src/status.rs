@@ -39,6 +39,8 @@ pub struct DeviceStatus {
     status: u8,
     device_features: u64,
     driver_features: u64,
+    /// What a driver does wrong it may do in a loop: its log lines are rate-limited.
+    log: crate::LogLimiter,
 }
 
 impl DeviceStatus {
@@ -48,6 +50,7 @@ impl DeviceStatus {
             status: 0,
             device_features,
             driver_features: 0,
+            log: crate::LogLimiter::new(),
         }
     }
 
@@ -78,7 +81,9 @@ impl DeviceStatus {
     /// The driver writes 32 bits of its features; ignored once FEATURES_OK is set.
     pub fn set_driver_features_word(&mut self, select: u32, value: u32) {
         if !self.negotiating() {
-            log::warn!("driver changed features after FEATURES_OK; ignored");
+            self.log.warn(format_args!(
+                "driver changed features after FEATURES_OK; ignored"
+            ));
             return;
         }
         match select {
@@ -111,10 +116,10 @@ impl DeviceStatus {
         }
         if value & self.status & !StatusBits::NEEDS_RESET != self.status & !StatusBits::NEEDS_RESET
         {
-            log::warn!(
+            self.log.warn(format_args!(
                 "driver cleared status bits ({:#x} -> {value:#x}) without a reset; ignored",
                 self.status
-            );
+            ));
             return StatusChange::None;
         }
         let new = value & !self.status & !StatusBits::NEEDS_RESET;
@@ -124,10 +129,10 @@ impl DeviceStatus {
             let unsupported = self.driver_features & !self.device_features;
             let version_1 = self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0;
             if unsupported != 0 || !version_1 {
-                log::warn!(
+                self.log.warn(format_args!(
                     "driver features {:#x} refused (unsupported {unsupported:#x}, version 1: {version_1})",
                     self.driver_features
-                );
+                ));
                 accept &= !StatusBits::FEATURES_OK;
                 change = StatusChange::FeaturesRejected;
             }
@@ -137,7 +142,8 @@ impl DeviceStatus {
             if features_ok {
                 change = StatusChange::Activate(self.driver_features);
             } else {
-                log::warn!("DRIVER_OK before FEATURES_OK; ignored");
+                self.log
+                    .warn(format_args!("DRIVER_OK before FEATURES_OK; ignored"));
                 accept &= !StatusBits::DRIVER_OK;
             }
         }

@@ -128,6 +128,8 @@ pub struct VirtioBlk {
     /// Requests whose I/O is in flight, by (queue, chain ID): what `complete` needs, parsed
     /// once when the chain was popped (the guest may rewrite the header meanwhile).
     pending: HashMap<(u16, u16), Pending>,
+    /// Rate limit for what a guest can make us log.
+    log: alioth_virtio::LogLimiter,
 }
 
 /// What completing an in-flight request needs.
@@ -257,6 +259,7 @@ impl VirtioBlk {
             pending: HashMap::with_capacity(
                 usize::from(cfg.queue_size) * usize::from(cfg.num_queues),
             ),
+            log: alioth_virtio::LogLimiter::new(),
         };
         dev.config = dev.build_config();
         Ok(dev)
@@ -371,7 +374,8 @@ impl VirtioBlk {
         data: u64,
     ) -> u32 {
         if let Err(e) = chain.write_at(mem, status_at, &[st]) {
-            log::warn!("{}: cannot write status: {e}", self.name);
+            self.log
+                .warn(format_args!("{}: cannot write status: {e}", self.name));
         }
         (data + 1) as u32
     }
@@ -575,11 +579,11 @@ impl ChainHandler for VirtioBlk {
         result: std::io::Result<usize>,
     ) -> u32 {
         let Some(p) = self.pending.remove(&(queue, chain.id())) else {
-            log::warn!(
+            self.log.warn(format_args!(
                 "{}: completion for chain {} that is not in flight",
                 self.name,
                 chain.id()
-            );
+            ));
             return 0;
         };
         let Pending {
@@ -599,14 +603,17 @@ impl ChainHandler for VirtioBlk {
         let st = match result {
             Ok(n) if n as u64 == expected => status::OK,
             Ok(n) => {
-                log::warn!(
+                self.log.warn(format_args!(
                     "{}: short transfer at sector {sector}: {n} of {expected} bytes",
                     self.name
-                );
+                ));
                 status::IOERR
             }
             Err(e) => {
-                log::warn!("{}: request type {kind} at sector {sector}: {e}", self.name);
+                self.log.warn(format_args!(
+                    "{}: request type {kind} at sector {sector}: {e}",
+                    self.name
+                ));
                 status::IOERR
             }
         };
