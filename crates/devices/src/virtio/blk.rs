@@ -17,6 +17,8 @@ use alioth_queue::{
 };
 use alioth_virtio::{BufferAction, ChainHandler, DeviceId, IoOp, Virtio};
 use vm_memory::GuestMemoryMmap;
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Sector size of the protocol.
 pub const SECTOR_SIZE: u64 = 512;
@@ -64,6 +66,69 @@ pub const SIZE_MAX: u32 = 1 << 20;
 pub const IOV_MAX: u32 = 1024;
 /// Largest request in sectors for discard and write-zeroes.
 pub const MAX_ZERO_SECTORS: u32 = (1 << 30) / 512;
+
+/// The device configuration layout (virtio 1.2 §5.2.4), little-endian and unaligned as the
+/// transport exposes it: 60 bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct BlkConfigSpace {
+    /// Size in 512-byte sectors.
+    pub capacity: U64,
+    /// Largest single data buffer (SIZE_MAX).
+    pub size_max: U32,
+    /// Most data buffers per request (SEG_MAX).
+    pub seg_max: U32,
+    /// Cylinders, heads, sectors (GEOMETRY, not offered).
+    pub geometry: [u8; 4],
+    /// Block size (BLK_SIZE).
+    pub blk_size: U32,
+    /// physical_block_exp, alignment_offset, min_io_size, opt_io_size (TOPOLOGY, not offered).
+    pub topology: [u8; 8],
+    /// Write-back cache (CONFIG_WCE, not offered).
+    pub writeback: u8,
+    /// Reserved.
+    pub unused0: u8,
+    /// Request queues (MQ).
+    pub num_queues: U16,
+    /// Largest discard in sectors.
+    pub max_discard_sectors: U32,
+    /// Most discard segments per request.
+    pub max_discard_seg: U32,
+    /// Discard alignment in sectors.
+    pub discard_sector_alignment: U32,
+    /// Largest write-zeroes in sectors.
+    pub max_write_zeroes_sectors: U32,
+    /// Most write-zeroes segments per request.
+    pub max_write_zeroes_seg: U32,
+    /// Whether write-zeroes may deallocate.
+    pub write_zeroes_may_unmap: u8,
+    /// Reserved.
+    pub unused1: [u8; 3],
+}
+
+/// The request header (virtio 1.2 §5.2.6): type, reserved, sector.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct BlkReqHeader {
+    /// Request type ([`req`]).
+    pub kind: U32,
+    /// Reserved.
+    pub reserved: U32,
+    /// Starting sector.
+    pub sector: U64,
+}
+
+/// A discard / write-zeroes segment (virtio 1.2 §5.2.6).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct BlkDiscardSegment {
+    /// Starting sector.
+    pub sector: U64,
+    /// Sectors.
+    pub num_sectors: U32,
+    /// Bit 0: unmap (write-zeroes).
+    pub flags: U32,
+}
 
 /// How to open the disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -271,22 +336,25 @@ impl VirtioBlk {
     }
 
     fn build_config(&self) -> Vec<u8> {
-        let mut c = vec![0u8; 60];
-        c[0..8].copy_from_slice(&self.capacity.to_le_bytes());
-        c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
         // Data segments per request: bounded by the ring and by what preadv/io_uring take in
         // one call (IOV_MAX).
         let seg_max = (u32::from(self.queue_size) - 2).min(IOV_MAX);
-        c[12..16].copy_from_slice(&seg_max.to_le_bytes());
-        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
-        c[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
-        c[36..40].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes()); // max_discard_sectors
-        c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
-        c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
-        c[48..52].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes());
-        c[52..56].copy_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
-        c[56] = 1; // write_zeroes_may_unmap
-        c
+        BlkConfigSpace {
+            capacity: self.capacity.into(),
+            size_max: SIZE_MAX.into(),
+            seg_max: seg_max.into(),
+            blk_size: (SECTOR_SIZE as u32).into(),
+            num_queues: self.num_queues.into(),
+            max_discard_sectors: MAX_ZERO_SECTORS.into(),
+            max_discard_seg: 1.into(),
+            discard_sector_alignment: 1.into(),
+            max_write_zeroes_sectors: MAX_ZERO_SECTORS.into(),
+            max_write_zeroes_seg: 1.into(),
+            write_zeroes_may_unmap: 1,
+            ..Default::default()
+        }
+        .as_bytes()
+        .to_vec()
     }
 
     fn in_range(&self, sector: u64, bytes: u64) -> bool {
@@ -336,8 +404,10 @@ fn parse(chain: &DescChain, mem: &GuestMemoryMmap) -> Result<Request, String> {
     if wlen == 0 {
         return Err("request has no writable status byte".into());
     }
-    let mut hdr = [0u8; 16];
-    let n = chain.read_at(mem, 0, &mut hdr).map_err(|e| e.to_string())?;
+    let mut hdr = BlkReqHeader::default();
+    let n = chain
+        .read_at(mem, 0, hdr.as_mut_bytes())
+        .map_err(|e| e.to_string())?;
     let status_at = wlen - 1;
     let (data, _) = split_iovs(&chain.writable, status_at);
     if n < 16 {
@@ -352,8 +422,8 @@ fn parse(chain: &DescChain, mem: &GuestMemoryMmap) -> Result<Request, String> {
     }
     let (_, out) = split_iovs(&chain.readable, 16);
     Ok(Request {
-        kind: Some(u32::from_le_bytes(hdr[0..4].try_into().unwrap_or_default())),
-        sector: u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default()),
+        kind: Some(hdr.kind.get()),
+        sector: hdr.sector.get(),
         out,
         data,
         status_at,
@@ -407,22 +477,20 @@ impl VirtioBlk {
         r: &Request,
         punch: bool,
     ) -> BufferAction {
-        let mut seg = [0u8; 16];
+        let mut seg = BlkDiscardSegment::default();
         let segs = total(&r.out);
         if segs != 16 {
             // One segment per request is what the config space advertises.
             return BufferAction::Written(self.finish(chain, mem, r.status_at, status::UNSUPP, 0));
         }
         if chain
-            .read_at(mem, 16, &mut seg)
+            .read_at(mem, 16, seg.as_mut_bytes())
             .map(|n| n != 16)
             .unwrap_or(true)
         {
             return BufferAction::Written(self.finish(chain, mem, r.status_at, status::IOERR, 0));
         }
-        let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
-        let sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
-        let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
+        let (sector, sectors, flags) = (seg.sector.get(), seg.num_sectors.get(), seg.flags.get());
         let bytes = u64::from(sectors) * SECTOR_SIZE;
         if self.read_only || sectors > MAX_ZERO_SECTORS || !self.in_range(sector, bytes) {
             return BufferAction::Written(self.finish(chain, mem, r.status_at, status::IOERR, 0));

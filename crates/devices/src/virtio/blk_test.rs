@@ -553,3 +553,30 @@ fn a_writable_image_is_locked_against_other_openers_and_readers_share() {
     assert!(matches!(e, BlkError::Locked { held: "a read", .. }), "{e}");
     drop(r1);
 }
+
+#[test]
+fn the_config_space_is_the_60_byte_layout_of_the_spec() {
+    assert_eq!(std::mem::size_of::<BlkConfigSpace>(), 60);
+    let img = image(8, 0);
+    let dev = VirtioBlk::open("virtio-blk0", &cfg(img.path())).unwrap();
+    let c = dev.config();
+    assert_eq!(c.len(), 60);
+    assert_eq!(
+        u64::from_le_bytes(c[0..8].try_into().unwrap()),
+        8,
+        "capacity"
+    );
+    assert_eq!(
+        u32::from_le_bytes(c[20..24].try_into().unwrap()),
+        512,
+        "blk_size"
+    );
+    assert_eq!(
+        u16::from_le_bytes(c[34..36].try_into().unwrap()),
+        1,
+        "num_queues"
+    );
+    assert_eq!(c[56], 1, "write_zeroes_may_unmap");
+    let parsed = BlkConfigSpace::read_from_bytes(c).unwrap();
+    assert_eq!(parsed.seg_max.get(), 62, "queue size 64 - 2");
+}
