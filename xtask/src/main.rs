@@ -3,7 +3,9 @@
 //! - `cargo xtask guest`: fetch Debian's cloud kernel and busybox-static with `apt-get download`
 //!   and build the test guest artifacts under `target/guest/`.
 //! - `cargo xtask ci`: what CI runs: guest artifacts, `cargo fmt --check`, clippy with
-//!   `-D warnings`, every test, `crates`, `e2e`, `conformance --vmm alioth` and `uml`.
+//!   `-D warnings`, every test, `crates`, `e2e`, `conformance --vmm alioth`, `uml` and a short
+//!   `fuzz`.
+//! - `cargo xtask fuzz [--secs N] [TARGET]`: the cargo-fuzz targets (nightly).
 //! - `cargo xtask uml`: User-Mode Linux's own virtio_blk driver against `alioth vhost-user`.
 //! - `cargo xtask conformance --vmm alioth|upstream|CMD`: the guest kit's virtio conformance
 //!   suite against a VMM, as a table test x result (docs/conformance.md).
@@ -13,6 +15,7 @@
 mod conformance;
 mod cpio;
 mod e2e;
+mod fuzz;
 mod guest;
 mod net;
 mod uml;
@@ -104,6 +107,7 @@ fn ci() -> Result<()> {
     e2e::e2e(&workspace_root())?;
     conformance::conformance(&workspace_root(), &[])?;
     uml::uml(&workspace_root())?;
+    fuzz::fuzz(&workspace_root(), &["--secs".into(), "10".into()])?;
     Ok(())
 }
 
@@ -243,6 +247,7 @@ fn usage() -> ! {
          ci      guest artifacts, fmt check, clippy -D warnings, all tests, crates, e2e\n  \
          crates  unused dependencies, crate layering, each crate's example, cargo package\n  \
          e2e     build the guest kit and run its tests under alioth\n  \
+         fuzz [--secs N] [TARGET]  the cargo-fuzz targets, N seconds each (default 10)\n  \
          conformance [--vmm alioth|upstream|CMD] [--ring split|packed]\n          \
          the kit's virtio conformance suite against a VMM, as a table\n  \
          uml     User-Mode Linux's virtio_blk against alioth's vhost-user backend\n  \
@@ -272,6 +277,7 @@ fn main() -> Result<()> {
             steps => net::peer(steps.unwrap_or("")),
         },
         Some("conformance") => conformance::conformance(&workspace_root(), &args[1..]),
+        Some("fuzz") => fuzz::fuzz(&workspace_root(), &args[1..]),
         Some("uml") => uml::uml(&workspace_root()),
         _ => usage(),
     }
