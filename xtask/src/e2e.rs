@@ -666,6 +666,7 @@ pub fn bench_in_guest(root: &Path, args: &[String]) -> Result<()> {
         "vmm/backend", "qd", "guest IOPS", "host IOPS", "vs host", "vs upstream", "CPU us/IO"
     );
     let cpu = |b: &KitBench| b.cpu_us_per_io.map_or("?".into(), |c| format!("{c:.1}"));
+    let mut rows: Vec<BenchRow> = Vec::new();
     for qd in [1u32, 32] {
         let base_out = output(
             cargo()
@@ -722,6 +723,14 @@ pub fn bench_in_guest(root: &Path, args: &[String]) -> Result<()> {
                 b.iops / base,
                 cpu(&b)
             );
+            rows.push(BenchRow {
+                vmm: label,
+                qd,
+                iops: b.iops,
+                host_iops: base,
+                peer_iops: peer.as_ref().map(|p| p.iops),
+                cpu_us_per_io: b.cpu_us_per_io,
+            });
         }
         if let Some(p) = &peer {
             println!(
@@ -732,7 +741,134 @@ pub fn bench_in_guest(root: &Path, args: &[String]) -> Result<()> {
                 "1.00",
                 cpu(p)
             );
+            rows.push(BenchRow {
+                vmm: "upstream io_uring".into(),
+                qd,
+                iops: p.iops,
+                host_iops: base,
+                peer_iops: Some(p.iops),
+                cpu_us_per_io: p.cpu_us_per_io,
+            });
         }
     }
+    write_bench_json(&dir.join("blk.json"), secs, &rows)?;
+    draw_bench_svg(&dir.join("blk.svg"), &rows)?;
+    println!(
+        "(written to {} and {})",
+        dir.join("blk.json").display(),
+        dir.join("blk.svg").display()
+    );
     startup_table(&alioth, &kit, upstream.as_deref(), 20)
 }
+
+/// One row of the in-guest table.
+struct BenchRow {
+    vmm: String,
+    qd: u32,
+    iops: f64,
+    host_iops: f64,
+    peer_iops: Option<f64>,
+    cpu_us_per_io: Option<f64>,
+}
+
+fn json_num(v: Option<f64>) -> String {
+    v.filter(|v| v.is_finite())
+        .map_or("null".into(), |v| format!("{v:.3}"))
+}
+
+/// The rows as JSON (for scripts and for comparing runs).
+fn write_bench_json(path: &Path, secs: u64, rows: &[BenchRow]) -> Result<()> {
+    let items: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "    {{\"vmm\": \"{}\", \"qd\": {}, \"iops\": {:.0}, \"host_iops\": {:.0}, \"vs_host\": {:.3}, \"vs_upstream\": {}, \"cpu_us_per_io\": {}}}",
+                r.vmm,
+                r.qd,
+                r.iops,
+                r.host_iops,
+                r.iops / r.host_iops,
+                json_num(r.peer_iops.map(|p| r.iops / p)),
+                json_num(r.cpu_us_per_io)
+            )
+        })
+        .collect();
+    let text = format!(
+        "{{\n  \"bench\": \"in-guest 4 KiB random read\",\n  \"secs\": {secs},\n  \"rows\": [\n{}\n  ]\n}}\n",
+        items.join(",\n")
+    );
+    std::fs::write(path, text)?;
+    Ok(())
+}
+
+/// A bar chart of each row's IOPS as a fraction of the host's own io_uring loop, QD1 and QD32
+/// side by side.
+fn draw_bench_svg(path: &Path, rows: &[BenchRow]) -> Result<()> {
+    use plotters::prelude::*;
+    let mut names: Vec<&str> = Vec::new();
+    for r in rows {
+        if !names.contains(&r.vmm.as_str()) {
+            names.push(&r.vmm);
+        }
+    }
+    let n = names.len() as u32;
+    let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", path.display());
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let top = rows
+        .iter()
+        .map(|r| r.iops / r.host_iops)
+        .fold(1.0f64, f64::max);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "in-guest 4 KiB random read, fraction of the host's io_uring (QD1 left, QD32 right)",
+            ("sans-serif", 16),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..f64::from(n), 0f64..top * 1.05)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .light_line_style(WHITE)
+        .x_labels(n as usize * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            if (x - x.floor() - 0.5).abs() < 0.01 {
+                names.get(i).map(|s| s.to_string()).unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("guest IOPS / host IOPS")
+        .draw()
+        .map_err(|e| err(&e))?;
+    for (qd, color, off) in [(1u32, BLUE, 0.1), (32u32, RED, 0.5)] {
+        chart
+            .draw_series(rows.iter().filter(|r| r.qd == qd).filter_map(|r| {
+                let i = names.iter().position(|n| *n == r.vmm)? as f64;
+                Some(Rectangle::new(
+                    [(i + off, 0.0), (i + off + 0.38, r.iops / r.host_iops)],
+                    color.filled(),
+                ))
+            }))
+            .map_err(|e| err(&e))?
+            .label(format!("QD{qd}"))
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "e2e_test.rs"]
+mod tests;
