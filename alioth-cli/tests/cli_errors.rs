@@ -21,6 +21,16 @@ fn assert_usage_error(out: &Output, needle: &str) {
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
 }
 
+/// A folder with a placeholder "kernel" (any regular file gets past the config checks to the
+/// device setup; the image is read only after the devices are made).
+fn placeholder_kernel() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let k = dir.path().join("k");
+    std::fs::write(&k, "x").unwrap();
+    let k = k.to_str().unwrap().to_string();
+    (dir, k)
+}
+
 #[test]
 fn missing_kernel_is_a_usage_error() {
     let out = alioth(&["boot", "--kernel", "/nonexistent/bzImage"]);
@@ -51,10 +61,8 @@ fn malformed_toml_and_unknown_keys_are_usage_errors() {
 
 #[test]
 fn memory_zero_or_beyond_the_host_and_zero_cpus_are_usage_errors() {
-    let dir = tempfile::tempdir().unwrap();
-    let k = dir.path().join("k");
-    std::fs::write(&k, "x").unwrap();
-    let k = k.to_str().unwrap();
+    let (_dir, k) = placeholder_kernel();
+    let k = k.as_str();
     assert_usage_error(&alioth(&["boot", "--kernel", k, "--memory", "0"]), "memory");
     assert_usage_error(&alioth(&["boot", "--kernel", k, "--cpus", "0"]), "cpus");
     assert_usage_error(
@@ -283,10 +291,8 @@ fn a_truncated_bzimage_is_refused_not_booted() {
 
 #[test]
 fn bad_net_settings_are_usage_errors() {
-    let dir = tempfile::tempdir().unwrap();
-    let k = dir.path().join("k");
-    std::fs::write(&k, "x").unwrap();
-    let k = k.to_str().unwrap();
+    let (dir, k) = placeholder_kernel();
+    let k = k.as_str();
     for (spec, needle) in [
         ("tap=auto,mac=02:00:00:00:00", "six hex bytes"),
         ("tap=auto,mac=zz:00:00:00:00:01", "six hex bytes"),
@@ -356,15 +362,13 @@ fn a_tap_with_other_flags_is_a_usage_error_naming_what_is_needed() {
 #[test]
 fn a_disk_another_process_holds_is_a_usage_error_and_duplicate_keys_too() {
     use std::os::fd::AsRawFd;
-    let dir = tempfile::tempdir().unwrap();
-    let k = dir.path().join("k");
-    std::fs::write(&k, "x").unwrap();
+    let (dir, k) = placeholder_kernel();
     let img = dir.path().join("disk.img");
     std::fs::File::create(&img)
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
-    let (k, img_s) = (k.to_str().unwrap(), img.to_str().unwrap());
+    let (k, img_s) = (k.as_str(), img.to_str().unwrap());
     let spec = format!("path={img_s},path={img_s}");
     let out = alioth(&["boot", "--kernel", k, "--serial", "off", "--disk", &spec]);
     assert_usage_error(&out, "`path` is given twice");
