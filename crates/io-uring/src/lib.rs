@@ -51,9 +51,16 @@ fn untoken(t: u64) -> (u64, usize, usize) {
 }
 
 /// A readv or writev SQE for `iovs` at `offset`, with the iovec array it points at (which
-/// must live until the completion).
-fn rw(fd: i32, iovs: &[Iov], offset: u64, write: bool) -> (squeue::Entry, Vec<libc::iovec>) {
-    let v: Vec<libc::iovec> = iovs.iter().map(|i| i.as_iovec()).collect();
+/// must live until the completion), built in `v` (a slot's reused array).
+fn rw(
+    fd: i32,
+    iovs: &[Iov],
+    offset: u64,
+    write: bool,
+    mut v: Vec<libc::iovec>,
+) -> (squeue::Entry, Vec<libc::iovec>) {
+    v.clear();
+    v.extend(iovs.iter().map(|i| i.as_iovec()));
     let sqe = if write {
         opcode::Writev::new(types::Fd(fd), v.as_ptr(), v.len() as u32)
             .offset(offset)
@@ -138,12 +145,21 @@ impl IoUringBackend {
     }
 }
 
+/// A slot's spare iovec array (empty between operations; its pointers are stale then and never
+/// read).
+struct IovArray(Vec<libc::iovec>);
+
+// SAFETY: the array holds only addresses into guest RAM (shared with every device thread) and
+// is read by nothing but the kernel during this ring's operations.
+unsafe impl Send for IovArray {}
+
 struct InFlight {
     queue: usize,
     /// The chain the operation is for; `None` for the device's own I/O (`poll_io`).
     chain: Option<DescChain>,
-    // Kept alive until the CQE: the kernel reads the iovec array during the operation.
-    _iovecs: Vec<libc::iovec>,
+    // Kept alive until the CQE: the kernel reads the iovec array during the operation. It goes
+    // back to the slot's `iov_arrays` entry afterwards.
+    iovecs: Vec<libc::iovec>,
 }
 
 // SAFETY: the iovecs point into guest RAM, shared with every device thread anyway.
@@ -157,6 +173,8 @@ pub struct ActiveIoUring {
     mem: GuestMemoryMmap,
     notifier: Arc<EventFd>,
     slots: Vec<Option<InFlight>>,
+    /// Per slot, the iovec array of its last operation, reused by the next.
+    iov_arrays: Vec<IovArray>,
     free: Vec<usize>,
     per_queue: Vec<usize>,
     capacity: usize,
@@ -213,6 +231,7 @@ impl<D: ChainHandler> Backend<D> for IoUringBackend {
             mem,
             notifier,
             slots: (0..capacity).map(|_| None).collect(),
+            iov_arrays: (0..capacity).map(|_| IovArray(Vec::new())).collect(),
             free: (0..capacity).rev().collect(),
             per_queue: vec![0; n],
             capacity,
@@ -318,10 +337,11 @@ impl ActiveIoUring {
                 match dev.handle(index, &chain, &self.mem) {
                     BufferAction::Hold => {}
                     BufferAction::Written(n) => {
-                        self.queues[q]
-                            .queue
+                        let queue = &mut self.queues[q].queue;
+                        queue
                             .push_used(&self.mem, &chain, n)
                             .map_err(Self::qerr(dev.name(), index))?;
+                        queue.recycle(chain);
                         touched = true;
                     }
                     BufferAction::Io(op) => self.submit(q, Some(chain), op)?,
@@ -391,18 +411,20 @@ impl ActiveIoUring {
             unreachable!("may_take checked for a free slot");
         };
         let user = token(KIND_CHAIN, q, slot);
+        // The slot's iovec array from its last use: no allocation per request.
+        let v = std::mem::take(&mut self.iov_arrays[slot].0);
         let (sqe, iovecs) = match op {
-            IoOp::Readv { fd, iovs, offset } => rw(fd, &iovs, offset, false),
-            IoOp::Writev { fd, iovs, offset } => rw(fd, &iovs, offset, true),
+            IoOp::Readv { fd, iovs, offset } => rw(fd, &iovs, offset, false, v),
+            IoOp::Writev { fd, iovs, offset } => rw(fd, &iovs, offset, true, v),
             // Packet descriptors (taps): at the current position, which io_uring spells -1.
-            IoOp::Recv { fd, iovs } => rw(fd, &iovs, u64::MAX, false),
-            IoOp::Send { fd, iovs } => rw(fd, &iovs, u64::MAX, true),
+            IoOp::Recv { fd, iovs } => rw(fd, &iovs, u64::MAX, false, v),
+            IoOp::Send { fd, iovs } => rw(fd, &iovs, u64::MAX, true, v),
             IoOp::Fsync { fd, datasync } => {
                 let mut f = opcode::Fsync::new(types::Fd(fd));
                 if datasync {
                     f = f.flags(types::FsyncFlags::DATASYNC);
                 }
-                (f.build(), Vec::new())
+                (f.build(), v)
             }
             IoOp::Fallocate {
                 fd,
@@ -414,13 +436,13 @@ impl ActiveIoUring {
                     .offset(offset)
                     .mode(mode)
                     .build(),
-                Vec::new(),
+                v,
             ),
         };
         self.slots[slot] = Some(InFlight {
             queue: q,
             chain,
-            _iovecs: iovecs,
+            iovecs,
         });
         self.per_queue[q] += 1;
         self.push(sqe.user_data(user))
@@ -435,6 +457,7 @@ impl ActiveIoUring {
         };
         self.free.push(slot);
         self.per_queue[f.queue] -= 1;
+        self.iov_arrays[slot] = IovArray(f.iovecs);
         let index = self.queues[f.queue].index;
         let result = if res < 0 {
             Err(std::io::Error::from_raw_os_error(-res))
@@ -463,10 +486,11 @@ impl ActiveIoUring {
             return Ok(q);
         };
         let written = dev.complete(index, &chain, &self.mem, result);
-        self.queues[q]
-            .queue
+        let queue = &mut self.queues[q].queue;
+        queue
             .push_used(&self.mem, &chain, written)
             .map_err(Self::qerr(dev.name(), index))?;
+        queue.recycle(chain);
         Ok(q)
     }
 

@@ -181,16 +181,42 @@ pub(crate) struct ChainBuilder {
     writable: Vec<Iov>,
 }
 
+/// Buffer lists of returned chains, reused by the next ones: popping a chain then allocates
+/// nothing once the queue has warmed up.
+#[derive(Default)]
+pub(crate) struct ChainPool(Vec<(Vec<Iov>, Vec<Iov>)>);
+
+impl ChainPool {
+    /// The most list pairs kept.
+    const KEEP: usize = 256;
+
+    /// Empty lists (reused when there are some).
+    pub fn take(&mut self) -> (Vec<Iov>, Vec<Iov>) {
+        self.0.pop().unwrap_or_default()
+    }
+
+    /// Keeps `chain`'s lists for a later chain.
+    pub fn give(&mut self, chain: DescChain) {
+        if self.0.len() < Self::KEEP {
+            let (mut r, mut w) = (chain.readable, chain.writable);
+            r.clear();
+            w.clear();
+            self.0.push((r, w));
+        }
+    }
+}
+
 impl ChainBuilder {
-    /// A chain starting at `head` that may hold at most `limit` descriptors.
-    pub fn new(head: u16, limit: u16) -> Self {
+    /// A chain starting at `head` that may hold at most `limit` descriptors, built in the
+    /// (empty) lists `bufs`.
+    pub fn new(head: u16, limit: u16, bufs: (Vec<Iov>, Vec<Iov>)) -> Self {
         ChainBuilder {
             head,
             limit,
             count: 0,
             total: 0,
-            readable: Vec::new(),
-            writable: Vec::new(),
+            readable: bufs.0,
+            writable: bufs.1,
         }
     }
 

@@ -170,6 +170,9 @@ pub trait VirtQueue: Send {
     /// clone sharing its regions, or the `GuestMemoryAtomic` snapshot it came from) is alive,
     /// so keep it alive until the chain's I/O is done.
     fn pop<M: GuestMemory>(&mut self, mem: &M) -> Result<Option<DescChain>>;
+    /// Takes back a chain that has been returned with [`VirtQueue::push_used`], to reuse its
+    /// buffer lists for the next chains (dropping it instead is fine, only slower).
+    fn recycle(&mut self, chain: DescChain);
     /// Whether the driver has made a chain available that [`VirtQueue::pop`] would return (a
     /// cheap look at one index or descriptor, for polling).
     fn has_available<M: GuestMemory>(&self, mem: &M) -> Result<bool>;
@@ -222,6 +225,9 @@ impl VirtQueue for Queue {
     }
     fn has_available<M: GuestMemory>(&self, mem: &M) -> Result<bool> {
         each!(self, q => q.has_available(mem))
+    }
+    fn recycle(&mut self, chain: DescChain) {
+        each!(self, q => q.recycle(chain))
     }
     fn push_used<M: GuestMemory>(&mut self, mem: &M, chain: &DescChain, len: u32) -> Result<()> {
         each!(self, q => q.push_used(mem, chain, len))

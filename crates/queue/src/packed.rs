@@ -9,7 +9,7 @@ use std::sync::atomic::{Ordering, fence};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use crate::chain::{ChainBuilder, InFlight, check_area};
+use crate::chain::{ChainBuilder, ChainPool, InFlight, check_area};
 use crate::{
     DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DescChain, QueueConfig, QueueError, QueueFormat,
     Result, VirtQueue,
@@ -48,6 +48,7 @@ pub struct PackedQueue {
     next_used: u64,
     signalled_used: u64,
     in_flight: InFlight,
+    pool: ChainPool,
 }
 
 impl PackedQueue {
@@ -87,6 +88,7 @@ impl PackedQueue {
             next_used: 0,
             signalled_used: 0,
             in_flight: InFlight::new(1 << 16),
+            pool: ChainPool::default(),
         })
     }
 
@@ -179,6 +181,10 @@ impl VirtQueue for PackedQueue {
         self.size
     }
 
+    fn recycle(&mut self, chain: DescChain) {
+        self.pool.give(chain);
+    }
+
     fn has_available<M: GuestMemory>(&self, mem: &M) -> Result<bool> {
         self.head_available(mem)
     }
@@ -188,7 +194,7 @@ impl VirtQueue for PackedQueue {
             return Ok(None);
         }
         let head = self.pos(self.next_avail);
-        let mut b = ChainBuilder::new(head, self.size);
+        let mut b = ChainBuilder::new(head, self.size, self.pool.take());
         let mut abs = self.next_avail;
         let mut ndesc: u16 = 0;
         let id = loop {

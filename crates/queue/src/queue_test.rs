@@ -482,3 +482,29 @@ fn a_driver_reusing_an_id_still_in_flight_is_an_error() {
     assert!(q.pop(mem).unwrap().is_some());
     assert_eq!(q.pop(mem), Err(QueueError::AlreadyInFlight(5)));
 }
+
+#[test]
+fn a_recycled_chain_lends_its_buffer_lists_to_the_next_and_nothing_leaks_between_them() {
+    let ram = ram(16 << 20);
+    let mem = ram.memory();
+    for (format, feats) in combos() {
+        let mut d = TestDriver::new(mem, format, 8, BASE, feats);
+        let mut q = new_queue(8, d.config(), d.features(), mem).unwrap();
+        let a = d.add(&[b"one", b"two", b"three"], &[8, 8]).unwrap();
+        let c = q.pop(mem).unwrap().unwrap();
+        let lists = (c.readable.as_ptr(), c.writable.as_ptr());
+        q.push_used(mem, &c, 0).unwrap();
+        q.recycle(c);
+        assert_eq!(d.used(), Some((a, 0)));
+        let b = d.add(&[b"four"], &[16]).unwrap();
+        let c = q.pop(mem).unwrap().unwrap();
+        assert_eq!(c.id(), b, "{format:?} {feats:#x}");
+        assert_eq!((c.readable.as_ptr(), c.writable.as_ptr()), lists, "reused");
+        assert_eq!(
+            (c.readable.len(), c.writable.len()),
+            (1, 1),
+            "only the new buffers"
+        );
+        assert_eq!((c.readable_len(), c.writable_len()), (4, 16));
+    }
+}

@@ -11,7 +11,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use crate::chain::{ChainBuilder, InFlight, check_area};
+use crate::chain::{ChainBuilder, ChainPool, InFlight, check_area};
 use crate::{
     DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DescChain, QueueConfig, QueueError, QueueFormat,
     Result, VirtQueue,
@@ -24,6 +24,7 @@ pub struct SplitQueue {
     event_idx: bool,
     indirect: bool,
     in_flight: InFlight,
+    pool: ChainPool,
 }
 
 impl SplitQueue {
@@ -72,6 +73,7 @@ impl SplitQueue {
             event_idx,
             indirect,
             in_flight: InFlight::new(usize::from(size)),
+            pool: ChainPool::default(),
         })
     }
 
@@ -140,6 +142,10 @@ impl VirtQueue for SplitQueue {
         self.size
     }
 
+    fn recycle(&mut self, chain: DescChain) {
+        self.pool.give(chain);
+    }
+
     fn has_available<M: GuestMemory>(&self, mem: &M) -> Result<bool> {
         let avail = self
             .q
@@ -167,7 +173,7 @@ impl VirtQueue for SplitQueue {
                 None => return Ok(None),
             }
         };
-        let mut b = ChainBuilder::new(head, self.size);
+        let mut b = ChainBuilder::new(head, self.size, self.pool.take());
         self.walk(mem, &mut b, self.q.desc_table(), self.size, head, false)?;
         if !self.in_flight.insert(head) {
             return Err(QueueError::AlreadyInFlight(head));

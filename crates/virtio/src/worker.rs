@@ -515,6 +515,7 @@ pub fn process_queue<D: ChainHandler>(
                 }
             };
             aq.queue.push_used(mem, &chain, written).map_err(qerr)?;
+            aq.queue.recycle(chain);
             done = true;
         }
         if !aq.queue.enable_notification(mem).map_err(qerr)? {
