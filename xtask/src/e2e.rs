@@ -347,6 +347,23 @@ pub struct KitBench {
     /// CPU time of the VMM's threads other than vCPUs (the I/O path: workers, event loops),
     /// in microseconds per I/O over the window.
     pub cpu_us_per_io: Option<f64>,
+    /// The VMM's own resident memory at the window's end, guest RAM left out: RssAnon +
+    /// RssFile (Alioth's guest RAM is a shared memfd, counted as RssShmem). Only meaningful
+    /// for a VMM whose guest RAM is shared memory.
+    pub rss_overhead_kib: Option<u64>,
+}
+
+/// RssAnon + RssFile of `pid`, in KiB.
+fn rss_overhead_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some(field("RssAnon:")? + field("RssFile:")?)
 }
 
 /// CPU seconds (user + system) of `pid`'s threads whose name does not contain "vcpu".
@@ -401,7 +418,7 @@ pub fn timed_kit_bench(mut cmd: Command) -> Result<KitBench> {
         }
     });
     let (mut start, mut end, mut result) = (None, None, None);
-    let (mut cpu0, mut cpu1) = (None, None);
+    let (mut cpu0, mut cpu1, mut rss) = (None, None, None);
     let mut text = String::new();
     let deadline = Instant::now() + TIMEOUT;
     while result.is_none() {
@@ -415,6 +432,7 @@ pub fn timed_kit_bench(mut cmd: Command) -> Result<KitBench> {
         } else if line.starts_with("ALIOTH-KIT bench-window end") {
             end = Some(at);
             cpu1 = io_threads_cpu(pid);
+            rss = rss_overhead_kib(pid);
         } else if let Some(rest) = line.strip_prefix("ALIOTH-KIT bench ") {
             result = Some(rest.trim_end_matches('\r').to_string());
         }
@@ -452,6 +470,7 @@ pub fn timed_kit_bench(mut cmd: Command) -> Result<KitBench> {
     Ok(KitBench {
         iops: ios / host_secs,
         cpu_us_per_io: cpu0.zip(cpu1).map(|(a, b)| (b - a) * 1e6 / ios.max(1.0)),
+        rss_overhead_kib: rss,
     })
 }
 
@@ -646,15 +665,7 @@ pub fn bench_in_guest(root: &Path, args: &[String]) -> Result<()> {
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let img = dir.join("in-guest.img");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&img)?;
-        let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i * 31 % 251) as u8).collect();
-        for _ in 0..256 {
-            f.write_all(&chunk)?;
-        }
-        f.sync_all()?;
-    }
+    bench_image(&img)?;
     println!(
         "\nin-guest (guest kit, polling its used ring) 4 KiB random read, 256 MiB file (page cache), {secs} s per run;\n\
          vs host: against a plain io_uring loop on the file; vs upstream: against upstream Alioth 0.12.0's io_uring\n\
@@ -668,26 +679,7 @@ pub fn bench_in_guest(root: &Path, args: &[String]) -> Result<()> {
     let cpu = |b: &KitBench| b.cpu_us_per_io.map_or("?".into(), |c| format!("{c:.1}"));
     let mut rows: Vec<BenchRow> = Vec::new();
     for qd in [1u32, 32] {
-        let base_out = output(
-            cargo()
-                .args([
-                    "bench",
-                    "-q",
-                    "-p",
-                    "alioth-devices",
-                    "--bench",
-                    "blk",
-                    "--",
-                ])
-                .args(["--bench", "--baseline"])
-                .arg(&img)
-                .args(["--qd", &qd.to_string(), "--secs", &secs.to_string()]),
-        )?;
-        let base: f64 = base_out
-            .lines()
-            .find_map(|l| l.strip_prefix("baseline-iops "))
-            .and_then(|v| v.trim().parse().ok())
-            .context("baseline output")?;
+        let base = host_baseline(&img, qd, secs, false)?;
         let peer = match &upstream {
             Some(u) => Some(upstream_kit_bench(u, &kit, &img, qd, secs)?),
             None => None,
@@ -751,6 +743,7 @@ pub fn bench_in_guest(root: &Path, args: &[String]) -> Result<()> {
             });
         }
     }
+    direct_rows(&alioth, &kit, &dir, secs)?;
     write_bench_json(&dir.join("blk.json"), secs, &rows)?;
     draw_bench_svg(&dir.join("blk.svg"), &rows)?;
     println!(
@@ -759,6 +752,86 @@ pub fn bench_in_guest(root: &Path, args: &[String]) -> Result<()> {
         dir.join("blk.svg").display()
     );
     startup_table(&alioth, &kit, upstream.as_deref(), 20)
+}
+
+/// Writes a 256 MiB image with a non-zero pattern (so that reads copy real data) and syncs it.
+fn bench_image(path: &Path) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i * 31 % 251) as u8).collect();
+    for _ in 0..256 {
+        f.write_all(&chunk)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// The host's own io_uring loop of 4 KiB random reads on `img` at `qd` (with O_DIRECT when
+/// `direct`), in IOPS: the devices crate's bench in its baseline mode.
+fn host_baseline(img: &Path, qd: u32, secs: u64, direct: bool) -> Result<f64> {
+    let mut cmd = cargo();
+    cmd.args([
+        "bench",
+        "-q",
+        "-p",
+        "alioth-devices",
+        "--bench",
+        "blk",
+        "--",
+    ])
+    .args(["--bench", "--baseline"])
+    .arg(img)
+    .args(["--qd", &qd.to_string(), "--secs", &secs.to_string()]);
+    if direct {
+        cmd.arg("--direct");
+    }
+    output(&mut cmd)?
+        .lines()
+        .find_map(|l| l.strip_prefix("baseline-iops "))
+        .and_then(|v| v.trim().parse().ok())
+        .context("baseline output")
+}
+
+/// The same bench with O_DIRECT on a file of the machine's own disk (what users of a real disk
+/// see), next to the host's io_uring loop with O_DIRECT on it. Upstream Alioth has no O_DIRECT
+/// option, so there is no peer column here. Also prints Alioth's own resident memory.
+fn direct_rows(alioth: &Path, kit: &Path, dir: &Path, secs: u64) -> Result<()> {
+    let img = dir.join("direct.img");
+    bench_image(&img)?;
+    println!(
+        "\nO_DIRECT on {} (the machine's own disk), 4 KiB random read, {secs} s per run; VMM MiB: RssAnon+RssFile (guest RAM left out)",
+        img.display()
+    );
+    println!(
+        "{:<20} {:>4} {:>12} {:>12} {:>8} {:>10} {:>8}",
+        "vmm/backend", "qd", "guest IOPS", "host IOPS", "vs host", "CPU us/IO", "VMM MiB"
+    );
+    for qd in [1u32, 32] {
+        let base = host_baseline(&img, qd, secs, true)?;
+        for backend in ["io_uring", "epoll"] {
+            let b = kit_bench(
+                alioth,
+                kit,
+                &format!(
+                    "path={},read_only=on,direct=on,backend={backend}",
+                    img.display()
+                ),
+                qd,
+                secs,
+            )?;
+            println!(
+                "{:<20} {qd:>4} {:>12.0} {base:>12.0} {:>8.2} {:>10} {:>8}",
+                format!("alioth {backend}"),
+                b.iops,
+                b.iops / base,
+                b.cpu_us_per_io.map_or("?".into(), |c| format!("{c:.1}")),
+                b.rss_overhead_kib
+                    .map_or("?".into(), |k| format!("{:.1}", k as f64 / 1024.0))
+            );
+        }
+    }
+    let _ = std::fs::remove_file(&img);
+    Ok(())
 }
 
 /// One row of the in-guest table.

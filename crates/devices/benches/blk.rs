@@ -33,12 +33,21 @@ impl Rng {
     }
 }
 
-fn baseline(path: &std::path::Path, qd: usize, secs: f64) -> f64 {
-    let f = std::fs::File::open(path).unwrap();
+fn baseline(path: &std::path::Path, qd: usize, secs: f64, direct: bool) -> f64 {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    let f = o.open(path).unwrap();
     let mut ring = IoUring::new(64).unwrap();
-    let mut bufs = vec![vec![0u8; BLOCK]; qd];
+    // One 4 KiB-aligned block per slot (O_DIRECT wants aligned buffers).
+    let mut area = vec![0u8; (qd + 1) * BLOCK];
+    let skip = area.as_ptr().align_offset(BLOCK);
+    let mut bufs: Vec<&mut [u8]> = area[skip..].chunks_mut(BLOCK).take(qd).collect();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let submit = |ring: &mut IoUring, buf: &mut Vec<u8>, i: usize, rng: &mut Rng| {
+    let submit = |ring: &mut IoUring, buf: &mut [u8], i: usize, rng: &mut Rng| {
         let off = rng.block() * BLOCK as u64;
         let sqe = opcode::Read::new(types::Fd(f.as_raw_fd()), buf.as_mut_ptr(), BLOCK as u32)
             .offset(off)
@@ -61,7 +70,7 @@ fn baseline(path: &std::path::Path, qd: usize, secs: f64) -> f64 {
         for (i, res) in cqes {
             assert_eq!(res, BLOCK as i32);
             done += 1;
-            submit(&mut ring, &mut bufs[i as usize], i as usize, &mut rng);
+            submit(&mut ring, bufs[i as usize], i as usize, &mut rng);
         }
     }
     let rate = done as f64 / start.elapsed().as_secs_f64();
@@ -187,8 +196,12 @@ fn main() {
             .and_then(|i| args.get(i + 1))
             .and_then(|s| s.parse().ok())
             .unwrap_or(1);
-        let _ = std::fs::read(&file).unwrap();
-        println!("baseline-iops {:.0}", baseline(&file, qd, secs));
+        // `--direct`: O_DIRECT, straight from the disk; otherwise warm the page cache first.
+        let direct = args.iter().any(|a| a == "--direct");
+        if !direct {
+            let _ = std::fs::read(&file).unwrap();
+        }
+        println!("baseline-iops {:.0}", baseline(&file, qd, secs, direct));
         return;
     }
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -212,7 +225,7 @@ fn main() {
         "backend", "qd", "device IOPS", "io_uring IOPS", "ratio"
     );
     for qd in [1usize, 32] {
-        let base = baseline(&path, qd, secs);
+        let base = baseline(&path, qd, secs, false);
         for (name, uring) in [("io_uring", true), ("epoll", false)] {
             let dev = device(&path, uring, qd, secs);
             println!(
