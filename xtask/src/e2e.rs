@@ -521,9 +521,10 @@ fn upstream_kit_bench(
     timed_kit_bench(cmd)
 }
 
-/// One boot of the kit's `hello` test: milliseconds from exec to the kit's first line, to its
-/// verdict (summary line), and to the VMM's exit.
-fn boot_times(mut cmd: Command) -> Result<[f64; 3]> {
+/// One boot of the kit's `hello` test: milliseconds from exec to the kit's first instruction
+/// (its `entry` line, printed before any setup), to its first line after setup, to its verdict
+/// (summary line), and to the VMM's exit.
+fn boot_times(mut cmd: Command) -> Result<[f64; 4]> {
     use std::io::BufRead;
     let (_controller, terminal) = crate::conformance::pty()?;
     let t0 = Instant::now();
@@ -533,9 +534,12 @@ fn boot_times(mut cmd: Command) -> Result<[f64; 3]> {
         .stderr(Stdio::null())
         .spawn()?;
     let stdout = child.stdout.take().context("stdout")?;
-    let (mut first, mut verdict) = (None, None);
+    let (mut entry, mut first, mut verdict) = (None, None, None);
     for line in std::io::BufReader::new(stdout).lines() {
         let line = line?;
+        if entry.is_none() && line.contains("ALIOTH-KIT entry") {
+            entry = Some(t0.elapsed());
+        }
         if first.is_none() && line.contains("ALIOTH-KIT start") {
             first = Some(t0.elapsed());
         }
@@ -553,18 +557,19 @@ fn boot_times(mut cmd: Command) -> Result<[f64; 3]> {
         std::thread::sleep(Duration::from_micros(200));
     }
     let exit = t0.elapsed();
-    let (Some(first), Some(verdict)) = (first, verdict) else {
+    let (Some(entry), Some(first), Some(verdict)) = (entry, first, verdict) else {
         bail!("no kit output");
     };
-    Ok([first, verdict, exit].map(|d| d.as_secs_f64() * 1e3))
+    Ok([entry, first, verdict, exit].map(|d| d.as_secs_f64() * 1e3))
 }
 
 /// Makes the command that boots one VM.
 type CommandMaker<'a> = Box<dyn Fn() -> Command + 'a>;
 
-/// The start-up table: exec -> the kit's first line (its ring-0 setup and 10 ms of clock
-/// calibration included), -> its `hello` verdict, -> process exit; min/median/max of `runs`
-/// boots of this tree's `alioth` and, when given, upstream Alioth's.
+/// The start-up table: exec -> the kit's first instruction, -> its first line after setup (its
+/// emulated ring-0 setup and 10 ms of clock calibration included), -> its `hello` verdict, ->
+/// process exit; min/median/max of `runs` boots of this tree's `alioth` and, when given,
+/// upstream Alioth's.
 pub fn startup_table(
     alioth: &Path,
     kit: &Path,
@@ -572,10 +577,10 @@ pub fn startup_table(
     runs: usize,
 ) -> Result<()> {
     println!(
-        "\nstart-up: exec -> kit's first line / hello verdict / process exit, ms, {runs} runs (min / median / max)"
+        "\nstart-up: exec -> kit's first instruction (entry line) / first line after setup / hello verdict / process exit, ms, {runs} runs (min / median / max)"
     );
-    println!("| vmm | first line | verdict | exit |");
-    println!("| --- | --- | --- | --- |");
+    println!("| vmm | entry | first line | verdict | exit |");
+    println!("| --- | --- | --- | --- | --- |");
     let mut vmms: Vec<(&str, CommandMaker)> = vec![(
         "alioth",
         Box::new(|| {
@@ -609,7 +614,7 @@ pub fn startup_table(
         ));
     }
     for (name, make) in &vmms {
-        let mut samples = [Vec::new(), Vec::new(), Vec::new()];
+        let mut samples = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
         for _ in 0..runs {
             let t = boot_times(make())?;
             for (s, v) in samples.iter_mut().zip(t) {
@@ -625,8 +630,14 @@ pub fn startup_table(
                 v[v.len() - 1]
             )
         };
-        let [a, b, c] = &mut samples;
-        println!("| {name} | {} | {} | {} |", cell(a), cell(b), cell(c));
+        let [a, b, c, d] = &mut samples;
+        println!(
+            "| {name} | {} | {} | {} | {} |",
+            cell(a),
+            cell(b),
+            cell(c),
+            cell(d)
+        );
     }
     Ok(())
 }

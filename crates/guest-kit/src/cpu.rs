@@ -60,6 +60,17 @@ global_asm!(
     "cli",
     "lea rsp, [rip + KERNEL_STACK + 16384]",
     "mov r15, rsi", // boot_params
+    // First sign of life, before any setup: "ALIOTH-KIT entry" on COM1 (the host times it).
+    "lea rsi, [rip + kit_entry_msg]",
+    "mov dx, 0x3f8",
+    "20:",
+    "mov al, [rsi]",
+    "test al, al",
+    "jz 21f",
+    "out dx, al",
+    "inc rsi",
+    "jmp 20b",
+    "21:",
     "mov rax, cr0",
     "and rax, ~(1 << 2)", // EM off
     "or rax, (1 << 1)",   // MP on
@@ -429,6 +440,7 @@ global_asm!(
     ".endm",
     ".section .rodata",
     "kit_exc_msg: .asciz \"ALIOTH-KIT exception vector=0x\"",
+    "kit_entry_msg: .asciz \"ALIOTH-KIT entry\\n\"",
     ".balign 8",
     "kit_gp_table: .quad kit_gp",
     ".global EXC_STUBS",
