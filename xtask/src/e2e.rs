@@ -67,6 +67,20 @@ pub fn start_server(cmd: &[String], sock: &Path) -> Result<Server> {
 /// What `blk-rw` and `blk-flush` write (crates/guest-kit/src/tests.rs).
 const BLK_PATTERN: &[u8] = b"ALIOTH-KIT-BLK-1";
 
+/// Adds `boot --memory MEMORY --exit-device on --kernel KIT` to `cmd` (an `alioth` command, or a
+/// wrapper that runs one): how every kit VM of this task starts.
+pub fn kit_boot_args<'a>(cmd: &'a mut Command, kit: &Path, memory: &str) -> &'a mut Command {
+    cmd.args([
+        "boot",
+        "--memory",
+        memory,
+        "--exit-device",
+        "on",
+        "--kernel",
+    ])
+    .arg(kit)
+}
+
 /// Builds the kit; returns the ELF.
 pub fn build_kit(root: &Path) -> Result<PathBuf> {
     let dir = root.join("crates/guest-kit");
@@ -83,16 +97,7 @@ fn run_case(alioth: &Path, kit: &Path, case: &Case) -> Result<()> {
         Some((cmd, sock)) => Some(start_server(cmd, sock)?),
         None => None,
     };
-    let mut child = Command::new(alioth)
-        .args([
-            "boot",
-            "--memory",
-            case.memory,
-            "--exit-device",
-            "on",
-            "--kernel",
-        ])
-        .arg(kit)
+    let mut child = kit_boot_args(&mut Command::new(alioth), kit, case.memory)
         .arg("--cmdline")
         .arg(format!("kit.test={} kit.ring={}", case.test, case.ring))
         .args(&case.args)
@@ -490,9 +495,8 @@ pub fn kit_bench_iops(alioth: &Path, kit: &Path, disk: &str, qd: u32, secs: u64)
 
 fn kit_bench(alioth: &Path, kit: &Path, disk: &str, qd: u32, secs: u64) -> Result<KitBench> {
     let mut cmd = Command::new(alioth);
-    cmd.args(["boot", "--memory", "256M", "--exit-device", "on"])
-        .args(["--serial", "stdio", "--kernel"])
-        .arg(kit)
+    kit_boot_args(&mut cmd, kit, "256M")
+        .args(["--serial", "stdio"])
         .arg("--cmdline")
         .arg(bench_cmdline(qd, secs))
         .arg("--disk")
@@ -585,16 +589,7 @@ pub fn startup_table(
         "alioth",
         Box::new(|| {
             let mut c = Command::new(alioth);
-            c.args([
-                "boot",
-                "--memory",
-                "128M",
-                "--exit-device",
-                "on",
-                "--kernel",
-            ])
-            .arg(kit)
-            .args(["--cmdline", "kit.test=hello"]);
+            kit_boot_args(&mut c, kit, "128M").args(["--cmdline", "kit.test=hello"]);
             c
         }),
     )];

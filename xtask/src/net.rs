@@ -94,15 +94,7 @@ impl NetNs {
     /// adds the command line and the devices.
     pub fn boot_kit(&self, alioth: &Path, kit: &Path) -> Command {
         let mut c = self.exec(alioth);
-        c.args([
-            "boot",
-            "--memory",
-            "128M",
-            "--exit-device",
-            "on",
-            "--kernel",
-        ])
-        .arg(kit);
+        crate::e2e::kit_boot_args(&mut c, kit, "128M");
         c
     }
 
