@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use alioth_vmm::{
     BlkConfig, BootProtocol, DiskConfig, IoBackend, NetConfig, NetDeviceConfig, RngConfig,
-    SerialConfig, VhostUserConfig, VhostUserDeviceConfig, VmConfig,
+    SerialConfig, VhostUserConfig, VhostUserDeviceConfig, VmConfig, VsockConfig, VsockDeviceConfig,
 };
 
 use crate::{BootArgs, VhostUserArgs, VhostUserDevice};
@@ -33,6 +33,69 @@ pub struct FileConfig {
     /// `[[net]]` tables.
     #[serde(default)]
     pub net: Vec<NetFile>,
+    /// `[vsock]`: present = enabled.
+    pub vsock: Option<VsockFile>,
+}
+
+/// The `[vsock]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockFile {
+    /// The guest's CID (3 or more).
+    pub cid: Option<u64>,
+    /// The host Unix socket.
+    pub uds: Option<PathBuf>,
+    pub max_connections: Option<usize>,
+    pub backend: Option<String>,
+}
+
+impl VsockFile {
+    fn into_config(self, base: &Path) -> Result<VsockDeviceConfig> {
+        let Some(cid) = self.cid else {
+            bail!("vsock: `cid` is missing (the guest's CID, 3 or more)");
+        };
+        let Some(uds) = self.uds else {
+            bail!("vsock: `uds` is missing (the host socket path)");
+        };
+        let mut vsock = VsockConfig::new(cid, base.join(uds));
+        if let Some(m) = self.max_connections {
+            vsock.max_connections = m;
+        }
+        Ok(VsockDeviceConfig {
+            vsock,
+            backend: match &self.backend {
+                Some(b) => parse_backend(b)?,
+                None => IoBackend::Auto,
+            },
+        })
+    }
+}
+
+/// Parses `--vsock cid=N,uds=PATH[,max_connections=N][,backend=B]`.
+pub fn parse_vsock_flag(spec: &str) -> Result<VsockFile> {
+    let mut f = VsockFile::default();
+    let mut seen = std::collections::HashSet::new();
+    for item in spec.split(',').filter(|s| !s.is_empty()) {
+        let Some((k, v)) = item.split_once('=') else {
+            bail!("--vsock `{item}`: expected key=value");
+        };
+        if !seen.insert(k) {
+            bail!("--vsock `{spec}`: `{k}` is given twice");
+        }
+        match k {
+            "cid" => f.cid = Some(v.parse().with_context(|| format!("--vsock cid=`{v}`"))?),
+            "uds" => f.uds = Some(PathBuf::from(v)),
+            "max_connections" => {
+                f.max_connections = Some(
+                    v.parse()
+                        .with_context(|| format!("--vsock max_connections=`{v}`"))?,
+                )
+            }
+            "backend" => f.backend = Some(v.to_string()),
+            _ => bail!("--vsock: unknown key `{k}` (cid, uds, max_connections, backend)"),
+        }
+    }
+    Ok(f)
 }
 
 /// One `[[net]]` table.
@@ -511,6 +574,12 @@ pub fn build(args: &BootArgs) -> Result<VmConfig> {
             .iter()
             .map(|s| parse_net_flag(s).and_then(NetFile::into_config))
             .collect::<Result<_>>()?
+    };
+    // The vsock device: the flag replaces the file's table.
+    config.vsock = match (&args.vsock, &file.vsock) {
+        (Some(s), _) => Some(parse_vsock_flag(s)?.into_config(&cwd)?),
+        (None, Some(v)) => Some(v.clone().into_config(&base)?),
+        (None, None) => None,
     };
     config.validate()?;
     Ok(config)

@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot a VM. Flags override the values of the --config file.
-    Boot(BootArgs),
+    Boot(Box<BootArgs>),
     /// Serve a device as a vhost-user backend (to QEMU, Cloud Hypervisor, User-Mode Linux or
     /// alioth itself) until stopped. Either a device subcommand or --config.
     VhostUser(VhostUserArgs),
@@ -130,6 +130,11 @@ pub struct BootArgs {
     /// Add a virtio-rng entropy device (fed by the host's getrandom).
     #[arg(long)]
     pub rng: bool,
+    /// Add a virtio-vsock device (replaces the file's [vsock]):
+    /// `cid=N,uds=PATH[,max_connections=N][,backend=B]`. Host programs connect to PATH and
+    /// write `CONNECT <port>\n`; guest connections to host port P go to `PATH_P`.
+    #[arg(long, value_name = "SPEC")]
+    pub vsock: Option<String>,
     /// Enable the test exit device: `on` (port 0xf4) or a port number. The value the guest writes
     /// there becomes alioth's exit status.
     #[arg(long, value_name = "on|PORT")]
@@ -152,7 +157,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     match cli.command {
-        Command::Boot(args) => boot(args),
+        Command::Boot(args) => boot(*args),
         Command::VhostUser(args) => vhost_user(args),
     }
 }

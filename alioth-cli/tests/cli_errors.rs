@@ -391,3 +391,41 @@ fn a_disk_another_process_holds_is_a_usage_error_and_duplicate_keys_too() {
     let out = alioth(&["boot", "--kernel", k, "--serial", "off", "--disk", &ro]);
     assert_usage_error(&out, "a write lock");
 }
+
+#[test]
+fn bad_vsock_settings_are_usage_errors() {
+    let (dir, k) = placeholder_kernel();
+    let k = k.as_str();
+    let d = dir.path().display().to_string();
+    let plain = format!("{d}/plain");
+    std::fs::write(&plain, "keep").unwrap();
+    let long = format!("{d}/{}", "s".repeat(110));
+    for (spec, needle) in [
+        (format!("cid=2,uds={d}/v.sock"), "cid 2 is reserved"),
+        (format!("cid=x,uds={d}/v.sock"), "--vsock cid=`x`"),
+        (format!("uds={d}/v.sock"), "`cid` is missing"),
+        ("cid=3".to_string(), "`uds` is missing"),
+        (format!("cid=3,uds={d}/no/such/dir/v.sock"), "directory"),
+        (format!("cid=3,uds={plain}"), "is not a socket"),
+        (format!("cid=3,uds={long}"), "bytes long"),
+        (format!("cid=3,cid=4,uds={d}/v.sock"), "given twice"),
+        (format!("cid=3,uds={d}/v.sock,port=1"), "unknown key `port`"),
+        (
+            format!("cid=3,uds={d}/v.sock,max_connections=0"),
+            "max_connections",
+        ),
+    ] {
+        let out = alioth(&["boot", "--kernel", k, "--serial", "off", "--vsock", &spec]);
+        assert_usage_error(&out, needle);
+    }
+    assert_eq!(std::fs::read_to_string(&plain).unwrap(), "keep");
+    // The same checks from a file.
+    let cfg = dir.path().join("vm.toml");
+    std::fs::write(
+        &cfg,
+        format!("kernel = \"{k}\"\n[vsock]\ncid = 1\nuds = \"v.sock\"\n"),
+    )
+    .unwrap();
+    let out = alioth(&["boot", "--config", cfg.to_str().unwrap()]);
+    assert_usage_error(&out, "cid 1 is reserved");
+}

@@ -19,6 +19,7 @@ mod fuzz;
 mod guest;
 mod net;
 mod uml;
+mod vsock;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -27,6 +27,7 @@ mod rt;
 mod serial;
 mod tests;
 mod virtio;
+mod vsock;
 
 use core::fmt::Write;
 
@@ -209,6 +210,12 @@ fn run(out: &mut Com1, test: &[u8], cmd: &[u8]) -> Option<Verdict> {
         b"net-bench" => tests::net_bench(out, param(cmd, b"kit.bench").unwrap_or(b"")),
         b"net-hostile-rx" => tests::net_hostile(true),
         b"net-hostile-tx" => tests::net_hostile(false),
+        b"vsock-echo" => vsock::echo(tests::memory(), tests::buffers(), tests::packed()),
+        b"vsock-many" => vsock::many(tests::memory(), tests::buffers(), tests::packed()),
+        b"vsock-listen" => vsock::listen(tests::memory(), tests::buffers(), tests::packed()),
+        b"vsock-stall" => vsock::stall(tests::memory(), tests::buffers(), tests::packed()),
+        b"vsock-close" => vsock::close(tests::memory(), tests::buffers(), tests::packed()),
+        b"vsock-hostile" => vsock::hostile(tests::memory(), tests::buffers(), tests::packed()),
         b"bench" => tests::bench(out, param(cmd, b"kit.bench").unwrap_or(b"")),
         _ => return None,
     })

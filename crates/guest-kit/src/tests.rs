@@ -63,7 +63,8 @@ impl Detail {
         d
     }
 
-    fn new(args: core::fmt::Arguments) -> Detail {
+    /// A detail with formatted text (cut at 200 bytes).
+    pub fn new(args: core::fmt::Arguments) -> Detail {
         let mut d = Detail {
             buf: [0; 200],
             len: 0,
@@ -94,11 +95,11 @@ fn pass(args: core::fmt::Arguments) -> Verdict {
     Verdict::Pass(Detail::new(args))
 }
 
-fn fail(args: core::fmt::Arguments) -> Verdict {
+pub(crate) fn fail(args: core::fmt::Arguments) -> Verdict {
     Verdict::Fail(Detail::new(args))
 }
 
-fn skip(args: core::fmt::Arguments) -> Verdict {
+pub(crate) fn skip(args: core::fmt::Arguments) -> Verdict {
     Verdict::Skip(Detail::new(args))
 }
 
@@ -114,7 +115,7 @@ pub fn use_packed_rings(packed: bool) {
     PACKED.store(packed, core::sync::atomic::Ordering::Relaxed);
 }
 
-fn packed() -> bool {
+pub(crate) fn packed() -> bool {
     PACKED.load(core::sync::atomic::Ordering::Relaxed)
 }
 

@@ -315,6 +315,16 @@ impl ActiveIoUring {
         }
     }
 
+    /// Returns `chain` to the driver on queue `q` with `len` bytes written.
+    fn give_back(&mut self, name: &str, q: usize, chain: DescChain, len: u32) -> Result<()> {
+        let aq = &mut self.queues[q];
+        aq.queue
+            .push_used(&self.mem, &chain, len)
+            .map_err(Self::qerr(name, aq.index))?;
+        aq.queue.recycle(chain);
+        Ok(())
+    }
+
     /// Pops and starts chains of queue `q` until it is empty or out of budget. Returns whether
     /// any chain was completed synchronously (used ring touched).
     fn pull<D: ChainHandler>(&mut self, dev: &mut D, q: usize) -> Result<bool> {
@@ -337,11 +347,13 @@ impl ActiveIoUring {
                 match dev.handle(index, &chain, &self.mem) {
                     BufferAction::Hold => {}
                     BufferAction::Written(n) => {
-                        let queue = &mut self.queues[q].queue;
-                        queue
-                            .push_used(&self.mem, &chain, n)
-                            .map_err(Self::qerr(dev.name(), index))?;
-                        queue.recycle(chain);
+                        self.give_back(dev.name(), q, chain, n)?;
+                        touched = true;
+                    }
+                    BufferAction::Io(IoOp::Nop) => {
+                        // Nothing for the kernel to do: finish it now.
+                        let n = dev.complete(index, &chain, &self.mem, Ok(0));
+                        self.give_back(dev.name(), q, chain, n)?;
                         touched = true;
                     }
                     BufferAction::Io(op) => self.submit(q, Some(chain), op)?,
@@ -373,21 +385,37 @@ impl ActiveIoUring {
 
     /// Starts the device's own I/O on queue `q` ([`ChainHandler::poll_io`]) while it has some,
     /// its last read did not block, and the budget allows. Returns whether a chain completed
-    /// (never: the operations complete later), for symmetry with `pull`.
+    /// (only chains the device filled itself, [`IoOp::Nop`]: the rest complete later).
     fn device_io<D: ChainHandler>(&mut self, dev: &mut D, q: usize) -> Result<bool> {
         self.poke[q] = false;
         let index = self.queues[q].index;
+        let mut touched = false;
         while !self.blocked[q] {
             if !self.may_take(q) {
                 self.paused[q] = true;
                 break;
             }
             let Some(op) = dev.poll_io(index, &self.mem) else {
+                // A device that drains its event fds itself waits for them now.
+                if dev.event_driven() {
+                    self.arm_events(q)?;
+                }
                 break;
             };
+            if matches!(op, IoOp::Nop) {
+                // Filled by the device itself: return the chains now.
+                let mut used = std::mem::take(&mut self.used);
+                dev.io_done(index, &self.mem, Ok(0), &mut used);
+                for (chain, len) in used.drain(..) {
+                    self.give_back(dev.name(), q, chain, len)?;
+                    touched = true;
+                }
+                self.used = used;
+                continue;
+            }
             self.submit(q, None, op)?;
         }
-        Ok(false)
+        Ok(touched)
     }
 
     /// Waits (oneshot polls) for queue `q`'s event fds after its device I/O would block.
@@ -426,6 +454,9 @@ impl ActiveIoUring {
                 }
                 (f.build(), v)
             }
+            // `pull` and `device_io` finish these without the kernel. Should one get here, the
+            // restricted ring refuses the opcode and the chain completes with that error.
+            IoOp::Nop => (opcode::Nop::new().build(), v),
             IoOp::Fallocate {
                 fd,
                 mode,
@@ -486,11 +517,7 @@ impl ActiveIoUring {
             return Ok(q);
         };
         let written = dev.complete(index, &chain, &self.mem, result);
-        let queue = &mut self.queues[q].queue;
-        queue
-            .push_used(&self.mem, &chain, written)
-            .map_err(Self::qerr(dev.name(), index))?;
-        queue.recycle(chain);
+        self.give_back(dev.name(), q, chain, written)?;
         Ok(q)
     }
 

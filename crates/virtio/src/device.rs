@@ -130,6 +130,11 @@ pub enum IoOp {
         /// Length.
         len: u64,
     },
+    /// Nothing for the host to do: the device already filled held chains itself (a socket
+    /// device's non-blocking I/O, a control packet it generated). Only returned by
+    /// [`ChainHandler::poll_io`]; the backend calls [`ChainHandler::io_done`] with `Ok(0)` at
+    /// once.
+    Nop,
 }
 
 impl IoOp {
@@ -201,5 +206,12 @@ pub trait ChainHandler: Virtio {
     /// work again: (descriptor, queue).
     fn event_fds(&self) -> Vec<(RawFd, u16)> {
         Vec::new()
+    }
+
+    /// Whether the device's event fds signal new work whatever its last operation returned:
+    /// it drains them itself (a socket device behind its own epoll), so the backend watches
+    /// them whenever [`ChainHandler::poll_io`] has nothing, not only after a read would block.
+    fn event_driven(&self) -> bool {
+        false
     }
 }

@@ -336,5 +336,6 @@ pub fn execute_sync(op: &IoOp) -> std::io::Result<usize> {
             let r = unsafe { libc::fallocate(*fd, *mode, *offset as i64, *len as i64) };
             check(r as libc::c_long).map(|_| 0)
         }
+        IoOp::Nop => Ok(0),
     }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use alioth_boot::{BootProtocol, KernelSpec};
 use alioth_devices::virtio::blk::BlkConfig;
 use alioth_devices::virtio::net::NetConfig;
+use alioth_devices::virtio::vsock::VsockConfig;
 use alioth_devices::{acpi_pm, cmos, i8042, serial};
 use alioth_hv::CpuFeatureEdit;
 use alioth_pci::{CONFIG_IO_LEN, CONFIG_IO_PORT};
@@ -66,6 +67,15 @@ pub struct NetDeviceConfig {
     pub poll_us: u32,
 }
 
+/// The virtio-vsock device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockDeviceConfig {
+    /// The guest's CID and the host socket.
+    pub vsock: VsockConfig,
+    /// Event loop.
+    pub backend: IoBackend,
+}
+
 /// A complete VM description.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -87,6 +97,8 @@ pub struct VmConfig {
     pub rng: Option<RngConfig>,
     /// virtio-net devices, after the disks in PCI slot order.
     pub nets: Vec<NetDeviceConfig>,
+    /// The vsock device, if enabled (after the net devices in PCI slot order).
+    pub vsock: Option<VsockDeviceConfig>,
 }
 
 /// The most virtio devices: 31 slots on bus 0 (slot 0 is the host bridge).
@@ -116,6 +128,7 @@ impl VmConfig {
             disks: Vec::new(),
             rng: None,
             nets: Vec::new(),
+            vsock: None,
         }
     }
 
@@ -183,7 +196,15 @@ impl VmConfig {
                 )));
             }
         }
-        let devices = self.disks.len() + usize::from(self.rng.is_some()) + self.nets.len();
+        if let Some(v) = &self.vsock {
+            v.vsock
+                .validate()
+                .map_err(|e| Error::Config(e.to_string()))?;
+        }
+        let devices = self.disks.len()
+            + usize::from(self.rng.is_some())
+            + self.nets.len()
+            + usize::from(self.vsock.is_some());
         if devices > MAX_PCI_DEVICES {
             return Err(Error::Config(format!(
                 "{devices} PCI devices requested; at most {MAX_PCI_DEVICES} fit"

@@ -15,6 +15,7 @@ use alioth_devices::serial::{COM1_IRQ, COM1_PORT, Serial};
 use alioth_devices::virtio::blk::VirtioBlk;
 use alioth_devices::virtio::net::VirtioNet;
 use alioth_devices::virtio::rng::VirtioRng;
+use alioth_devices::virtio::vsock::VirtioVsock;
 use alioth_devices::{EventSink, VmEvent, acpi_pm, cmos, exit, i8042};
 use alioth_hv::{EventFd, Kvm, Vcpu, VcpuThread, Vm, VmExit, install_kick_signal_handler};
 use alioth_mem::layout::{
@@ -322,6 +323,18 @@ fn add_pci_devices(
             VirtioNet::open(&name, &n.net, !io_uring).map_err(|e| Error::Device(e.to_string()))?;
         log::info!("{name}: tap {}", dev.tap_name());
         placer.add(dev, n.backend, n.poll_us)?;
+    }
+    if let Some(v) = &config.vsock {
+        let dev = VirtioVsock::new("virtio-vsock0", &v.vsock).map_err(|e| match e {
+            alioth_devices::virtio::vsock::VsockError::Config(m) => Error::Config(m),
+            e => Error::Device(e.to_string()),
+        })?;
+        log::info!(
+            "virtio-vsock0: guest CID {}, host socket {}",
+            v.vsock.cid,
+            dev.uds().display()
+        );
+        placer.add(dev, v.backend, 0)?;
     }
     Ok(placer.devices)
 }

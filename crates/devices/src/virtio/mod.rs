@@ -3,3 +3,4 @@
 pub mod blk;
 pub mod net;
 pub mod rng;
+pub mod vsock;
