@@ -378,3 +378,142 @@ fn tempfile_dir(name: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(&d)?;
     Ok(d)
 }
+
+/// Host throughput of a plain Unix stream socket pair: one thread writes 64 KiB chunks for
+/// `secs`, this one reads; bytes per second.
+fn host_uds_baseline(secs: u64) -> Result<f64> {
+    let (mut a, mut b) = UnixStream::pair()?;
+    let writer = std::thread::spawn(move || {
+        let buf = vec![0x5au8; 64 << 10];
+        let end = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < end {
+            if a.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    });
+    let start = Instant::now();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match b.read(&mut buf)? {
+            0 => break,
+            n => total += n as u64,
+        }
+    }
+    let t = start.elapsed().as_secs_f64();
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))?;
+    Ok(total as f64 / t)
+}
+
+/// One guest stream: `tx` (guest -> host sink) or `rx` (host source -> guest) for `secs` on
+/// `backend`; bytes per second as the host measured them (first byte to the guest's close).
+fn guest_stream(alioth: &Path, kit: &Path, backend: &str, tx: bool, secs: u64) -> Result<f64> {
+    let dir = tempfile_dir(&format!("bench-{backend}-{tx}"))?;
+    let uds = dir.join("v.sock");
+    let port = if tx { 5000 } else { 5001 };
+    let l = UnixListener::bind(format!("{}_{port}", uds.display()))?;
+    let mut child = crate::e2e::kit_boot_args(&mut Command::new(alioth), kit, "128M")
+        .arg("--cmdline")
+        .arg(format!(
+            "kit.test=vsock-bench kit.bench={},secs={secs}",
+            if tx { "tx" } else { "rx" }
+        ))
+        .arg("--vsock")
+        .arg(format!("cid={CID},uds={},backend={backend}", uds.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting alioth")?;
+    let server = std::thread::spawn(move || -> Result<(u64, f64)> {
+        let (mut s, _) = l.accept()?;
+        let mut buf = vec![0u8; 256 << 10];
+        let mut total = 0u64;
+        let mut start = None;
+        if tx {
+            loop {
+                match s.read(&mut buf)? {
+                    0 => break,
+                    n => {
+                        start.get_or_insert_with(Instant::now);
+                        total += n as u64;
+                    }
+                }
+            }
+        } else {
+            start = Some(Instant::now());
+            while let Ok(n) = s.write(&buf) {
+                total += n as u64;
+            }
+        }
+        let t = start.map_or(0.0, |s| s.elapsed().as_secs_f64());
+        Ok((total, t))
+    });
+    let status = child.wait()?;
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .context("stdout")?
+        .read_to_string(&mut out)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if status.code() != Some(0) || !out.contains("ALIOTH-KIT result vsock-bench pass") {
+        bail!("the kit's bench failed (exit {status}):\n{out}");
+    }
+    let (host_bytes, t) = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("the host side panicked"))??;
+    // The guest's own count (what it sent, or what arrived) over its own clock.
+    let kit = out
+        .lines()
+        .find_map(|l| l.strip_prefix("ALIOTH-KIT vsock-bench "))
+        .and_then(|l| {
+            let mut it = l
+                .split_whitespace()
+                .map(|w| w.split_once('=').map(|(_, v)| v));
+            let bytes: f64 = it.next()??.parse().ok()?;
+            let ns: f64 = it.next()??.parse().ok()?;
+            Some(bytes / (ns / 1e9))
+        });
+    let host_rate = if t > 0.0 { host_bytes as f64 / t } else { 0.0 };
+    // The host's view includes connection set-up and teardown; for tx it is the bytes that
+    // arrived, for rx the kit's count is what arrived.
+    Ok(if tx {
+        host_rate
+    } else {
+        kit.unwrap_or(host_rate)
+    })
+}
+
+/// `cargo xtask bench vsock [--secs N]`: guest -> host and host -> guest stream throughput on
+/// both backends vs a plain Unix socket pair on the host, as ratios, measured in this run.
+pub fn bench(root: &Path, args: &[String]) -> Result<()> {
+    let secs = crate::secs_arg(args);
+    let kit = crate::e2e::build_kit(root)?;
+    crate::run(crate::cargo().args(["build", "--release", "--quiet", "-p", "alioth-cli"]))?;
+    let alioth = root.join("target/release/alioth");
+    let base = host_uds_baseline(secs)?;
+    println!(
+        "\nvirtio-vsock stream throughput, {secs} s per run, 64 KiB packets (the guest kit \
+         polls, one connection); baseline: a Unix stream socket pair on the host, 64 KiB writes"
+    );
+    println!(
+        "{:<10} {:<14} {:>12} {:>12} {:>7}",
+        "backend", "direction", "guest MB/s", "host MB/s", "ratio"
+    );
+    for (tx, label) in [(true, "guest->host"), (false, "host->guest")] {
+        for backend in ["io_uring", "epoll"] {
+            let rate = guest_stream(&alioth, &kit, backend, tx, secs)?;
+            println!(
+                "{backend:<10} {label:<14} {:>12.0} {:>12.0} {:>7.2}",
+                rate / 1e6,
+                base / 1e6,
+                rate / base
+            );
+        }
+    }
+    Ok(())
+}

@@ -216,6 +216,13 @@ fn run(out: &mut Com1, test: &[u8], cmd: &[u8]) -> Option<Verdict> {
         b"vsock-stall" => vsock::stall(tests::memory(), tests::buffers(), tests::packed()),
         b"vsock-close" => vsock::close(tests::memory(), tests::buffers(), tests::packed()),
         b"vsock-hostile" => vsock::hostile(tests::memory(), tests::buffers(), tests::packed()),
+        b"vsock-bench" => vsock::bench(
+            out,
+            tests::memory(),
+            tests::buffers(),
+            tests::packed(),
+            param(cmd, b"kit.bench").unwrap_or(b""),
+        ),
         b"bench" => tests::bench(out, param(cmd, b"kit.bench").unwrap_or(b"")),
         _ => return None,
     })

@@ -151,6 +151,8 @@ pub struct Vsock {
     pub conns: [Conn; MAX_CONNS],
     next_port: u32,
     listen: Option<u32>,
+    /// Bench mode ([`Vsock::bulk_rx`]).
+    bulk: bool,
     /// Counters.
     pub stats: Stats,
 }
@@ -195,6 +197,7 @@ impl Vsock {
             conns: [FREE; MAX_CONNS],
             next_port: 40000,
             listen: None,
+            bulk: false,
             stats: Stats::default(),
         };
         for q in 0..3 {
@@ -217,6 +220,9 @@ impl Vsock {
         self.base + slot * 64
     }
     fn rx_buf(&self, slot: usize) -> usize {
+        if self.bulk {
+            return self.bulk_buf();
+        }
         self.base + 0x1000 + slot * PAYLOAD
     }
     fn tx_hdr(&self, slot: usize) -> usize {
@@ -306,7 +312,7 @@ impl Vsock {
             let n = (len as usize)
                 .saturating_sub(HDR)
                 .min(h.len as usize)
-                .min(PAYLOAD);
+                .min(if self.bulk { BULK } else { PAYLOAD });
             self.receive(&h, slot, n, sink);
             self.post_rx(slot);
             reposted = true;
@@ -829,4 +835,130 @@ pub fn hostile(ring: usize, base: usize, packed: bool) -> Verdict {
         return fail(format_args!("the echo after the bad packets failed"));
     }
     Verdict::Pass(Detail::from_str("5 bad packets -> RST, then 8KiB echoed"))
+}
+
+// ---- the bench (`cargo xtask bench vsock`) ----
+
+/// Host port the bench's guest -> host stream goes to (the host reads and discards).
+pub const BENCH_SINK_PORT: u32 = 5000;
+/// Host port the bench's host -> guest stream comes from (the host writes until the guest
+/// closes).
+pub const BENCH_SOURCE_PORT: u32 = 5001;
+/// Payload per bench packet (Linux's largest, VIRTIO_VSOCK_MAX_PKT_BUF_SIZE).
+const BULK: usize = 64 << 10;
+
+impl Vsock {
+    /// Bench mode: receive buffers are a header slot plus one shared 64 KiB sink (the data is
+    /// counted, not kept) and transmit payloads come from one shared 64 KiB buffer, so packets
+    /// are as large as Linux makes them.
+    fn bulk_rx(&mut self) {
+        // Re-post every slot with the big layout as it comes back (see `poll_bulk`).
+        self.bulk = true;
+    }
+
+    fn bulk_buf(&self) -> usize {
+        self.base + 0x1000
+    }
+
+    /// Sends up to 64 KiB of the shared buffer on connection `i` within the host's credit.
+    fn send_bulk(&mut self, i: usize) -> usize {
+        let n = BULK.min(self.credit(i) as usize);
+        if n == 0 {
+            return 0;
+        }
+        let deadline = Deadline::after_ms(2000);
+        let slot = loop {
+            self.reap_tx();
+            if let Some(s) = (0..SLOTS).find(|&s| !self.tx_busy[s]) {
+                break s;
+            }
+            if deadline.passed() {
+                return 0;
+            }
+        };
+        let h = self.hdr(i, OP_RW, n as u32, 0);
+        h.write(mem(self.tx_hdr(slot), HDR));
+        let (ha, ba) = (self.tx_hdr(slot) as u64, (self.bulk_buf() + BULK) as u64);
+        self.tx_busy[slot] = true;
+        self.tx_ids[slot] = self.dev.queue(1).add_slot(
+            slot as u16,
+            &[(ha, HDR as u32, false), (ba, n as u32, false)],
+        );
+        self.dev.kick(1);
+        let c = &mut self.conns[i];
+        c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+        n
+    }
+}
+
+/// `vsock-bench` with `kit.bench=tx|rx,secs=S`: streams to (tx) or from (rx) the host for S
+/// seconds in 64 KiB packets; prints `ALIOTH-KIT vsock-bench bytes=N ns=T`.
+pub fn bench(
+    out: &mut crate::serial::Com1,
+    ring: usize,
+    base: usize,
+    packed: bool,
+    spec: &[u8],
+) -> Verdict {
+    use core::fmt::Write;
+    let (mut tx, mut secs) = (true, 3u64);
+    for item in spec.split(|b| *b == b',') {
+        match item {
+            b"tx" => tx = true,
+            b"rx" => tx = false,
+            _ => {
+                if let Some(v) = item.strip_prefix(b"secs=") {
+                    secs = core::str::from_utf8(v)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(3)
+                        .clamp(1, 60);
+                }
+            }
+        }
+    }
+    let mut v = match open(ring, base, packed) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
+    v.bulk_rx();
+    let mut sink = |_: usize, _: &[u8]| {};
+    let port = if tx {
+        BENCH_SINK_PORT
+    } else {
+        BENCH_SOURCE_PORT
+    };
+    let i = match establish(&mut v, port, &mut sink) {
+        Ok(i) => i,
+        Err(e) => return e,
+    };
+    let start = crate::clock::now_ns();
+    let end = Deadline::after_ms(secs * 1000);
+    let mut bytes = 0usize;
+    if tx {
+        while !end.passed() {
+            let n = v.send_bulk(i);
+            bytes += n;
+            if n == 0 {
+                v.poll(&mut sink);
+            } else {
+                v.reap_tx();
+            }
+            if v.conns[i].state != State::Established {
+                return fail(format_args!("the host closed the sink"));
+            }
+        }
+    } else {
+        while !end.passed() {
+            v.poll(&mut sink);
+        }
+        bytes = v.conns[i].received;
+    }
+    let ns = crate::clock::now_ns() - start;
+    v.close(i, 5000, &mut sink);
+    let _ = writeln!(out, "ALIOTH-KIT vsock-bench bytes={bytes} ns={ns}");
+    Verdict::Pass(Detail::new(format_args!(
+        "{} MB/s",
+        bytes as u64 * 1000 / ns.max(1)
+    )))
 }
