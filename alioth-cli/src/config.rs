@@ -6,8 +6,9 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
 use alioth_vmm::{
-    BlkConfig, BootProtocol, DiskConfig, IoBackend, NetConfig, NetDeviceConfig, RngConfig,
-    SerialConfig, VhostUserConfig, VhostUserDeviceConfig, VmConfig, VsockConfig, VsockDeviceConfig,
+    BlkConfig, BootProtocol, ConsoleDeviceConfig, ConsoleMode, DiskConfig, IoBackend, NetConfig,
+    NetDeviceConfig, RngConfig, SerialConfig, VhostUserConfig, VhostUserDeviceConfig, VmConfig,
+    VsockConfig, VsockDeviceConfig,
 };
 
 use crate::{BootArgs, VhostUserArgs, VhostUserDevice};
@@ -35,6 +36,40 @@ pub struct FileConfig {
     pub net: Vec<NetFile>,
     /// `[vsock]`: present = enabled.
     pub vsock: Option<VsockFile>,
+    /// `[console]`: present = enabled.
+    pub console: Option<ConsoleFile>,
+}
+
+/// The `[console]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleFile {
+    /// `stdio`, `pty`, `file:PATH`, `socket:PATH` or `off`.
+    pub mode: Option<String>,
+    pub backend: Option<String>,
+}
+
+/// Parses a console mode: `stdio`, `pty`, `file:PATH`, `socket:PATH`, or `off` (`None`).
+/// Relative paths are relative to `base`.
+pub fn parse_console(s: &str, base: &Path) -> Result<Option<ConsoleMode>> {
+    let path = |p: &str| -> Result<PathBuf> {
+        if p.is_empty() {
+            bail!("console `{s}`: the path is empty");
+        }
+        Ok(base.join(p))
+    };
+    Ok(Some(match s {
+        "stdio" => ConsoleMode::Stdio,
+        "pty" => ConsoleMode::Pty,
+        "off" | "none" => return Ok(None),
+        _ => match s.split_once(':') {
+            Some(("file", p)) => ConsoleMode::File(path(p)?),
+            Some(("socket", p)) => ConsoleMode::Socket(path(p)?),
+            _ => {
+                bail!("console `{s}`: expected `stdio`, `pty`, `file:PATH`, `socket:PATH` or `off`")
+            }
+        },
+    }))
 }
 
 /// The `[vsock]` table.
@@ -579,6 +614,24 @@ pub fn build(args: &BootArgs) -> Result<VmConfig> {
     config.vsock = match (&args.vsock, &file.vsock) {
         (Some(s), _) => Some(parse_vsock_flag(s)?.into_config(&cwd)?),
         (None, Some(v)) => Some(v.clone().into_config(&base)?),
+        (None, None) => None,
+    };
+    // The console: the flag replaces the file's table.
+    config.console = match (&args.console, &file.console) {
+        (Some(m), _) => parse_console(m, &cwd)?.map(|mode| ConsoleDeviceConfig {
+            mode,
+            backend: IoBackend::Auto,
+        }),
+        (None, Some(c)) => {
+            let Some(m) = &c.mode else {
+                bail!("console: `mode` is missing (stdio, pty, file:PATH, socket:PATH or off)");
+            };
+            let backend = match &c.backend {
+                Some(b) => parse_backend(b)?,
+                None => IoBackend::Auto,
+            };
+            parse_console(m, &base)?.map(|mode| ConsoleDeviceConfig { mode, backend })
+        }
         (None, None) => None,
     };
     config.validate()?;

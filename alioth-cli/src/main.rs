@@ -135,6 +135,12 @@ pub struct BootArgs {
     /// write `CONNECT <port>\n`; guest connections to host port P go to `PATH_P`.
     #[arg(long, value_name = "SPEC")]
     pub vsock: Option<String>,
+    /// Add a virtio console (hvc0 in a Linux guest; replaces the file's [console]): `stdio`
+    /// (the terminal's input then goes to it rather than COM1; Ctrl-A x quits), `pty` (a new
+    /// pseudo-terminal, its path printed), `file:PATH` (output appended), `socket:PATH` (a Unix
+    /// socket; one client at a time is the terminal) or `off`.
+    #[arg(long, value_name = "MODE")]
+    pub console: Option<String>,
     /// Enable the test exit device: `on` (port 0xf4) or a port number. The value the guest writes
     /// there becomes alioth's exit status.
     #[arg(long, value_name = "on|PORT")]

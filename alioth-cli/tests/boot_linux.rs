@@ -306,3 +306,38 @@ fn debian_kernel_full_boot_runs_init_and_powers_off() {
     let image = std::fs::read(disk.path()).unwrap();
     assert!(image.starts_with(b"ALIOTH-DISK-MARKER"));
 }
+
+#[test]
+fn debian_kernel_full_boot_on_hvc0_prints_init_through_the_virtio_console() {
+    if !require_hardware_kvm(
+        "debian_kernel_full_boot_on_hvc0_prints_init_through_the_virtio_console",
+    ) {
+        return;
+    }
+    let (Some(vmlinux), Some(initramfs)) =
+        (guest_artifact("vmlinux"), guest_artifact("initramfs.cpio"))
+    else {
+        return;
+    };
+    // COM1 off: everything the test sees comes through virtio-console on stdout.
+    let mut vm = Vm::boot(
+        &vmlinux,
+        &[
+            "--memory",
+            "512M",
+            "--initramfs",
+            initramfs.to_str().unwrap(),
+            "--cmdline",
+            "console=hvc0 panic=-1 alioth.test=full-boot",
+            "--serial",
+            "off",
+            "--console",
+            "stdio",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    vm.expect("ALIOTH-HVC-OK", deadline);
+    vm.expect("ALIOTH-INIT-OK", deadline);
+    let status = wait_bounded(&mut vm.child, Duration::from_secs(60));
+    assert_eq!(status, Some(0));
+}

@@ -128,6 +128,11 @@ fn help_explains_every_option() {
         "--cpu-features",
         "--boot-protocol",
         "--exit-device",
+        "--disk",
+        "--net",
+        "--rng",
+        "--vsock",
+        "--console",
     ] {
         assert!(
             help.contains(flag),
@@ -428,4 +433,32 @@ fn bad_vsock_settings_are_usage_errors() {
     .unwrap();
     let out = alioth(&["boot", "--config", cfg.to_str().unwrap()]);
     assert_usage_error(&out, "cid 1 is reserved");
+}
+
+#[test]
+fn bad_console_settings_are_usage_errors() {
+    let (dir, k) = placeholder_kernel();
+    let k = k.as_str();
+    let d = dir.path().display().to_string();
+    let plain = format!("{d}/plain");
+    std::fs::write(&plain, "keep").unwrap();
+    for (spec, needle) in [
+        ("tty".to_string(), "expected `stdio`, `pty`"),
+        ("file:".to_string(), "the path is empty"),
+        (format!("file:{d}"), "not a regular file"),
+        (format!("socket:{plain}"), "is not a socket"),
+        (format!("socket:{d}/no/dir/c.sock"), "directory"),
+    ] {
+        let out = alioth(&["boot", "--kernel", k, "--serial", "off", "--console", &spec]);
+        assert_usage_error(&out, needle);
+    }
+    assert_eq!(std::fs::read_to_string(&plain).unwrap(), "keep");
+    let cfg = dir.path().join("vm.toml");
+    std::fs::write(
+        &cfg,
+        format!("kernel = \"{k}\"\n[console]\nbackend = \"epoll\"\n"),
+    )
+    .unwrap();
+    let out = alioth(&["boot", "--config", cfg.to_str().unwrap()]);
+    assert_usage_error(&out, "`mode` is missing");
 }

@@ -81,6 +81,41 @@ pub fn kit_boot_args<'a>(cmd: &'a mut Command, kit: &Path, memory: &str) -> &'a 
     .arg(kit)
 }
 
+/// Waits for a VM started with piped stdout and stderr until `deadline` (killing it then);
+/// returns its exit status, stdout and stderr. The pipes are drained while it runs, so a
+/// chatty VM cannot block on a full pipe.
+pub fn finish(
+    mut child: std::process::Child,
+    deadline: Instant,
+) -> Result<(std::process::ExitStatus, String, String)> {
+    fn drain(r: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_string(&mut s);
+            }
+            s
+        })
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let out = out.join().unwrap_or_default();
+            bail!("timed out\n--- serial ---\n{out}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = out.join().unwrap_or_default();
+    let err = err.join().unwrap_or_default();
+    Ok((status, out, err))
+}
+
 /// Builds the kit; returns the ELF.
 pub fn build_kit(root: &Path) -> Result<PathBuf> {
     let dir = root.join("crates/guest-kit");
@@ -97,7 +132,7 @@ fn run_case(alioth: &Path, kit: &Path, case: &Case) -> Result<()> {
         Some((cmd, sock)) => Some(start_server(cmd, sock)?),
         None => None,
     };
-    let mut child = kit_boot_args(&mut Command::new(alioth), kit, case.memory)
+    let child = kit_boot_args(&mut Command::new(alioth), kit, case.memory)
         .arg("--cmdline")
         .arg(format!("kit.test={} kit.ring={}", case.test, case.ring))
         .args(&case.args)
@@ -106,21 +141,7 @@ fn run_case(alioth: &Path, kit: &Path, case: &Case) -> Result<()> {
         .stderr(Stdio::piped())
         .spawn()
         .context("starting alioth")?;
-    let deadline = Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            bail!("timed out after {TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut out = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out)?;
-    let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err)?;
+    let (status, out, err) = finish(child, Instant::now() + TIMEOUT)?;
     let verdict = format!("ALIOTH-KIT result {} pass", case.test);
     if status.code() != Some(0) || !out.lines().any(|l| l.starts_with(&verdict)) {
         bail!("exit {status}\n--- serial ---\n{out}--- stderr ---\n{err}");
@@ -335,6 +356,18 @@ pub fn e2e(root: &Path) -> Result<()> {
                         );
                     }
                 }
+            }
+        }
+    }
+    // virtio-console on its socket backend, this process being the terminal.
+    for backend in ["io_uring", "epoll"] {
+        for ring in ["split", "packed"] {
+            let name = format!("console/{backend}/{ring}");
+            if wanted(&name) {
+                record(
+                    &name,
+                    crate::console::run_case(&alioth, &kit, backend, ring),
+                );
             }
         }
     }

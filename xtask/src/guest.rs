@@ -205,6 +205,9 @@ fn module_order(all: &BTreeMap<String, PathBuf>) -> Result<Vec<(String, Vec<u8>)
     Ok(out)
 }
 
+/// Bumped whenever `init_script` changes.
+const INIT_REVISION: u32 = 2;
+
 fn init_script(modules: &[String]) -> String {
     let mut s = String::from(
         "#!/bin/busybox sh\n\
@@ -220,6 +223,14 @@ fn init_script(modules: &[String]) -> String {
             "insmod /lib/modules/{m}.ko || echo \"ALIOTH-MODULE-FAILED {m}\"\n"
         ));
     }
+    // With console=hvc0 the rest goes to the virtio console (its module is loaded only now).
+    s.push_str(
+        "if grep -q console=hvc0 /proc/cmdline; then\n\
+         \x20 for i in 1 2 3 4 5 6 7 8 9 10; do [ -c /dev/hvc0 ] && break; sleep 0.2; done\n\
+         \x20 exec >/dev/hvc0 2>&1\n\
+         \x20 echo ALIOTH-HVC-OK\n\
+         fi\n",
+    );
     // With a disk: write a marker, drop the cache, read it back; the host checks the image too.
     s.push_str(
         "for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.2; done\n\
@@ -253,8 +264,10 @@ pub fn build(root: &Path) -> Result<PathBuf> {
     let pkg = resolve_kernel_package()?;
     let version = pkg.trim_start_matches("linux-image-").to_string();
     let stamp = out_dir.join("kernel-version");
+    // The stamp names the init script's revision too, so a changed script rebuilds.
+    let stamp_text = format!("{version} init-{INIT_REVISION}");
     let want = ["vmlinuz", "vmlinux", "initramfs.cpio", "disk.img"];
-    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(version.as_str())
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(stamp_text.as_str())
         && want.iter().all(|f| out_dir.join(f).is_file())
     {
         eprintln!("xtask: guest artifacts for {version} are up to date");
@@ -307,7 +320,7 @@ pub fn build(root: &Path) -> Result<PathBuf> {
     // A blank 64 MiB raw disk for the example VM and the full-boot test.
     let disk = std::fs::File::create(out_dir.join("disk.img"))?;
     disk.set_len(64 << 20)?;
-    std::fs::write(&stamp, &version)?;
+    std::fs::write(&stamp, &stamp_text)?;
     std::fs::remove_dir_all(&work)?;
     eprintln!(
         "xtask: built guest for {version}: vmlinux {} MiB, modules {}",

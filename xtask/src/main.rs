@@ -13,6 +13,7 @@
 //!   (cargo-machete), the layering of docs/architecture.md, each crate's example, `cargo package`.
 
 mod conformance;
+mod console;
 mod cpio;
 mod e2e;
 mod fuzz;

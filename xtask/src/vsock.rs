@@ -274,7 +274,7 @@ pub fn run_case(alioth: &Path, kit: &Path, case: &VsockCase) -> Result<()> {
 fn run_in(alioth: &Path, kit: &Path, dir: &Path, case: &VsockCase) -> Result<()> {
     let uds = dir.join("v.sock");
     let report: Shared = Arc::default();
-    let mut child = crate::e2e::kit_boot_args(&mut Command::new(alioth), kit, "128M")
+    let child = crate::e2e::kit_boot_args(&mut Command::new(alioth), kit, "128M")
         .arg("--cmdline")
         .arg(format!(
             "kit.test={} kit.ring={}",
@@ -306,29 +306,7 @@ fn run_in(alioth: &Path, kit: &Path, dir: &Path, case: &VsockCase) -> Result<()>
             std::thread::spawn(move || listen_client(u, r, deadline));
         }
     }
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("timed out");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .context("stdout")?
-        .read_to_string(&mut out)?;
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .context("stderr")?
-        .read_to_string(&mut err)?;
+    let (status, out, err) = crate::e2e::finish(child, deadline)?;
     let host = report.lock().unwrap().errors.join("; ");
     let fail = |why: String| -> Result<()> {
         bail!("{why}\n--- host side ---\n{host}\n--- serial ---\n{out}--- stderr ---\n{err}")
@@ -415,7 +393,7 @@ fn guest_stream(alioth: &Path, kit: &Path, backend: &str, tx: bool, secs: u64) -
     let uds = dir.join("v.sock");
     let port = if tx { 5000 } else { 5001 };
     let l = UnixListener::bind(format!("{}_{port}", uds.display()))?;
-    let mut child = crate::e2e::kit_boot_args(&mut Command::new(alioth), kit, "128M")
+    let child = crate::e2e::kit_boot_args(&mut Command::new(alioth), kit, "128M")
         .arg("--cmdline")
         .arg(format!(
             "kit.test=vsock-bench kit.bench={},secs={secs}",
@@ -452,16 +430,11 @@ fn guest_stream(alioth: &Path, kit: &Path, backend: &str, tx: bool, secs: u64) -
         let t = start.map_or(0.0, |s| s.elapsed().as_secs_f64());
         Ok((total, t))
     });
-    let status = child.wait()?;
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .context("stdout")?
-        .read_to_string(&mut out)?;
+    let finished = crate::e2e::finish(child, Instant::now() + Duration::from_secs(secs + 60));
     let _ = std::fs::remove_dir_all(&dir);
+    let (status, out, err) = finished?;
     if status.code() != Some(0) || !out.contains("ALIOTH-KIT result vsock-bench pass") {
-        bail!("the kit's bench failed (exit {status}):\n{out}");
+        bail!("the kit's bench failed (exit {status}):\n{out}{err}");
     }
     let (host_bytes, t) = server
         .join()

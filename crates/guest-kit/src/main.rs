@@ -19,6 +19,7 @@
 
 mod acpi;
 mod clock;
+mod console;
 mod cpu;
 mod mm;
 mod net;
@@ -210,6 +211,7 @@ fn run(out: &mut Com1, test: &[u8], cmd: &[u8]) -> Option<Verdict> {
         b"net-bench" => tests::net_bench(out, param(cmd, b"kit.bench").unwrap_or(b"")),
         b"net-hostile-rx" => tests::net_hostile(true),
         b"net-hostile-tx" => tests::net_hostile(false),
+        b"console" => console::round_trip(tests::memory(), tests::buffers(), tests::packed()),
         b"vsock-echo" => vsock::echo(tests::memory(), tests::buffers(), tests::packed()),
         b"vsock-many" => vsock::many(tests::memory(), tests::buffers(), tests::packed()),
         b"vsock-listen" => vsock::listen(tests::memory(), tests::buffers(), tests::packed()),

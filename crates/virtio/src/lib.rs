@@ -26,6 +26,7 @@
 
 mod device;
 mod epoll;
+pub mod event_set;
 mod irq;
 mod log_limit;
 mod poll;
@@ -34,6 +35,7 @@ mod worker;
 
 pub use device::{BufferAction, ChainHandler, DeviceId, DeviceInfo, IoOp, Virtio};
 pub use epoll::{EpollBackend, execute_sync};
+pub use event_set::EventSet;
 pub use irq::{EventFdIrq, IrqSender};
 pub use log_limit::LogLimiter;
 pub use poll::PollWindow;
@@ -42,6 +44,13 @@ pub use worker::{
     ActiveBackend, ActiveQueue, Backend, DeviceRunner, QueueSetup, QueueState, WakeEvent, Worker,
     WorkerExit, WorkerState, device_io, process_queue,
 };
+
+/// The ring features every Alioth device offers: VIRTIO_F_VERSION_1, VIRTIO_F_RING_PACKED,
+/// VIRTIO_F_EVENT_IDX and VIRTIO_F_INDIRECT_DESC.
+pub const RING_FEATURES: u64 = (1 << alioth_queue::VIRTIO_F_VERSION_1)
+    | (1 << alioth_queue::VIRTIO_F_RING_PACKED)
+    | (1 << alioth_queue::VIRTIO_F_EVENT_IDX)
+    | (1 << alioth_queue::VIRTIO_F_INDIRECT_DESC);
 
 /// Errors of the virtio layer.
 #[derive(Debug, thiserror::Error)]

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use alioth_boot::{BootProtocol, KernelSpec};
 use alioth_devices::virtio::blk::BlkConfig;
+use alioth_devices::virtio::console::ConsoleMode;
 use alioth_devices::virtio::net::NetConfig;
 use alioth_devices::virtio::vsock::VsockConfig;
 use alioth_devices::{acpi_pm, cmos, i8042, serial};
@@ -76,6 +77,15 @@ pub struct VsockDeviceConfig {
     pub backend: IoBackend,
 }
 
+/// The virtio-console device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleDeviceConfig {
+    /// Where it goes.
+    pub mode: ConsoleMode,
+    /// Event loop.
+    pub backend: IoBackend,
+}
+
 /// A complete VM description.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -99,6 +109,9 @@ pub struct VmConfig {
     pub nets: Vec<NetDeviceConfig>,
     /// The vsock device, if enabled (after the net devices in PCI slot order).
     pub vsock: Option<VsockDeviceConfig>,
+    /// The virtio console (hvc0), if enabled (last in PCI slot order). With
+    /// [`ConsoleMode::Stdio`] it takes the terminal's input; COM1 then only prints.
+    pub console: Option<ConsoleDeviceConfig>,
 }
 
 /// The most virtio devices: 31 slots on bus 0 (slot 0 is the host bridge).
@@ -129,6 +142,7 @@ impl VmConfig {
             rng: None,
             nets: Vec::new(),
             vsock: None,
+            console: None,
         }
     }
 
@@ -201,10 +215,15 @@ impl VmConfig {
                 .validate()
                 .map_err(|e| Error::Config(e.to_string()))?;
         }
+        if let Some(c) = &self.console {
+            alioth_devices::virtio::console::validate(&c.mode)
+                .map_err(|e| Error::Config(e.to_string()))?;
+        }
         let devices = self.disks.len()
             + usize::from(self.rng.is_some())
             + self.nets.len()
-            + usize::from(self.vsock.is_some());
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.console.is_some());
         if devices > MAX_PCI_DEVICES {
             return Err(Error::Config(format!(
                 "{devices} PCI devices requested; at most {MAX_PCI_DEVICES} fit"

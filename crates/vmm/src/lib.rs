@@ -27,6 +27,7 @@ mod vhost_user;
 
 pub use alioth_boot::{BootProtocol, KernelSpec};
 pub use alioth_devices::virtio::blk::BlkConfig;
+pub use alioth_devices::virtio::console::ConsoleMode;
 pub use alioth_devices::virtio::net::NetConfig;
 pub use alioth_devices::virtio::vsock::VsockConfig;
 
@@ -39,7 +40,8 @@ pub mod net {
 }
 pub use alioth_hv::parse_cpu_features;
 pub use config::{
-    DiskConfig, IoBackend, NetDeviceConfig, RngConfig, SerialConfig, VmConfig, VsockDeviceConfig,
+    ConsoleDeviceConfig, DiskConfig, IoBackend, NetDeviceConfig, RngConfig, SerialConfig, VmConfig,
+    VsockDeviceConfig,
 };
 pub use machine::{ExitReason, Machine, MachineOptions};
 pub use vhost_user::{VhostUserConfig, VhostUserDeviceConfig, serve_vhost_user};

@@ -13,6 +13,7 @@ use alioth_boot::{BootedKernel, load_kernel};
 use alioth_devices::ioapic::{self, IoApic};
 use alioth_devices::serial::{COM1_IRQ, COM1_PORT, Serial};
 use alioth_devices::virtio::blk::VirtioBlk;
+use alioth_devices::virtio::console::{ConsoleMode, VirtioConsole};
 use alioth_devices::virtio::net::VirtioNet;
 use alioth_devices::virtio::rng::VirtioRng;
 use alioth_devices::virtio::vsock::VirtioVsock;
@@ -106,6 +107,8 @@ pub struct Machine {
     mmio: Arc<Bus>,
     serial: Option<Arc<Serial>>,
     serial_stdin: bool,
+    /// The terminal on stdin goes raw while the VM runs (serial or console input).
+    raw_stdin: bool,
     virtio: Vec<VirtioPci>,
     handle_signals: bool,
     tx: Sender<Event>,
@@ -275,7 +278,7 @@ fn add_pci_devices(
     mmio: &Arc<Bus>,
     ram: &RamBus,
     config: &VmConfig,
-    on_failure: OnFailure,
+    (on_failure, sink): (OnFailure, &EventSink),
 ) -> Result<Vec<VirtioPci>> {
     let pci = Arc::new(PciBus::default());
     pio.insert(
@@ -336,6 +339,18 @@ fn add_pci_devices(
         );
         placer.add(dev, v.backend, 0)?;
     }
+    if let Some(c) = &config.console {
+        // Ctrl-A x quits when the console owns a terminal (put in raw mode by `run`).
+        let escape = (c.mode == ConsoleMode::Stdio && stdin_is_terminal()).then(|| sink.clone());
+        let dev = VirtioConsole::new("virtio-console0", &c.mode, escape).map_err(|e| match e {
+            alioth_devices::virtio::console::ConsoleError::Config(m) => Error::Config(m),
+            e => Error::Device(e.to_string()),
+        })?;
+        if let Some(p) = dev.pty() {
+            eprintln!("alioth: virtio-console on {}", p.display());
+        }
+        placer.add(dev, c.backend, 0)?;
+    }
     Ok(placer.devices)
 }
 
@@ -356,6 +371,19 @@ fn shared_regions(ram: &RamBus) -> Result<Vec<SharedRegion>> {
             })
         })
         .collect()
+}
+
+/// Whether the virtio console is on stdio.
+fn console_stdio(config: &VmConfig) -> bool {
+    config
+        .console
+        .as_ref()
+        .is_some_and(|c| c.mode == ConsoleMode::Stdio)
+}
+
+fn stdin_is_terminal() -> bool {
+    // SAFETY: isatty only inspects the descriptor.
+    unsafe { libc::isatty(libc::STDIN_FILENO) == 1 }
 }
 
 /// Step 3: every device, on fresh port and MMIO buses.
@@ -394,7 +422,7 @@ fn add_devices(
                 format!("panicked: {msg}"),
             ));
     });
-    let virtio = add_pci_devices(vm, msi, &pio, &mmio, ram, config, on_failure)?;
+    let virtio = add_pci_devices(vm, msi, &pio, &mmio, ram, config, (on_failure, sink))?;
     Ok(Devices {
         pio,
         mmio,
@@ -470,7 +498,9 @@ impl Machine {
             pio: devices.pio,
             mmio: devices.mmio,
             serial: devices.serial,
-            serial_stdin: config.serial == SerialConfig::Stdio,
+            // A stdio console takes the terminal's input; COM1 then only prints.
+            serial_stdin: config.serial == SerialConfig::Stdio && !console_stdio(config),
+            raw_stdin: config.serial == SerialConfig::Stdio || console_stdio(config),
             virtio: devices.virtio,
             handle_signals: options.handle_signals,
             tx,
@@ -506,6 +536,7 @@ impl Machine {
             mmio,
             serial,
             serial_stdin,
+            raw_stdin,
             virtio,
             handle_signals,
             tx,
@@ -539,13 +570,14 @@ impl Machine {
         let input_stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?);
         let mut _raw = None;
         let mut input_thread = None;
-        if let (Some(s), true) = (&serial, serial_stdin) {
-            let stdin = std::io::stdin();
-            _raw = RawTerminal::enter(std::os::fd::AsFd::as_fd(&stdin));
-            let escape = _raw.is_some();
-            if escape {
+        if raw_stdin {
+            _raw = RawTerminal::enter(std::os::fd::AsFd::as_fd(&std::io::stdin()));
+            if _raw.is_some() {
                 eprintln!("alioth: console in raw mode; press Ctrl-A x to quit");
             }
+        }
+        if let (Some(s), true) = (&serial, serial_stdin) {
+            let escape = _raw.is_some();
             let sink_tx = Mutex::new(tx.clone());
             let sink: EventSink = Arc::new(move |e| {
                 let _ = sink_tx

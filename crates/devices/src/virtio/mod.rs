@@ -1,6 +1,7 @@
 //! Virtio devices.
 
 pub mod blk;
+pub mod console;
 pub mod net;
 pub mod rng;
 pub mod vsock;

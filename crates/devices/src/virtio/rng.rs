@@ -1,9 +1,7 @@
 //! virtio-rng: guest entropy from the host's `getrandom(2)`.
 
-use alioth_queue::{
-    DescChain, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
-};
-use alioth_virtio::{BufferAction, ChainHandler, DeviceId, Virtio};
+use alioth_queue::DescChain;
+use alioth_virtio::{BufferAction, ChainHandler, DeviceId, RING_FEATURES, Virtio};
 use vm_memory::GuestMemoryMmap;
 
 /// Queue size offered.
@@ -53,14 +51,7 @@ impl Virtio for VirtioRng {
     }
 
     fn device_features(&self) -> u64 {
-        [
-            VIRTIO_F_VERSION_1,
-            VIRTIO_F_RING_PACKED,
-            VIRTIO_F_EVENT_IDX,
-            VIRTIO_F_INDIRECT_DESC,
-        ]
-        .iter()
-        .fold(0, |f, b| f | (1 << b))
+        RING_FEATURES
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {

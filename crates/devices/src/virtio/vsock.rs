@@ -24,16 +24,16 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use alioth_virtio::EventSet;
+use alioth_virtio::event_set::{HANGUP, READABLE, WRITABLE};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use alioth_queue::{
-    DescChain, Iov, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED,
-    VIRTIO_F_VERSION_1,
-};
-use alioth_virtio::{BufferAction, ChainHandler, DeviceId, IoOp, Virtio};
+use alioth_queue::{DescChain, Iov};
+use alioth_virtio::{BufferAction, ChainHandler, DeviceId, IoOp, RING_FEATURES, Virtio};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
@@ -352,7 +352,9 @@ pub struct VirtioVsock {
     max_conns: usize,
     config_bytes: Vec<u8>,
     listener: UnixListener,
-    epoll: OwnedFd,
+    epoll: EventSet,
+    /// Reused by `drain_events`.
+    evbuf: Vec<(u64, u32)>,
     wake: EventFd,
     woken: bool,
     conns: HashMap<Key, Conn>,
@@ -374,18 +376,6 @@ pub struct VirtioVsock {
 // SAFETY: `iovecs` only holds addresses into guest RAM between building and using them within
 // one call on the worker thread; everything else is Send.
 unsafe impl Send for VirtioVsock {}
-
-fn epoll_ctl(epfd: &OwnedFd, op: i32, fd: RawFd, token: u64) -> std::io::Result<()> {
-    let mut ev = libc::epoll_event {
-        events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
-        u64: token,
-    };
-    // SAFETY: valid epoll and target descriptors; `ev` is a valid event.
-    if unsafe { libc::epoll_ctl(epfd.as_raw_fd(), op, fd, &mut ev) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
 
 /// A non-blocking connect to the Unix socket at `path`: a listener whose backlog is full
 /// refuses rather than stalling the worker.
@@ -459,23 +449,12 @@ impl VirtioVsock {
             path: config.uds.clone(),
             source,
         };
-        // SAFETY: plain syscall; the result is checked.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(sock_err(std::io::Error::last_os_error()));
-        }
-        // SAFETY: a fresh descriptor we own.
-        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let epoll = EventSet::new().map_err(sock_err)?;
         let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(sock_err)?;
-        epoll_ctl(&epoll, libc::EPOLL_CTL_ADD, wake.as_raw_fd(), TOKEN_WAKE).map_err(sock_err)?;
+        epoll.add(wake.as_raw_fd(), TOKEN_WAKE).map_err(sock_err)?;
         // Last: from here on a failure must remove the socket file.
         let listener = bind(&config.uds)?;
-        if let Err(e) = epoll_ctl(
-            &epoll,
-            libc::EPOLL_CTL_ADD,
-            listener.as_raw_fd(),
-            TOKEN_LISTENER,
-        ) {
+        if let Err(e) = epoll.add(listener.as_raw_fd(), TOKEN_LISTENER) {
             let _ = std::fs::remove_file(&config.uds);
             return Err(sock_err(e));
         }
@@ -490,6 +469,7 @@ impl VirtioVsock {
             config_bytes: space.as_bytes().to_vec(),
             listener,
             epoll,
+            evbuf: Vec::new(),
             wake,
             woken: false,
             conns: HashMap::new(),
@@ -537,7 +517,7 @@ impl VirtioVsock {
     /// Registers connection `k` on `stream` and owes the guest its first packet.
     fn add_conn(&mut self, k: Key, stream: UnixStream, state: State) -> Option<&mut Conn> {
         let id = self.new_id();
-        epoll_ctl(&self.epoll, libc::EPOLL_CTL_ADD, stream.as_raw_fd(), id).ok()?;
+        self.epoll.add(stream.as_raw_fd(), id).ok()?;
         self.ids.insert(id, k);
         self.conns.insert(k, Conn::new(stream, id, state));
         bump(&self.counters.connections, 1);
@@ -581,7 +561,7 @@ impl VirtioVsock {
     fn remove(&mut self, k: Key) {
         if let Some(c) = self.conns.remove(&k) {
             self.ids.remove(&c.id);
-            let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, c.stream.as_raw_fd(), 0);
+            self.epoll.remove(c.stream.as_raw_fd());
         }
     }
 
@@ -593,7 +573,7 @@ impl VirtioVsock {
                 ..Owed::default()
             };
             c.pending.clear();
-            let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, c.stream.as_raw_fd(), 0);
+            self.epoll.remove(c.stream.as_raw_fd());
             let _ = c.stream.shutdown(std::net::Shutdown::Both);
             c.readable = false;
             self.enqueue(k);
@@ -631,33 +611,25 @@ impl VirtioVsock {
 
     /// Handles what the device's epoll reports.
     fn drain_events(&mut self) {
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 32];
-        loop {
-            // SAFETY: `events` is a valid buffer of 32 entries.
-            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), 32, 0) };
-            if n <= 0 {
-                break;
-            }
-            for ev in &events[..n as usize] {
-                let (token, bits) = (ev.u64, ev.events);
-                match token {
-                    TOKEN_LISTENER => self.accept_all(),
-                    TOKEN_WAKE => {
-                        let _ = self.wake.read();
-                        self.woken = false;
-                    }
-                    t if t & PENDING != 0 => self.read_connect_line(t),
-                    t => {
-                        if let Some(&k) = self.ids.get(&t) {
-                            self.conn_event(k, bits);
-                        }
+        let mut evs = std::mem::take(&mut self.evbuf);
+        self.epoll.drain(|token, bits| evs.push((token, bits)));
+        for &(token, bits) in &evs {
+            match token {
+                TOKEN_LISTENER => self.accept_all(),
+                TOKEN_WAKE => {
+                    let _ = self.wake.read();
+                    self.woken = false;
+                }
+                t if t & PENDING != 0 => self.read_connect_line(t),
+                t => {
+                    if let Some(&k) = self.ids.get(&t) {
+                        self.conn_event(k, bits);
                     }
                 }
             }
-            if (n as usize) < events.len() {
-                break;
-            }
         }
+        evs.clear();
+        self.evbuf = evs;
     }
 
     fn accept_all(&mut self) {
@@ -686,14 +658,7 @@ impl VirtioVsock {
                 continue;
             }
             let id = self.new_id();
-            if epoll_ctl(
-                &self.epoll,
-                libc::EPOLL_CTL_ADD,
-                stream.as_raw_fd(),
-                PENDING | id,
-            )
-            .is_err()
-            {
+            if self.epoll.add(stream.as_raw_fd(), PENDING | id).is_err() {
                 continue;
             }
             self.pending.insert(
@@ -736,7 +701,7 @@ impl VirtioVsock {
         let Some(p) = self.pending.remove(&id) else {
             return;
         };
-        let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, p.stream.as_raw_fd(), 0);
+        self.epoll.remove(p.stream.as_raw_fd());
         let guest_port = match port {
             Ok(port) => port,
             Err(why) => {
@@ -765,15 +730,14 @@ impl VirtioVsock {
         let Some(c) = self.conns.get_mut(&k) else {
             return;
         };
-        let hup = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
-        if c.state == State::Connecting && bits & hup != 0 {
+        if c.state == State::Connecting && bits & HANGUP != 0 {
             // The host program gave up before the guest answered: withdraw the request.
             return self.reset_conn(k);
         }
-        if bits & (libc::EPOLLIN as u32 | hup) != 0 {
+        if bits & READABLE != 0 {
             c.readable = true;
         }
-        if bits & libc::EPOLLOUT as u32 != 0 && !c.pending.is_empty() {
+        if bits & WRITABLE != 0 && !c.pending.is_empty() {
             self.flush(k);
         }
         self.enqueue(k);
@@ -1234,15 +1198,7 @@ impl Virtio for VirtioVsock {
     }
 
     fn device_features(&self) -> u64 {
-        [
-            VIRTIO_F_VERSION_1,
-            VIRTIO_F_RING_PACKED,
-            VIRTIO_F_EVENT_IDX,
-            VIRTIO_F_INDIRECT_DESC,
-            F_STREAM,
-        ]
-        .iter()
-        .fold(0, |f, b| f | (1 << b))
+        RING_FEATURES | (1 << F_STREAM)
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
