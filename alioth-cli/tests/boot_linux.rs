@@ -258,6 +258,8 @@ fn debian_kernel_full_boot_runs_init_and_powers_off() {
     };
     let disk = tempfile::NamedTempFile::new().unwrap();
     std::fs::copy(&blank, disk.path()).unwrap();
+    let vsock_dir = tempfile::tempdir().unwrap();
+    let vsock = format!("cid=3,uds={}/v.sock", vsock_dir.path().display());
     // With root and iproute2, the VM also gets a network card on a tap in a network namespace
     // of its own (192.0.2.1/24 on the host side), and the guest pings the host.
     let net = net_namespace_available();
@@ -277,6 +279,8 @@ fn debian_kernel_full_boot_runs_init_and_powers_off() {
         "--disk",
         disk.path().to_str().unwrap(),
         "--rng",
+        "--vsock",
+        &vsock,
     ];
     let mut vm = match &net {
         Ok(()) => Vm::boot_in_netns(&vmlinux, &args),
@@ -290,6 +294,7 @@ fn debian_kernel_full_boot_runs_init_and_powers_off() {
     vm.expect("ALIOTH-CPUS 2", deadline);
     vm.expect("ALIOTH-BLK-OK", deadline);
     vm.expect("ALIOTH-RNG-OK", deadline);
+    vm.expect("ALIOTH-VSOCK-OK", deadline);
     if net.is_ok() {
         vm.expect("ALIOTH-NET-OK", deadline);
     }

@@ -31,6 +31,8 @@ const MODULES: &[&str] = &[
     "virtio_net",
     "virtio_console",
 ];
+/// Modules loaded when the kernel package has them (a missing one is reported, not an error).
+const OPTIONAL_MODULES: &[&str] = &["vmw_vsock_virtio_transport"];
 
 /// The versioned kernel package the meta package currently depends on.
 fn resolve_kernel_package() -> Result<String> {
@@ -202,6 +204,11 @@ fn module_order(all: &BTreeMap<String, PathBuf>) -> Result<Vec<(String, Vec<u8>)
     for m in MODULES {
         visit(m, all, &mut seen, &mut out)?;
     }
+    for m in OPTIONAL_MODULES {
+        if let Err(e) = visit(m, all, &mut seen, &mut out) {
+            eprintln!("xtask: {e:#}; the guest goes without it");
+        }
+    }
     Ok(out)
 }
 
@@ -242,6 +249,7 @@ fn init_script(modules: &[String]) -> String {
          \x20   echo ALIOTH-BLK-OK; else echo ALIOTH-BLK-FAIL; fi\n\
          fi\n\
          grep -q virtio /sys/class/misc/hw_random/rng_current 2>/dev/null && echo ALIOTH-RNG-OK\n\
+         ls /sys/bus/virtio/drivers/vmw_vsock_virtio_transport 2>/dev/null | grep -q virtio && echo ALIOTH-VSOCK-OK\n\
          if grep -q alioth.net=1 /proc/cmdline && [ -e /sys/class/net/eth0 ]; then\n\
          \x20 ip link set lo up; ip addr add 192.0.2.2/24 dev eth0; ip link set eth0 up\n\
          \x20 if ping -c 3 -W 2 192.0.2.1 >/dev/null 2>&1; then echo ALIOTH-NET-OK; else echo ALIOTH-NET-FAIL; fi\n\

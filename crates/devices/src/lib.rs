@@ -1,6 +1,7 @@
 //! `alioth-devices`: the emulated devices of an Alioth VM.
 //!
-//! virtio-net ([`virtio::net`]) runs on a host [`tap::Tap`].
+//! virtio-net ([`virtio::net`]) runs on a host [`tap::Tap`]; virtio-vsock ([`virtio::vsock`])
+//! and virtio-console ([`virtio::console`]) on host sockets, terminals and files.
 //!
 //! Legacy PC devices sit on the port-I/O [`alioth_mem::Bus`]: a 16550 [`serial::Serial`] (COM1,
 //! output to stdout or a file, input from stdin), the [`i8042::I8042`] controller (its reset line
