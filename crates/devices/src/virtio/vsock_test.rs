@@ -38,6 +38,17 @@ fn start(ram: &RamBus, kind: Kind, format: QueueFormat) -> Rig<'_> {
     let dir = tempfile::tempdir().unwrap();
     let uds = dir.path().join("v.sock");
     let dev = VirtioVsock::new("virtio-vsock0", &VsockConfig::new(CID, &uds)).unwrap();
+    start_with(ram, kind, format, dev, uds, dir)
+}
+
+fn start_with(
+    ram: &RamBus,
+    kind: Kind,
+    format: QueueFormat,
+    dev: VirtioVsock,
+    uds: PathBuf,
+    dir: tempfile::TempDir,
+) -> Rig<'_> {
     let counters = dev.counters();
     let mem = ram.memory().clone();
     let worker = match kind {
@@ -362,7 +373,8 @@ fn a_slow_host_reader_throttles_the_guest_through_credit() {
         let (mut host, _) = l.accept().unwrap();
         // A guest that honours credit: it sends while the device's window allows.
         let chunk: Vec<u8> = (0..4000).map(|i| i as u8).collect();
-        let total = 4 << 20;
+        // A whole number of chunks, so the reader knows where the stream ends.
+        let total = 1024 * 4000;
         let (mut tx_cnt, mut fwd) = (0u32, 0u32);
         let reader = std::thread::spawn(move || {
             let mut got = 0usize;
@@ -482,4 +494,35 @@ fn bad_configurations_are_refused_with_a_reason() {
         assert!(e.contains(want), "{e}");
     }
     assert_eq!(std::fs::read(&file).unwrap(), b"x", "left alone");
+}
+
+#[test]
+fn connections_beyond_the_limit_are_refused_both_ways() {
+    let ram = RamBus::new(MemoryMap::new(16 << 20).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    let mut config = VsockConfig::new(CID, &uds);
+    config.max_connections = 2;
+    let dev = VirtioVsock::new("virtio-vsock0", &config).unwrap();
+    let mut rig = start_with(&ram, Kind::IoUring, QueueFormat::Split, dev, uds, dir);
+    let _l = listen(&rig, 90);
+    rig.connect(1, 90);
+    rig.connect(2, 90);
+    rig.send(pkt(3, 90, op::REQUEST, 0), &[]);
+    assert_eq!(
+        { rig.recv_op(2000).unwrap().0.op },
+        op::RST,
+        "a third guest connection"
+    );
+    // A host connection is closed without reaching the guest.
+    let mut host = UnixStream::connect(&rig.uds).unwrap();
+    let _ = host.write_all(b"CONNECT 7\n");
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(host.read_to_end(&mut buf).unwrap_or(0), 0);
+    assert!(rig.recv_op(200).is_none());
+    // Closing one makes room again.
+    rig.send(pkt(1, 90, op::RST, 0), &[]);
+    rig.connect(4, 90);
+    rig.worker.shutdown();
 }
