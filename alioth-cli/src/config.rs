@@ -38,6 +38,8 @@ pub struct FileConfig {
     pub vsock: Option<VsockFile>,
     /// `[console]`: present = enabled.
     pub console: Option<ConsoleFile>,
+    /// The control API's Unix socket.
+    pub api_socket: Option<PathBuf>,
 }
 
 /// The `[console]` table.
@@ -515,8 +517,17 @@ pub fn read_config_text(path: &Path) -> Result<String> {
     Ok(text)
 }
 
-/// Merges the file named by `--config` (if any) with the flags, which win.
+/// Merges the file named by `--config` (if any) with the flags, which win (the tests' view:
+/// the VM alone).
+#[cfg(test)]
 pub fn build(args: &BootArgs) -> Result<VmConfig> {
+    build_boot(args).map(|(c, _)| c)
+}
+
+/// Merges the file named by `--config` (if any) with the flags, which win; returns the VM and
+/// the API socket (`--api-socket` or `api_socket`), checked: its directory
+/// exists and nothing but a socket is in its place.
+pub fn build_boot(args: &BootArgs) -> Result<(VmConfig, Option<PathBuf>)> {
     let (file, base) = match &args.config {
         Some(p) => {
             let base = p
@@ -635,7 +646,40 @@ pub fn build(args: &BootArgs) -> Result<VmConfig> {
         (None, None) => None,
     };
     config.validate()?;
-    Ok(config)
+    let api_socket = match (&args.api_socket, &file.api_socket) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(p)) => Some(base.join(p)),
+        (None, None) => None,
+    };
+    if let Some(p) = &api_socket {
+        check_socket_path(p, "api_socket")?;
+    }
+    Ok((config, api_socket))
+}
+
+/// A Unix socket path Alioth will create: its directory exists, it fits `sun_path`, and
+/// nothing but a (stale) socket is in its place.
+fn check_socket_path(p: &Path, what: &str) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    if p.as_os_str().is_empty() || p.as_os_str().len() > 107 {
+        bail!("{what} {}: must be 1 to 107 bytes long", p.display());
+    }
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!("{what} {}: the directory does not exist", p.display());
+    }
+    if let Ok(m) = std::fs::symlink_metadata(p)
+        && !m.file_type().is_socket()
+    {
+        bail!(
+            "{what} {} exists and is not a socket; refusing to replace it",
+            p.display()
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! `alioth`: boot a Linux VM under KVM from a TOML file and command-line flags.
 
+mod api;
 mod config;
 
 use std::process::ExitCode;
@@ -35,6 +36,24 @@ enum Command {
     /// Serve a device as a vhost-user backend (to QEMU, Cloud Hypervisor, User-Mode Linux or
     /// alioth itself) until stopped. Either a device subcommand or --config.
     VhostUser(VhostUserArgs),
+    /// Drive a running VM through its API socket (`alioth boot --api-socket PATH`).
+    Ctl(CtlArgs),
+}
+
+/// Options of `alioth ctl`.
+#[derive(Args, Debug)]
+pub struct CtlArgs {
+    /// The VM's API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: std::path::PathBuf,
+    /// Print the API's JSON answer as it is (for scripts) instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+    /// ping | info | counters | pause | resume | shutdown | reboot | power-button |
+    /// vmm-shutdown | snapshot DIR | restore DIR
+    pub command: String,
+    /// The directory of `snapshot` and `restore`.
+    pub dir: Option<String>,
 }
 
 /// Options of `alioth vhost-user`.
@@ -141,6 +160,10 @@ pub struct BootArgs {
     /// socket; one client at a time is the terminal) or `off`.
     #[arg(long, value_name = "MODE")]
     pub console: Option<String>,
+    /// Serve the control API (Cloud Hypervisor's HTTP API subset, see docs/api.md) on this Unix
+    /// socket; `alioth ctl --api-socket PATH ...` and curl --unix-socket drive it.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<std::path::PathBuf>,
     /// Enable the test exit device: `on` (port 0xf4) or a port number. The value the guest writes
     /// there becomes alioth's exit status.
     #[arg(long, value_name = "on|PORT")]
@@ -165,6 +188,40 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Boot(args) => boot(*args),
         Command::VhostUser(args) => vhost_user(args),
+        Command::Ctl(args) => ctl(args),
+    }
+}
+
+fn ctl(args: CtlArgs) -> ExitCode {
+    let (method, path, body) = match api::ctl_request(&args.command, args.dir.as_deref()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("alioth ctl: {e:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match alioth_api::client::call(&args.api_socket, method, path, body.as_deref()) {
+        Ok((status, text)) if (200..300).contains(&status) => {
+            use std::io::Write;
+            let out = if args.json {
+                text
+            } else {
+                api::human(&args.command, &text)
+            };
+            // A reader that went away (`| head`) is not an error of ours.
+            if !out.is_empty() {
+                let _ = writeln!(std::io::stdout(), "{out}");
+            }
+            ExitCode::SUCCESS
+        }
+        Ok((status, text)) => {
+            eprintln!("alioth ctl: {status}: {text}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+        Err(e) => {
+            eprintln!("alioth ctl: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
     }
 }
 
@@ -190,39 +247,60 @@ fn vhost_user(args: VhostUserArgs) -> ExitCode {
 }
 
 fn boot(args: BootArgs) -> ExitCode {
-    let config = match config::build(&args) {
+    let (config, api_socket) = match config::build_boot(&args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("alioth: {e:#}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let options = MachineOptions {
-        handle_signals: true,
-        ..Default::default()
-    };
-    let machine = match Machine::new(&config, options) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("alioth: {e}");
-            return ExitCode::from(if e.is_user_error() {
-                EXIT_USAGE
-            } else {
-                EXIT_RUNTIME
-            });
-        }
-    };
-    match machine.run() {
-        Ok(reason) => {
-            log::info!("{reason}");
-            match reason {
-                ExitReason::GuestExit(status) => ExitCode::from(status),
-                _ => ExitCode::SUCCESS,
+    let control = std::sync::Arc::new(api::VmControl::new(config.clone()));
+    let _server = match &api_socket {
+        Some(p) => match alioth_api::ApiServer::start(p, control.clone()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("alioth: {e}");
+                return ExitCode::from(EXIT_USAGE);
             }
-        }
-        Err(e) => {
-            eprintln!("alioth: {e}");
-            ExitCode::from(EXIT_RUNTIME)
+        },
+        None => None,
+    };
+    // A reboot through the API builds the machine again from the same configuration.
+    loop {
+        let options = MachineOptions {
+            handle_signals: true,
+            ..Default::default()
+        };
+        let machine = match Machine::new(&config, options) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("alioth: {e}");
+                return ExitCode::from(if e.is_user_error() {
+                    EXIT_USAGE
+                } else {
+                    EXIT_RUNTIME
+                });
+            }
+        };
+        control.set_machine(Some(machine.handle()));
+        let result = machine.run();
+        control.set_machine(None);
+        match result {
+            Ok(ExitReason::RebootRequested) => {
+                log::info!("rebooting");
+                continue;
+            }
+            Ok(reason) => {
+                log::info!("{reason}");
+                return match reason {
+                    ExitReason::GuestExit(status) => ExitCode::from(status),
+                    _ => ExitCode::SUCCESS,
+                };
+            }
+            Err(e) => {
+                eprintln!("alioth: {e}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
         }
     }
 }

@@ -462,3 +462,49 @@ fn bad_console_settings_are_usage_errors() {
     let out = alioth(&["boot", "--config", cfg.to_str().unwrap()]);
     assert_usage_error(&out, "`mode` is missing");
 }
+
+#[test]
+fn bad_api_sockets_and_ctl_commands_are_refused_with_a_reason() {
+    let (dir, k) = placeholder_kernel();
+    let k = k.as_str();
+    let d = dir.path().display().to_string();
+    let plain = format!("{d}/plain");
+    std::fs::write(&plain, "keep").unwrap();
+    for (sock, needle) in [
+        (format!("{d}/no/dir/api.sock"), "directory does not exist"),
+        (plain.clone(), "is not a socket"),
+    ] {
+        let out = alioth(&[
+            "boot",
+            "--kernel",
+            k,
+            "--serial",
+            "off",
+            "--api-socket",
+            &sock,
+        ]);
+        assert_usage_error(&out, needle);
+    }
+    assert_eq!(std::fs::read_to_string(&plain).unwrap(), "keep");
+    // A socket another process serves.
+    let busy = format!("{d}/busy.sock");
+    let _l = std::os::unix::net::UnixListener::bind(&busy).unwrap();
+    let out = alioth(&[
+        "boot",
+        "--kernel",
+        k,
+        "--serial",
+        "off",
+        "--api-socket",
+        &busy,
+    ]);
+    assert_usage_error(&out, "another process is listening");
+    // ctl: a command it does not know is a usage error; no VM there is a runtime failure.
+    let out = alioth(&["ctl", "--api-socket", &busy, "explode"]);
+    assert_usage_error(&out, "unknown command `explode`");
+    let out = alioth(&["ctl", "--api-socket", &busy, "snapshot"]);
+    assert_usage_error(&out, "needs a directory");
+    let out = alioth(&["ctl", "--api-socket", &format!("{d}/none.sock"), "ping"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("none.sock"));
+}

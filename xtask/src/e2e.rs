@@ -359,6 +359,23 @@ pub fn e2e(root: &Path) -> Result<()> {
             }
         }
     }
+    // The control API: pause/resume under the blk bench on both backends, then shutdown.
+    for backend in ["io_uring", "epoll"] {
+        let name = format!("api/{backend}");
+        if wanted(&name) {
+            let r = crate::api::run_case(&alioth, &kit, backend).map(|lat| {
+                let max = lat.iter().cloned().fold(0.0, f64::max);
+                eprintln!(
+                    "e2e: {name}: {} pauses, latency (request to answer) max {max:.1} ms",
+                    lat.len()
+                );
+            });
+            record(&name, r);
+        }
+    }
+    if wanted("api/shutdown") {
+        record("api/shutdown", crate::api::shutdown_case(&alioth, &kit));
+    }
     // virtio-console on its socket backend, this process being the terminal.
     for backend in ["io_uring", "epoll"] {
         for ring in ["split", "packed"] {

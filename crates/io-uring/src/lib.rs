@@ -678,6 +678,15 @@ impl<D: ChainHandler> ActiveBackend<D> for ActiveIoUring {
         &self.queues
     }
 
+    fn resume(&mut self, _dev: &mut D) {
+        // The drain cancelled the device's own reads and stopped its event polls: start over,
+        // and pull every queue as after DRIVER_OK.
+        self.blocked.iter_mut().for_each(|b| *b = false);
+        self.armed.iter_mut().for_each(|a| *a = false);
+        self.poke.iter_mut().for_each(|p| *p = true);
+        self.fresh = true;
+    }
+
     fn drain(&mut self, dev: &mut D) -> Result<()> {
         let name = dev.name().to_string();
         let n = self.queues.len();

@@ -254,6 +254,22 @@ impl VirtioPci {
         self.state.runner.stop();
     }
 
+    /// Pauses the device: what is in flight completes, then its queues are not served until
+    /// [`VirtioPci::resume`]. False if its runner cannot pause (a vhost-user backend).
+    pub fn pause(&self) -> bool {
+        self.state.runner.pause()
+    }
+
+    /// Serves the queues again after [`VirtioPci::pause`].
+    pub fn resume(&self) {
+        self.state.runner.resume()
+    }
+
+    /// The device's name (`virtio-blk0`).
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
     /// The offset of the MSI-X capability in configuration space.
     fn msix_cap(&self) -> u16 {
         self.state.msix_cap

@@ -241,6 +241,11 @@ impl<D: ChainHandler> ActiveBackend<D> for ActiveEpoll {
         // Every chain completes before `serve` returns: nothing is ever in flight.
         Ok(())
     }
+
+    fn resume(&mut self, _dev: &mut D) {
+        // Look at every queue and the device's own I/O, as after DRIVER_OK.
+        self.fresh = true;
+    }
 }
 
 /// Performs an [`IoOp`] with blocking syscalls. Reads and writes are continued until complete;

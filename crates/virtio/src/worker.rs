@@ -43,6 +43,12 @@ pub enum WakeEvent {
     /// The driver reset the device: finish in-flight requests, then stop using the queues.
     /// The sender (if any) gets the queues' final positions when the reset is complete.
     Reset(Option<Sender<Vec<QueueState>>>),
+    /// The VM is being paused: complete what is in flight (used rings updated, the driver
+    /// interrupted), then serve nothing until [`WakeEvent::Resume`]; the queues and the device
+    /// keep their state. The sender hears when that is done.
+    Pause(Sender<()>),
+    /// Serve the queues again after [`WakeEvent::Pause`].
+    Resume,
     /// The VM is going away: like reset, then the thread ends.
     Shutdown,
 }
@@ -83,6 +89,11 @@ pub trait ActiveBackend<D: ChainHandler>: Send {
     fn drain(&mut self, dev: &mut D) -> Result<()>;
     /// The queues served.
     fn queues(&self) -> &[ActiveQueue];
+    /// Serves again after [`ActiveBackend::drain`] without a reset (a resumed pause): what
+    /// the drain stopped (the device's own reads) starts again, and every queue is looked at.
+    fn resume(&mut self, dev: &mut D) {
+        let _ = dev;
+    }
 }
 
 /// What a worker is doing.
@@ -134,6 +145,14 @@ pub trait DeviceRunner: Send + Sync {
     fn needs_reset(&self) -> bool;
     /// The VM is going away: stop for good.
     fn stop(&self);
+    /// The VM is pausing: complete what is in flight and serve nothing until
+    /// [`DeviceRunner::resume`]. Returns false if this runner cannot pause (its queues are
+    /// served elsewhere, by a vhost-user backend).
+    fn pause(&self) -> bool {
+        false
+    }
+    /// Serve again after [`DeviceRunner::pause`].
+    fn resume(&self) {}
 }
 
 /// A device's worker thread.
@@ -255,6 +274,20 @@ impl Worker {
         WorkerState::from_u8(self.state.load(Ordering::Acquire))
     }
 
+    /// Pauses the device (see [`WakeEvent::Pause`]) and waits until nothing is in flight.
+    pub fn pause(&self) {
+        let (tx, rx) = channel();
+        self.wake(WakeEvent::Pause(tx));
+        if rx.recv().is_err() {
+            log::warn!("{}: worker ended during pause", self.name);
+        }
+    }
+
+    /// Serves again after [`Worker::pause`].
+    pub fn resume(&self) {
+        self.wake(WakeEvent::Resume);
+    }
+
     /// Stops the thread after it completes the requests in flight.
     pub fn shutdown(self) {
         self.stop();
@@ -292,6 +325,15 @@ impl DeviceRunner for Worker {
 
     fn stop(&self) {
         Worker::stop(self)
+    }
+
+    fn pause(&self) -> bool {
+        Worker::pause(self);
+        true
+    }
+
+    fn resume(&self) {
+        Worker::resume(self)
     }
 }
 
@@ -352,9 +394,10 @@ impl<D: ChainHandler, B: Backend<D>> WorkerThread<D, B> {
         let name = self.dev.name().to_string();
         let mut active: Option<(B::Active, Arc<dyn IrqSender>)> = None;
         let mut broken = false;
+        let mut paused = false;
         loop {
             match active.as_mut() {
-                Some((a, irq)) if !broken => {
+                Some((a, irq)) if !broken && !paused => {
                     if let Err(e) = a.run(&mut self.dev) {
                         log::error!("{e}; the device needs a reset");
                         broken = true;
@@ -397,9 +440,26 @@ impl<D: ChainHandler, B: Backend<D>> WorkerThread<D, B> {
                             }
                         }
                     }
+                    WakeEvent::Pause(done) => {
+                        if let Some((a, _)) = active.as_mut()
+                            && !paused
+                            && let Err(e) = a.drain(&mut self.dev)
+                        {
+                            log::error!("{name}: completing in-flight requests for a pause: {e}");
+                        }
+                        paused = true;
+                        let _ = done.send(());
+                    }
+                    WakeEvent::Resume => {
+                        if paused && let Some((a, _)) = active.as_mut() {
+                            a.resume(&mut self.dev);
+                        }
+                        paused = false;
+                    }
                     WakeEvent::Reset(done) => {
                         let stopped = self.stop(&mut active);
                         broken = false;
+                        paused = false;
                         self.set(WorkerState::Idle);
                         if let Some(done) = done {
                             let _ = done.send(stopped);

@@ -43,7 +43,7 @@ pub use config::{
     ConsoleDeviceConfig, DiskConfig, IoBackend, NetDeviceConfig, RngConfig, SerialConfig, VmConfig,
     VsockDeviceConfig,
 };
-pub use machine::{ExitReason, Machine, MachineOptions};
+pub use machine::{DeviceCounters, ExitReason, Machine, MachineHandle, MachineOptions, VmState};
 pub use vhost_user::{VhostUserConfig, VhostUserDeviceConfig, serve_vhost_user};
 
 /// Errors of building or running a VM.

@@ -52,6 +52,8 @@ pub enum ExitReason {
     Signal(i32),
     /// The embedder called [`MachineHandle::stop`].
     Stopped,
+    /// The embedder called [`MachineHandle::reboot`]: build the machine again and run it.
+    RebootRequested,
 }
 
 impl fmt::Display for ExitReason {
@@ -63,6 +65,7 @@ impl fmt::Display for ExitReason {
             ExitReason::UserQuit => write!(f, "quit from the console"),
             ExitReason::Signal(s) => write!(f, "stopped by signal {s}"),
             ExitReason::Stopped => write!(f, "stopped"),
+            ExitReason::RebootRequested => write!(f, "reboot requested"),
         }
     }
 }
@@ -71,6 +74,8 @@ enum Event {
     Device(VmEvent),
     Signal(i32),
     Stop,
+    Reboot,
+    Control(Control, Sender<std::result::Result<Duration, String>>),
     VcpuFailed(u32, String),
     ThreadFailed(String, String),
 }
@@ -85,16 +90,116 @@ pub struct MachineOptions {
     pub handle_signals: bool,
 }
 
-/// Stops a running machine from another thread.
+/// What [`MachineHandle`] asks of the running machine's thread.
+enum Control {
+    Pause,
+    Resume,
+}
+
+/// Whether a machine runs or is paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    /// Built, not yet running.
+    Created,
+    /// Running.
+    Running,
+    /// Paused: every vCPU parked, every device quiet.
+    Paused,
+    /// Stopped.
+    Shutdown,
+}
+
+/// A device's counters by name, as [`MachineHandle::counters`] reports them.
+pub type DeviceCounters = Vec<(&'static str, u64)>;
+
+type CounterFn = Box<dyn Fn() -> DeviceCounters + Send + Sync>;
+
+/// Named counter sources, one per device.
+type CounterSet = Vec<(String, CounterFn)>;
+
+/// The vCPUs' pause gate: a flag they check before entering the guest, and the count of those
+/// parked behind it.
+#[derive(Default)]
+struct PauseGate {
+    paused: AtomicBool,
+    parked: Mutex<usize>,
+    changed: std::sync::Condvar,
+}
+
+impl PauseGate {
+    /// Called by a vCPU thread between exits: waits while the machine is paused.
+    fn park_if_paused(&self, stop: &AtomicBool) {
+        if !self.paused.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        *parked += 1;
+        self.changed.notify_all();
+        while self.paused.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
+            parked = self.changed.wait(parked).unwrap_or_else(|e| e.into_inner());
+        }
+        *parked -= 1;
+        self.changed.notify_all();
+    }
+
+    fn open(&self) {
+        let _g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        self.paused.store(false, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+}
+
+/// Controls a running machine from another thread (an API server, an embedder).
 #[derive(Clone)]
 pub struct MachineHandle {
     tx: Sender<Event>,
+    state: Arc<Mutex<VmState>>,
+    counters: Arc<CounterSet>,
 }
 
 impl MachineHandle {
     /// Asks the machine to stop; [`Machine::run`] returns [`ExitReason::Stopped`].
     pub fn stop(&self) {
         let _ = self.tx.send(Event::Stop);
+    }
+
+    /// Asks the machine to stop so that it can be built again; [`Machine::run`] returns
+    /// [`ExitReason::RebootRequested`].
+    pub fn reboot(&self) {
+        let _ = self.tx.send(Event::Reboot);
+    }
+
+    /// Pauses the machine: every vCPU leaves the guest and parks, then every device completes
+    /// what it has in flight and stops serving its queues. Returns how long that took.
+    pub fn pause(&self) -> std::result::Result<Duration, String> {
+        self.control(Control::Pause)
+    }
+
+    /// Resumes a paused machine where it stopped.
+    pub fn resume(&self) -> std::result::Result<(), String> {
+        self.control(Control::Resume).map(|_| ())
+    }
+
+    fn control(&self, c: Control) -> std::result::Result<Duration, String> {
+        let (tx, rx) = channel();
+        if self.tx.send(Event::Control(c, tx)).is_err() {
+            return Err("the machine is not running".into());
+        }
+        rx.recv()
+            .unwrap_or_else(|_| Err("the machine stopped meanwhile".into()))
+    }
+
+    /// The machine's state.
+    pub fn state(&self) -> VmState {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every device's counters, by device name.
+    pub fn counters(&self) -> Vec<(String, DeviceCounters)> {
+        self.counters
+            .iter()
+            .map(|(n, f)| (n.clone(), f()))
+            .collect()
     }
 }
 
@@ -113,6 +218,8 @@ pub struct Machine {
     handle_signals: bool,
     tx: Sender<Event>,
     rx: Receiver<Event>,
+    state: Arc<Mutex<VmState>>,
+    counters: Arc<CounterSet>,
     // Dropped last: the VM's memory slots point into it.
     ram: Arc<RamBus>,
 }
@@ -130,6 +237,7 @@ struct Devices {
     /// Serial ports for the ACPI tables.
     serials: Vec<LegacySerial>,
     virtio: Vec<VirtioPci>,
+    counters: CounterSet,
 }
 
 /// Step 1: the KVM VM, with the vCPU count checked against what KVM allows.
@@ -279,7 +387,11 @@ fn add_pci_devices(
     ram: &RamBus,
     config: &VmConfig,
     (on_failure, sink): (OnFailure, &EventSink),
-) -> Result<Vec<VirtioPci>> {
+) -> Result<(Vec<VirtioPci>, CounterSet)> {
+    let mut counters: CounterSet = Vec::new();
+    fn get(a: &std::sync::atomic::AtomicU64) -> u64 {
+        a.load(Ordering::Relaxed)
+    }
     let pci = Arc::new(PciBus::default());
     pio.insert(
         u64::from(CONFIG_IO_PORT),
@@ -313,6 +425,19 @@ fn add_pci_devices(
             continue;
         }
         let dev = VirtioBlk::open(&name, &d.blk).map_err(|e| Error::Device(e.to_string()))?;
+        let c = dev.counters();
+        counters.push((
+            name.clone(),
+            Box::new(move || {
+                vec![
+                    ("read_ops", get(&c.read_ops)),
+                    ("read_bytes", get(&c.read_bytes)),
+                    ("write_ops", get(&c.write_ops)),
+                    ("write_bytes", get(&c.write_bytes)),
+                    ("errors", get(&c.errors)),
+                ]
+            }),
+        ));
         placer.add(dev, d.backend, d.poll_us)?;
     }
     if let Some(r) = &config.rng {
@@ -325,6 +450,22 @@ fn add_pci_devices(
         let dev =
             VirtioNet::open(&name, &n.net, !io_uring).map_err(|e| Error::Device(e.to_string()))?;
         log::info!("{name}: tap {}", dev.tap_name());
+        let c = dev.counters();
+        counters.push((
+            name.clone(),
+            Box::new(move || {
+                vec![
+                    ("rx_packets", get(&c.rx_packets)),
+                    ("rx_bytes", get(&c.rx_bytes)),
+                    ("rx_dropped", get(&c.rx_dropped)),
+                    ("rx_errors", get(&c.rx_errors)),
+                    ("tx_packets", get(&c.tx_packets)),
+                    ("tx_bytes", get(&c.tx_bytes)),
+                    ("tx_invalid", get(&c.tx_invalid)),
+                    ("tx_errors", get(&c.tx_errors)),
+                ]
+            }),
+        ));
         placer.add(dev, n.backend, n.poll_us)?;
     }
     if let Some(v) = &config.vsock {
@@ -337,6 +478,19 @@ fn add_pci_devices(
             v.vsock.cid,
             dev.uds().display()
         );
+        let c = dev.counters();
+        counters.push((
+            "virtio-vsock0".into(),
+            Box::new(move || {
+                vec![
+                    ("connections", get(&c.connections)),
+                    ("rx_bytes", get(&c.rx_bytes)),
+                    ("tx_bytes", get(&c.tx_bytes)),
+                    ("resets", get(&c.resets)),
+                    ("bad_packets", get(&c.bad_packets)),
+                ]
+            }),
+        ));
         placer.add(dev, v.backend, 0)?;
     }
     if let Some(c) = &config.console {
@@ -349,9 +503,20 @@ fn add_pci_devices(
         if let Some(p) = dev.pty() {
             eprintln!("alioth: virtio-console on {}", p.display());
         }
+        let k = dev.counters();
+        counters.push((
+            "virtio-console0".into(),
+            Box::new(move || {
+                vec![
+                    ("rx_bytes", get(&k.rx_bytes)),
+                    ("tx_bytes", get(&k.tx_bytes)),
+                    ("tx_dropped", get(&k.tx_dropped)),
+                ]
+            }),
+        ));
         placer.add(dev, c.backend, 0)?;
     }
-    Ok(placer.devices)
+    Ok((placer.devices, counters))
 }
 
 /// Guest RAM as a vhost-user backend maps it: the memfd and each region's offset in it.
@@ -422,13 +587,15 @@ fn add_devices(
                 format!("panicked: {msg}"),
             ));
     });
-    let virtio = add_pci_devices(vm, msi, &pio, &mmio, ram, config, (on_failure, sink))?;
+    let (virtio, counters) =
+        add_pci_devices(vm, msi, &pio, &mmio, ram, config, (on_failure, sink))?;
     Ok(Devices {
         pio,
         mmio,
         serial,
         serials,
         virtio,
+        counters,
     })
 }
 
@@ -505,6 +672,8 @@ impl Machine {
             handle_signals: options.handle_signals,
             tx,
             rx,
+            state: Arc::new(Mutex::new(VmState::Created)),
+            counters: Arc::new(devices.counters),
             ram,
         })
     }
@@ -518,6 +687,8 @@ impl Machine {
     pub fn handle(&self) -> MachineHandle {
         MachineHandle {
             tx: self.tx.clone(),
+            state: self.state.clone(),
+            counters: self.counters.clone(),
         }
     }
 
@@ -542,8 +713,11 @@ impl Machine {
             tx,
             rx,
             ram,
+            state,
             ..
         } = self;
+        let set_state = |s: VmState| *state.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        let gate = Arc::new(PauseGate::default());
         // Dropped in field order on every path out of here: the devices (they hold guest memory
         // and the VM), then the VM (its memory slots point into guest RAM), then guest RAM, as
         // `Vm::set_memory_slot` requires.
@@ -619,6 +793,7 @@ impl Machine {
                 mmio: mmio.clone(),
                 stop: stop.clone(),
                 tx: tx.clone(),
+                gate: gate.clone(),
             };
             let done = done_tx.clone();
             let thread_name = name.clone();
@@ -637,24 +812,64 @@ impl Machine {
         }
         drop(done_tx);
 
-        // The first event decides how the machine stops.
-        let outcome = match rx.recv() {
-            Err(_) => Err(Error::Thread {
-                thread: "machine".into(),
-                reason: "every event source is gone".into(),
-            }),
-            Ok(Event::Device(VmEvent::PowerOff)) => Ok(ExitReason::PowerOff),
-            Ok(Event::Device(VmEvent::Reset)) => Ok(ExitReason::Reset),
-            Ok(Event::Device(VmEvent::Exit(s))) => Ok(ExitReason::GuestExit(s)),
-            Ok(Event::Device(VmEvent::UserQuit)) => Ok(ExitReason::UserQuit),
-            Ok(Event::Signal(s)) => Ok(ExitReason::Signal(s)),
-            Ok(Event::Stop) => Ok(ExitReason::Stopped),
-            Ok(Event::VcpuFailed(vcpu, reason)) => Err(Error::Vcpu { vcpu, reason }),
-            Ok(Event::ThreadFailed(thread, reason)) => Err(Error::Thread { thread, reason }),
+        // Control requests (pause, resume) are served here; the first other event decides
+        // how the machine stops.
+        set_state(VmState::Running);
+        let outcome = loop {
+            break match rx.recv() {
+                Err(_) => Err(Error::Thread {
+                    thread: "machine".into(),
+                    reason: "every event source is gone".into(),
+                }),
+                Ok(Event::Control(c, reply)) => {
+                    let paused =
+                        *state.lock().unwrap_or_else(|e| e.into_inner()) == VmState::Paused;
+                    let r = match (c, paused) {
+                        (Control::Pause, true) => Err("the VM is already paused".into()),
+                        (Control::Resume, false) => Err("the VM is not paused".into()),
+                        (Control::Pause, false) => {
+                            let r = pause_all(&gate, &threads, &owned.virtio);
+                            if r.is_ok() {
+                                set_state(VmState::Paused);
+                            }
+                            r
+                        }
+                        (Control::Resume, true) => {
+                            let start = Instant::now();
+                            for d in &owned.virtio {
+                                d.resume();
+                            }
+                            gate.open();
+                            set_state(VmState::Running);
+                            Ok(start.elapsed())
+                        }
+                    };
+                    let _ = reply.send(r);
+                    continue;
+                }
+                Ok(Event::Device(VmEvent::PowerOff)) => Ok(ExitReason::PowerOff),
+                Ok(Event::Device(VmEvent::Reset)) => Ok(ExitReason::Reset),
+                Ok(Event::Device(VmEvent::Exit(s))) => Ok(ExitReason::GuestExit(s)),
+                Ok(Event::Device(VmEvent::UserQuit)) => Ok(ExitReason::UserQuit),
+                Ok(Event::Signal(s)) => Ok(ExitReason::Signal(s)),
+                Ok(Event::Stop) => Ok(ExitReason::Stopped),
+                Ok(Event::Reboot) => Ok(ExitReason::RebootRequested),
+                Ok(Event::VcpuFailed(vcpu, reason)) => Err(Error::Vcpu { vcpu, reason }),
+                Ok(Event::ThreadFailed(thread, reason)) => Err(Error::Thread { thread, reason }),
+            };
         };
+        set_state(VmState::Shutdown);
+        // A paused machine's devices serve again (to stop like the others); its vCPUs wake to
+        // see the stop flag below.
+        if gate.paused.load(Ordering::SeqCst) {
+            for d in &owned.virtio {
+                d.resume();
+            }
+        }
 
         // Stop everything: flag first, then kick, so no vCPU can miss it.
         stop.store(true, Ordering::SeqCst);
+        gate.open();
         let _ = input_stop.write(1);
         for (_, t) in &threads {
             t.kick();
@@ -702,6 +917,49 @@ impl Machine {
     }
 }
 
+/// Parks every vCPU behind `gate` (kicking them out of the guest), then pauses every device.
+/// On failure everything runs again.
+fn pause_all(
+    gate: &PauseGate,
+    threads: &[(String, VcpuThread<()>)],
+    virtio: &[VirtioPci],
+) -> std::result::Result<Duration, String> {
+    let start = Instant::now();
+    gate.paused.store(true, Ordering::SeqCst);
+    let deadline = start + Duration::from_secs(2);
+    let mut parked = gate.parked.lock().unwrap_or_else(|e| e.into_inner());
+    while *parked < threads.len() {
+        if Instant::now() > deadline {
+            drop(parked);
+            gate.open();
+            return Err("the vCPUs did not stop within 2 s".into());
+        }
+        // A kick lands only while the vCPU is in (or about to enter) KVM_RUN: repeat it.
+        for (_, t) in threads {
+            t.kick();
+        }
+        parked = gate
+            .changed
+            .wait_timeout(parked, Duration::from_millis(5))
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+    drop(parked);
+    for (i, d) in virtio.iter().enumerate() {
+        if !d.pause() {
+            for done in &virtio[..i] {
+                done.resume();
+            }
+            gate.open();
+            return Err(format!(
+                "{} cannot be paused: its queues are served by a vhost-user backend",
+                d.name()
+            ));
+        }
+    }
+    Ok(start.elapsed())
+}
+
 /// What `Machine::run` must drop in this order (struct fields drop in declaration order).
 struct Owned {
     virtio: Vec<VirtioPci>,
@@ -723,6 +981,7 @@ struct VcpuContext {
     mmio: Arc<Bus>,
     stop: Arc<AtomicBool>,
     tx: Sender<Event>,
+    gate: Arc<PauseGate>,
 }
 
 impl VcpuContext {
@@ -735,6 +994,10 @@ impl VcpuContext {
         vcpu.bind_kick_to_current_thread();
         let mut unhandled_logged = 0u32;
         while !self.stop.load(Ordering::SeqCst) {
+            self.gate.park_if_paused(&self.stop);
+            if self.stop.load(Ordering::SeqCst) {
+                break;
+            }
             let exit = match vcpu.run() {
                 Ok(e) => e,
                 Err(e) => return self.fail(id, e.to_string()),

@@ -180,6 +180,21 @@ pub enum BlkError {
     },
 }
 
+/// Counters of a virtio-blk device (shared; readable while the device runs).
+#[derive(Debug, Default)]
+pub struct BlkCounters {
+    /// Reads completed.
+    pub read_ops: std::sync::atomic::AtomicU64,
+    /// Their bytes.
+    pub read_bytes: std::sync::atomic::AtomicU64,
+    /// Writes completed.
+    pub write_ops: std::sync::atomic::AtomicU64,
+    /// Their bytes.
+    pub write_bytes: std::sync::atomic::AtomicU64,
+    /// Requests that completed with an I/O error.
+    pub errors: std::sync::atomic::AtomicU64,
+}
+
 /// A virtio-blk device.
 pub struct VirtioBlk {
     name: String,
@@ -195,6 +210,7 @@ pub struct VirtioBlk {
     pending: HashMap<(u16, u16), Pending>,
     /// Rate limit for what a guest can make us log.
     log: alioth_virtio::LogLimiter,
+    counters: std::sync::Arc<BlkCounters>,
 }
 
 /// What completing an in-flight request needs.
@@ -256,6 +272,11 @@ fn lock_image(file: &File, read_only: bool) -> Result<(), LockError> {
 }
 
 impl VirtioBlk {
+    /// The device's counters.
+    pub fn counters(&self) -> std::sync::Arc<BlkCounters> {
+        self.counters.clone()
+    }
+
     /// Opens the image of `cfg` for the device called `name`.
     pub fn open(name: &str, cfg: &BlkConfig) -> Result<Self, BlkError> {
         let path = cfg.path.clone();
@@ -325,6 +346,7 @@ impl VirtioBlk {
                 usize::from(cfg.queue_size) * usize::from(cfg.num_queues),
             ),
             log: alioth_virtio::LogLimiter::new(),
+            counters: std::sync::Arc::default(),
         };
         dev.config = dev.build_config();
         Ok(dev)
@@ -686,6 +708,22 @@ impl ChainHandler for VirtioBlk {
             }
         };
         let data = if st == status::OK { data } else { 0 };
+        let c = &self.counters;
+        let add = |a: &std::sync::atomic::AtomicU64, n: u64| {
+            a.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        };
+        match (st, kind) {
+            (status::OK, req::IN) => {
+                add(&c.read_ops, 1);
+                add(&c.read_bytes, expected);
+            }
+            (status::OK, req::OUT) => {
+                add(&c.write_ops, 1);
+                add(&c.write_bytes, expected);
+            }
+            (status::OK, _) => {}
+            _ => add(&c.errors, 1),
+        }
         self.finish(chain, mem, status_at, st, data)
     }
 }
