@@ -17,6 +17,7 @@
 //! ```
 
 mod cpuid;
+mod state;
 mod vcpu;
 mod vm;
 
@@ -25,6 +26,7 @@ pub use cpuid::{CpuFeature, CpuFeatureEdit, Cpuid, CpuidEntry, parse_cpu_feature
 pub use vcpu::{
     InternalError, Regs, Vcpu, VcpuKicker, VcpuThread, VmExit, install_kick_signal_handler,
 };
+pub use state::{VcpuState, VmState};
 pub use vm::{DataMatch, GsiRoute, IOAPIC_PINS, IoEventAddress, Vm};
 pub use vmm_sys_util::eventfd::EventFd;
 

@@ -355,8 +355,8 @@ fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
 
 /// A KVM vCPU.
 pub struct Vcpu {
-    fd: VcpuFd,
-    id: u32,
+    pub(crate) fd: VcpuFd,
+    pub(crate) id: u32,
     slot: Arc<KickSlot>,
 }
 

@@ -93,7 +93,7 @@ pub const IOAPIC_PINS: u32 = 24;
 /// memory-slot change cost milliseconds (5 ms for 128 MiB, and 16 ms at VM teardown); the
 /// split irqchip costs 0.1 ms and 0.4 ms.
 pub struct Vm {
-    fd: VmFd,
+    pub(crate) fd: VmFd,
 }
 
 impl Vm {
