@@ -12,14 +12,17 @@ use serde_json::{Value, json};
 /// (replaced on reboot; `None` between machines).
 pub struct VmControl {
     config: VmConfig,
+    /// The configuration as TOML, for snapshot manifests.
+    description: String,
     machine: Mutex<Option<MachineHandle>>,
 }
 
 impl VmControl {
-    /// A controller for the VM `config` describes.
-    pub fn new(config: VmConfig) -> Self {
+    /// A controller for the VM `config` (`description` as TOML) describes.
+    pub fn new(config: VmConfig, description: String) -> Self {
         VmControl {
             config,
+            description,
             machine: Mutex::new(None),
         }
     }
@@ -164,9 +167,25 @@ impl alioth_api::Controller for VmControl {
                 405,
                 "this VM has no ACPI power button (its ACPI tables describe none)",
             ),
-            Request::Snapshot { .. } | Request::Restore { .. } => {
-                Response::error(405, "snapshot and restore are not implemented yet")
+            Request::Snapshot { destination } => {
+                match m.snapshot(&destination, self.description.clone()) {
+                    Ok(info) => {
+                        log::info!(
+                            "snapshot {}: {} MiB of RAM, {} KiB of state, {} ms",
+                            destination.display(),
+                            info.memory_bytes >> 20,
+                            info.state_bytes >> 10,
+                            info.took.as_millis()
+                        );
+                        Response::done()
+                    }
+                    Err(e) => Response::error(500, e),
+                }
             }
+            Request::Restore { .. } => Response::error(
+                404,
+                "a VM is already running here; restore into a new process with `alioth boot --restore DIR`",
+            ),
         }
     }
 }

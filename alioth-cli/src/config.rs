@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use alioth_vmm::{
     BlkConfig, BootProtocol, ConsoleDeviceConfig, ConsoleMode, DiskConfig, IoBackend, NetConfig,
@@ -14,7 +14,7 @@ use alioth_vmm::{
 use crate::{BootArgs, VhostUserArgs, VhostUserDevice};
 
 /// The TOML schema (docs/config.md). Unknown keys are errors.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub kernel: Option<PathBuf>,
@@ -43,7 +43,7 @@ pub struct FileConfig {
 }
 
 /// The `[console]` table.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsoleFile {
     /// `stdio`, `pty`, `file:PATH`, `socket:PATH` or `off`.
@@ -75,7 +75,7 @@ pub fn parse_console(s: &str, base: &Path) -> Result<Option<ConsoleMode>> {
 }
 
 /// The `[vsock]` table.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VsockFile {
     /// The guest's CID (3 or more).
@@ -136,7 +136,7 @@ pub fn parse_vsock_flag(spec: &str) -> Result<VsockFile> {
 }
 
 /// One `[[net]]` table.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetFile {
     /// A tap's name, or `auto` for a new one named `alioth%d`.
@@ -244,7 +244,7 @@ pub fn parse_net_flag(spec: &str) -> Result<NetFile> {
 }
 
 /// One `[[disk]]` table.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskFile {
     pub path: Option<PathBuf>,
@@ -261,7 +261,7 @@ pub struct DiskFile {
 }
 
 /// The `[rng]` table.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RngFile {
     pub backend: Option<String>,
@@ -389,7 +389,7 @@ pub fn parse_disk_flag(spec: &str) -> Result<DiskFile> {
 }
 
 /// A size: an integer number of bytes or a string with a unit.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum Size {
     Bytes(u64),
@@ -397,7 +397,7 @@ pub enum Size {
 }
 
 /// `exit_device = true | false | PORT`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum ExitDevice {
     Enabled(bool),
@@ -517,6 +517,139 @@ pub fn read_config_text(path: &Path) -> Result<String> {
     Ok(text)
 }
 
+/// The configuration recorded in the snapshot at `dir`. Flags may replace what belongs to the
+/// host side (disks, with the same count; serial, console, vsock and net endpoints; the API
+/// socket), never what the guest's state depends on.
+fn restore_file(args: &BootArgs, dir: &Path) -> Result<FileConfig> {
+    let fixed = [
+        (args.kernel.is_some(), "--kernel"),
+        (args.initramfs.is_some(), "--initramfs"),
+        (args.cmdline.is_some(), "--cmdline"),
+        (args.cpus.is_some(), "--cpus"),
+        (args.memory.is_some(), "--memory"),
+        (args.cpu_features.is_some(), "--cpu-features"),
+        (args.boot_protocol.is_some(), "--boot-protocol"),
+        (args.rng, "--rng"),
+        (args.exit_device.is_some(), "--exit-device"),
+    ];
+    if let Some((_, flag)) = fixed.iter().find(|(given, _)| *given) {
+        bail!("{flag} cannot be changed when restoring: the snapshot's guest depends on it");
+    }
+    let m = alioth_vmm::snapshot::read_manifest(dir)?;
+    let file: FileConfig = toml::from_str(&m.config)
+        .with_context(|| format!("snapshot {}: its configuration is corrupt", dir.display()))?;
+    if !args.disk.is_empty() && args.disk.len() != file.disk.len() {
+        bail!(
+            "the snapshot has {} disk(s); --disk must replace all of them ({} given)",
+            file.disk.len(),
+            args.disk.len()
+        );
+    }
+    Ok(file)
+}
+
+/// `p` made absolute (a snapshot's configuration is read from another directory).
+fn abs(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn backend_name(b: IoBackend) -> Option<String> {
+    match b {
+        IoBackend::Auto => None,
+        IoBackend::IoUring => Some("io_uring".into()),
+        IoBackend::Epoll => Some("epoll".into()),
+    }
+}
+
+/// The TOML file that describes `c` (paths absolute): what a snapshot's manifest records, so a
+/// restore rebuilds the same VM.
+pub fn to_toml(c: &VmConfig, api_socket: Option<&Path>) -> Result<String> {
+    let mac = |m: [u8; 6]| {
+        format!(
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    };
+    let f = FileConfig {
+        kernel: Some(abs(&c.kernel.kernel)),
+        initramfs: c.kernel.initramfs.as_deref().map(abs),
+        cmdline: Some(c.kernel.cmdline.clone()),
+        cpus: Some(c.cpus),
+        memory: Some(Size::Bytes(c.memory)),
+        serial: Some(match &c.serial {
+            SerialConfig::Stdio => "stdio".into(),
+            SerialConfig::Off => "off".into(),
+            SerialConfig::File(p) => format!("file:{}", abs(p).display()),
+        }),
+        cpu_features: (!c.cpu_features.is_empty()).then(|| {
+            c.cpu_features
+                .iter()
+                .map(|e| match e {
+                    alioth_vmm::CpuFeatureEdit::Remove(f) => format!("-{}", f.name()),
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        }),
+        boot_protocol: Some(
+            match c.kernel.protocol {
+                BootProtocol::Auto => "auto",
+                BootProtocol::Linux64 => "linux64",
+                BootProtocol::Pvh => "pvh",
+            }
+            .into(),
+        ),
+        exit_device: c.exit_device.map(ExitDevice::Port),
+        disk: c
+            .disks
+            .iter()
+            .map(|d| DiskFile {
+                path: d.vhost_user.is_none().then(|| abs(&d.blk.path)),
+                vhost_user: d.vhost_user.as_deref().map(abs),
+                read_only: Some(d.blk.read_only),
+                num_queues: Some(d.blk.num_queues),
+                queue_size: Some(d.blk.queue_size),
+                direct: Some(d.blk.direct),
+                backend: backend_name(d.backend),
+                poll_us: Some(d.poll_us),
+                lock: Some(d.blk.lock),
+            })
+            .collect(),
+        rng: c.rng.as_ref().map(|r| RngFile {
+            backend: backend_name(r.backend),
+        }),
+        net: c
+            .nets
+            .iter()
+            .map(|n| NetFile {
+                tap: Some(n.net.tap.clone()),
+                mac: Some(mac(n.net.mac)),
+                queues: Some(n.net.queue_pairs),
+                queue_size: Some(n.net.queue_size),
+                mtu: Some(n.net.mtu),
+                backend: backend_name(n.backend),
+                poll_us: Some(n.poll_us),
+            })
+            .collect(),
+        vsock: c.vsock.as_ref().map(|v| VsockFile {
+            cid: Some(v.vsock.cid),
+            uds: Some(abs(&v.vsock.uds)),
+            max_connections: Some(v.vsock.max_connections),
+            backend: backend_name(v.backend),
+        }),
+        console: c.console.as_ref().map(|k| ConsoleFile {
+            mode: Some(match &k.mode {
+                ConsoleMode::Stdio => "stdio".into(),
+                ConsoleMode::Pty => "pty".into(),
+                ConsoleMode::File(p) => format!("file:{}", abs(p).display()),
+                ConsoleMode::Socket(p) => format!("socket:{}", abs(p).display()),
+            }),
+            backend: backend_name(k.backend),
+        }),
+        api_socket: api_socket.map(abs),
+    };
+    toml::to_string(&f).context("describing the VM as TOML")
+}
+
 /// Merges the file named by `--config` (if any) with the flags, which win (the tests' view:
 /// the VM alone).
 #[cfg(test)]
@@ -528,15 +661,19 @@ pub fn build(args: &BootArgs) -> Result<VmConfig> {
 /// the API socket (`--api-socket` or `api_socket`), checked: its directory
 /// exists and nothing but a socket is in its place.
 pub fn build_boot(args: &BootArgs) -> Result<(VmConfig, Option<PathBuf>)> {
-    let (file, base) = match &args.config {
-        Some(p) => {
+    let (file, base) = match (&args.restore, &args.config) {
+        (Some(_), Some(_)) => {
+            bail!("--restore takes the VM's configuration from the snapshot; drop --config")
+        }
+        (Some(dir), None) => (restore_file(args, dir)?, PathBuf::from("/")),
+        (None, Some(p)) => {
             let base = p
                 .parent()
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| PathBuf::from("."));
             (read_file(p)?, base)
         }
-        None => (FileConfig::default(), PathBuf::from(".")),
+        (None, None) => (FileConfig::default(), PathBuf::from(".")),
     };
     let cwd = PathBuf::from(".");
     let kernel = match (&args.kernel, &file.kernel) {

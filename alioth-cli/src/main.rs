@@ -160,6 +160,12 @@ pub struct BootArgs {
     /// socket; one client at a time is the terminal) or `off`.
     #[arg(long, value_name = "MODE")]
     pub console: Option<String>,
+    /// Restore the VM from the snapshot in DIR (written by `alioth ctl snapshot DIR` or the
+    /// API's vm.snapshot) instead of booting: its configuration comes from the snapshot;
+    /// --disk (all of them), --serial, --console, --vsock, --net and --api-socket may replace
+    /// their host side.
+    #[arg(long, value_name = "DIR")]
+    pub restore: Option<std::path::PathBuf>,
     /// Serve the control API (Cloud Hypervisor's HTTP API subset, see docs/api.md) on this Unix
     /// socket; `alioth ctl --api-socket PATH ...` and curl --unix-socket drive it.
     #[arg(long, value_name = "PATH")]
@@ -254,7 +260,15 @@ fn boot(args: BootArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let control = std::sync::Arc::new(api::VmControl::new(config.clone()));
+    let description = match config::to_toml(&config, api_socket.as_deref()) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("alioth: {e:#}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let control = std::sync::Arc::new(api::VmControl::new(config.clone(), description));
+    let mut restore = args.restore.clone();
     let _server = match &api_socket {
         Some(p) => match alioth_api::ApiServer::start(p, control.clone()) {
             Ok(s) => Some(s),
@@ -271,7 +285,12 @@ fn boot(args: BootArgs) -> ExitCode {
             handle_signals: true,
             ..Default::default()
         };
-        let machine = match Machine::new(&config, options) {
+        // A reboot after a restore boots the kernel afresh.
+        let built = match restore.take() {
+            Some(dir) => Machine::restore(&config, &dir, options),
+            None => Machine::new(&config, options),
+        };
+        let machine = match built {
             Ok(m) => m,
             Err(e) => {
                 eprintln!("alioth: {e}");

@@ -41,7 +41,8 @@ fn ch_remote(sock: &Path, method: &str, endpoint: &str, body: &str) -> Result<(u
     raw(sock, &req)
 }
 
-fn ctl(alioth: &Path, sock: &Path, args: &[&str]) -> Result<String> {
+/// Runs `alioth ctl --api-socket SOCK ARGS`; its stdout, or an error with its stderr.
+pub fn ctl(alioth: &Path, sock: &Path, args: &[&str]) -> Result<String> {
     let out = Command::new(alioth)
         .arg("ctl")
         .arg("--api-socket")

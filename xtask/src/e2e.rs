@@ -373,6 +373,33 @@ pub fn e2e(root: &Path) -> Result<()> {
             record(&name, r);
         }
     }
+    // Snapshot, kill, two clones restored from it; then damaged snapshots.
+    for backend in ["io_uring", "epoll"] {
+        let name = format!("snapshot/{backend}");
+        if !wanted(&name) {
+            continue;
+        }
+        let dir = crate::snapshot::case_dir(backend);
+        let r = crate::snapshot::clones(&alioth, &kit, &dir, backend).map(|f| {
+            eprintln!(
+                "e2e: {name}: pause {:.1} ms, snapshot {:.1} ms and {} KiB on disk (128 MiB VM), restore (manifest to first instruction, in alioth) {:.1} / {:.1} ms",
+                f.pause_ms,
+                f.snapshot_ms,
+                f.snapshot_kib,
+                f.restore_ms[0],
+                f.restore_ms[1]
+            );
+        });
+        let ok = r.is_ok();
+        record(&name, r);
+        if ok && backend == "io_uring" && wanted("snapshot/bad") {
+            record(
+                "snapshot/bad",
+                crate::snapshot::bad_snapshots(&alioth, &dir),
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     if wanted("api/shutdown") {
         record("api/shutdown", crate::api::shutdown_case(&alioth, &kit));
     }

@@ -20,6 +20,7 @@ mod e2e;
 mod fuzz;
 mod guest;
 mod net;
+mod snapshot;
 mod uml;
 mod vsock;
 

@@ -48,6 +48,24 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 }
 
 impl Cmos {
+    /// The index register and the 128 bytes of RAM, for a snapshot (the clock registers are
+    /// read from the host's clock, not kept).
+    pub fn save(&self) -> (u8, Vec<u8>) {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        (s.index, s.ram.to_vec())
+    }
+
+    /// Puts back [`Cmos::save`]'s registers; false (nothing changed) if `ram` is not 128 bytes.
+    pub fn restore(&self, index: u8, ram: &[u8]) -> bool {
+        let Ok(ram): Result<[u8; 128], _> = ram.try_into() else {
+            return false;
+        };
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.index = index & 0x7f;
+        s.ram = ram;
+        true
+    }
+
     /// CMOS for a VM with `mem_below_4g` bytes of RAM under the 32-bit hole and `mem_above_4g`
     /// above 4 GiB.
     pub fn new(mem_below_4g: u64, mem_above_4g: u64) -> Self {

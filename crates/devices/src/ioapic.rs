@@ -72,6 +72,32 @@ impl IoApic {
         }
     }
 
+    /// The registers for a snapshot: (register select, ID, redirection entries).
+    pub fn save(&self) -> (u32, u32, Vec<u64>) {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        (s.select, s.id, s.rte.to_vec())
+    }
+
+    /// Puts back registers from [`IoApic::save`] and routes every unmasked pin again. Fails
+    /// (changing nothing) if the entry count is not [`PINS`].
+    pub fn restore(&self, select: u32, id: u32, rte: &[u64]) -> std::io::Result<()> {
+        let Ok(rte): Result<[u64; PINS], _> = rte.try_into() else {
+            return Err(std::io::Error::other(format!(
+                "ioapic: {} redirection entries saved, {PINS} expected",
+                rte.len()
+            )));
+        };
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.select = select;
+        s.id = id & 0x0f00_0000;
+        s.rte = rte;
+        for (pin, &e) in rte.iter().enumerate() {
+            let msi = (e & RTE_MASKED == 0).then(|| rte_to_msi(e));
+            (self.route)(pin as u32, msi)?;
+        }
+        Ok(())
+    }
+
     /// The redirection entry of `pin`.
     pub fn rte(&self, pin: usize) -> Option<u64> {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());

@@ -59,6 +59,9 @@ impl SerialEvents for InputSpace {
     }
 }
 
+/// The 16550A's receive FIFO (vm-superio's, which it does not export).
+const UART_FIFO: usize = 64;
+
 type Uart = vm_superio::Serial<IrqTrigger, InputSpace, Box<dyn Write + Send>>;
 
 /// A 16550A UART.
@@ -69,6 +72,42 @@ pub struct Serial {
 }
 
 impl Serial {
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn save(&self) -> vm_superio::serial::SerialState {
+        self.uart.lock().unwrap_or_else(|e| e.into_inner()).state()
+    }
+
+    /// Puts back registers from [`Serial::save`], keeping this UART's interrupt and output.
+    pub fn restore(&self, state: &vm_superio::serial::SerialState) -> std::io::Result<()> {
+        // What `from_state` refuses, refused before the output is handed over to it.
+        if state.in_buffer.len() > UART_FIFO {
+            return Err(std::io::Error::other(format!(
+                "{}: {} bytes in a saved FIFO of {}",
+                self.name,
+                state.in_buffer.len(),
+                UART_FIFO
+            )));
+        }
+        let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+        let trigger = IrqTrigger(uart.interrupt_evt().0.try_clone()?);
+        let events = InputSpace {
+            space: self.space.clone(),
+            name: self.name.clone(),
+            lost: std::sync::atomic::AtomicU64::new(0),
+        };
+        let out = std::mem::replace(uart.writer_mut(), Box::new(std::io::sink()));
+        match vm_superio::Serial::from_state(state, trigger, events, out) {
+            Ok(u) => {
+                *uart = u;
+                Ok(())
+            }
+            Err(e) => Err(std::io::Error::other(format!(
+                "{}: restoring the UART: {e:?}",
+                self.name
+            ))),
+        }
+    }
+
     /// A UART named `name` (for logs) that raises `irq` and writes what the guest sends to `out`.
     pub fn new(name: &str, irq: EventFd, out: Box<dyn Write + Send>) -> std::io::Result<Self> {
         let space = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);

@@ -211,6 +211,12 @@ fn run(out: &mut Com1, test: &[u8], cmd: &[u8]) -> Option<Verdict> {
         b"net-bench" => tests::net_bench(out, param(cmd, b"kit.bench").unwrap_or(b"")),
         b"net-hostile-rx" => tests::net_hostile(true),
         b"net-hostile-tx" => tests::net_hostile(false),
+        b"snapshot" => tests::snapshot(
+            out,
+            param(cmd, b"kit.iters")
+                .and_then(|v| core::str::from_utf8(v).ok()?.parse().ok())
+                .unwrap_or(400),
+        ),
         b"console" => console::round_trip(tests::memory(), tests::buffers(), tests::packed()),
         b"vsock-echo" => vsock::echo(tests::memory(), tests::buffers(), tests::packed()),
         b"vsock-many" => vsock::many(tests::memory(), tests::buffers(), tests::packed()),

@@ -719,3 +719,70 @@ pub fn net_bench(out: &mut Com1, spec: &[u8]) -> Verdict {
     }
     crate::net::bench(out, memory(), buffers(), packed(), tx, size, secs)
 }
+
+/// The byte at offset `k` of the snapshot test's sector for iteration `i`.
+fn snap_byte(i: usize, k: usize) -> u8 {
+    (i as u8).wrapping_mul(31) ^ (k as u8) ^ ((i >> 8) as u8)
+}
+
+/// First sector the snapshot test writes.
+const SNAP_SECTOR: u64 = 16;
+
+/// `snapshot` (`kit.iters=N`, at most 1024): iteration i writes sector 16 + i with a pattern of
+/// i, reads it back, and re-reads one written earlier, printing `ALIOTH-KIT snapshot progress
+/// i` every 25 iterations with about 10 ms between iterations, so a harness can pause,
+/// snapshot and restore it mid-way; at the end every sector is read and checked.
+pub fn snapshot(out: &mut Com1, iters: usize) -> Verdict {
+    let mut dev = tri!(open_blk(1));
+    let capacity = tri!(capacity(&dev));
+    let iters = iters.clamp(1, 1024);
+    if capacity < SNAP_SECTOR + iters as u64 {
+        return fail(format_args!("the disk is too small"));
+    }
+    let check_sector = |dev: &mut Device, i: usize| -> Result<(), Verdict> {
+        fill(rbuf(), 512, |_| 0);
+        let r = request(
+            dev,
+            0,
+            IN,
+            SNAP_SECTOR + i as u64,
+            Some((rbuf(), 512, true)),
+        );
+        if r != Some(0) {
+            return Err(fail(format_args!("read of iteration {i}'s sector: {r:?}")));
+        }
+        let got = bytes(rbuf(), 512);
+        if let Some(k) = (0..512).find(|&k| got[k] != snap_byte(i, k)) {
+            return Err(fail(format_args!(
+                "iteration {i}'s sector differs at byte {k}"
+            )));
+        }
+        Ok(())
+    };
+    for i in 0..iters {
+        fill(wbuf(), 512, |k| snap_byte(i, k));
+        let w = request(
+            &mut dev,
+            0,
+            OUT,
+            SNAP_SECTOR + i as u64,
+            Some((wbuf(), 512, false)),
+        );
+        if w != Some(0) {
+            return fail(format_args!("write of iteration {i}: {w:?}"));
+        }
+        tri!(check_sector(&mut dev, i));
+        tri!(check_sector(&mut dev, i / 2));
+        if i % 25 == 0 {
+            let _ = writeln!(out, "ALIOTH-KIT snapshot progress {i}");
+        }
+        let d = Deadline::after_ms(10);
+        while !d.passed() {
+            core::hint::spin_loop();
+        }
+    }
+    for i in 0..iters {
+        tri!(check_sector(&mut dev, i));
+    }
+    pass(format_args!("counted {iters}, every sector intact"))
+}

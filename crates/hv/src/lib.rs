@@ -23,10 +23,10 @@ mod vm;
 
 pub use alioth_arch::{BootCpuState, CpuMode};
 pub use cpuid::{CpuFeature, CpuFeatureEdit, Cpuid, CpuidEntry, parse_cpu_features};
+pub use state::{VcpuState, VmState};
 pub use vcpu::{
     InternalError, Regs, Vcpu, VcpuKicker, VcpuThread, VmExit, install_kick_signal_handler,
 };
-pub use state::{VcpuState, VmState};
 pub use vm::{DataMatch, GsiRoute, IOAPIC_PINS, IoEventAddress, Vm};
 pub use vmm_sys_util::eventfd::EventFd;
 

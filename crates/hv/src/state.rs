@@ -118,7 +118,9 @@ impl Vcpu {
             lapic: fd.get_lapic().map_err(Error::ioctl("GET_LAPIC"))?,
             msrs: saved,
             mp_state: fd.get_mp_state().map_err(Error::ioctl("GET_MP_STATE"))?,
-            events: fd.get_vcpu_events().map_err(Error::ioctl("GET_VCPU_EVENTS"))?,
+            events: fd
+                .get_vcpu_events()
+                .map_err(Error::ioctl("GET_VCPU_EVENTS"))?,
             debugregs: fd.get_debug_regs().map_err(Error::ioctl("GET_DEBUGREGS"))?,
             tsc_khz: fd.get_tsc_khz().ok(),
         })

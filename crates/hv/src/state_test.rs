@@ -41,7 +41,9 @@ fn a_vcpu_state_survives_a_json_round_trip_into_a_fresh_vm_and_runs_on() {
         "CR0, CR2, CR3, CR4"
     );
     match h.vcpu.run().unwrap() {
-        VmExit::IoOut { port: 0x90, data, .. } => {
+        VmExit::IoOut {
+            port: 0x90, data, ..
+        } => {
             assert_eq!(u32::from_le_bytes(data.try_into().unwrap()), 0x1111_2222);
         }
         other => panic!("the restored vCPU did not continue: {other:?}"),

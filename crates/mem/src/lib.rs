@@ -21,7 +21,7 @@ mod ram;
 
 pub use bus::{Bus, BusDevice};
 pub use layout::{E820Entry, E820Kind, MemoryMap};
-pub use ram::{RamBus, RamRegion};
+pub use ram::{RamBus, RamImage, RamRegion, content_hash};
 
 /// Errors of guest memory and buses.
 #[derive(Debug, thiserror::Error)]

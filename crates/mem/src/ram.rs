@@ -110,6 +110,116 @@ impl RamBus {
     }
 }
 
+/// What [`RamBus::save_to`] wrote or [`RamBus::load_from`] read: bytes of data (pages the
+/// guest ever wrote) and a hash of them with their offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamImage {
+    /// Data bytes (holes excluded).
+    pub bytes: u64,
+    /// A 64-bit hash of every data extent and its offset (not cryptographic: it detects
+    /// corruption and truncation).
+    pub hash: u64,
+}
+
+/// A 64-bit FNV-1a variant over 8-byte words: fast enough to hash guest RAM on the way.
+fn hash_words(mut h: u64, data: &[u8]) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut chunks = data.chunks_exact(8);
+    for c in &mut chunks {
+        h = (h ^ u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).wrapping_mul(PRIME);
+    }
+    for &b in chunks.remainder() {
+        h = (h ^ u64::from(b)).wrapping_mul(PRIME);
+    }
+    h
+}
+
+const HASH_SEED: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// The hash [`RamImage`] uses, of one buffer: for checking snapshot files.
+pub fn content_hash(data: &[u8]) -> u64 {
+    hash_words(HASH_SEED, data)
+}
+
+/// The data extents of `file` below `size`: (offset, length), found with SEEK_DATA/SEEK_HOLE.
+fn extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut at = 0u64;
+    while at < size {
+        // SAFETY: lseek on a descriptor we hold; the results are checked.
+        let data = unsafe { libc::lseek(fd, at as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after `at`
+            }
+            return Err(e);
+        }
+        let data = data as u64;
+        if data >= size {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as i64, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let end = (hole as u64).min(size);
+        out.push((data, end - data));
+        at = end;
+    }
+    Ok(out)
+}
+
+/// Copies the data extents of `from` (below `size`) to the same offsets of `to`, hashing them.
+fn copy_extents(from: &File, to: &File, size: u64) -> std::io::Result<RamImage> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut img = RamImage {
+        bytes: 0,
+        hash: HASH_SEED,
+    };
+    for (start, len) in extents(from, size)? {
+        img.hash = hash_words(img.hash, &start.to_le_bytes());
+        let mut off = start;
+        while off < start + len {
+            let n = ((start + len - off) as usize).min(buf.len());
+            from.read_exact_at(&mut buf[..n], off)?;
+            to.write_all_at(&buf[..n], off)?;
+            img.hash = hash_words(img.hash, &buf[..n]);
+            off += n as u64;
+        }
+        img.bytes += len;
+    }
+    Ok(img)
+}
+
+impl RamBus {
+    /// Writes guest RAM to `file` (of which it sets the length) at the memfd's offsets, only
+    /// the pages the guest ever wrote: `file` stays sparse. Guest RAM must not change meanwhile
+    /// (vCPUs and devices paused).
+    pub fn save_to(&self, file: &File) -> std::io::Result<RamImage> {
+        let size = self.map.size();
+        file.set_len(size)?;
+        copy_extents(&self.file, file, size)
+    }
+
+    /// Reads guest RAM written by [`RamBus::save_to`] from `file`, before the VM runs. Fails if
+    /// `file` is not exactly as large as this RAM.
+    pub fn load_from(&self, file: &File) -> std::io::Result<RamImage> {
+        let size = self.map.size();
+        let len = file.metadata()?.len();
+        if len != size {
+            return Err(std::io::Error::other(format!(
+                "the memory image holds {len} bytes; this VM has {size}"
+            )));
+        }
+        copy_extents(file, &self.file, size)
+    }
+}
+
 #[cfg(test)]
 #[path = "ram_test.rs"]
 mod tests;

@@ -34,6 +34,22 @@ impl Default for ConfigSpace {
 }
 
 impl ConfigSpace {
+    /// The 4096 bytes as the guest last left them (for a snapshot).
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Puts back bytes from [`ConfigSpace::bytes`] of a function built the same way; false
+    /// (and nothing changed) if the length is not 4096. Read-only fields are taken as saved:
+    /// they were this function's own.
+    pub fn restore_bytes(&mut self, bytes: &[u8]) -> bool {
+        if bytes.len() != CONFIG_SPACE_SIZE {
+            return false;
+        }
+        self.bytes.copy_from_slice(bytes);
+        true
+    }
+
     /// Appends a capability with ID `id` whose bytes after the ID and next pointer are `body`,
     /// links it into the list (setting the capabilities pointer and the status bit for the
     /// first one) and returns its offset; `None` when it does not fit below 0x100.

@@ -42,7 +42,8 @@ pub use bus::{
 };
 pub use config::{CAP_POINTER, CAP_START, CONFIG_SPACE_SIZE, ConfigSpace, STATUS, STATUS_CAP_LIST};
 pub use msix::{
-    MSIX_CAP_ID, MSIX_ENTRY_SIZE, MsiRouter, MsixTable, add_msix_capability, read_le, write_le,
+    MSIX_CAP_ID, MSIX_ENTRY_SIZE, MsiRouter, MsixEntry, MsixTable, add_msix_capability, read_le,
+    write_le,
 };
 
 #[cfg(test)]

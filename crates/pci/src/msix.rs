@@ -35,6 +35,19 @@ struct Vector {
     irqfd: EventFd,
 }
 
+/// One MSI-X vector as the guest programmed it (for a snapshot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MsixEntry {
+    /// Message address.
+    pub addr: u64,
+    /// Message data.
+    pub data: u32,
+    /// The vector's mask bit.
+    pub masked: bool,
+    /// Its pending bit.
+    pub pending: bool,
+}
+
 /// Reads up to 8 bytes little-endian (a BAR or configuration access).
 pub fn read_le(data: &[u8]) -> u64 {
     let mut b = [0u8; 8];
@@ -142,6 +155,45 @@ impl MsixTable {
         if let Err(e) = vec.irqfd.write(1) {
             log::warn!("{}: MSI-X vector {v}: irqfd write failed: {e}", self.name);
         }
+    }
+
+    /// Every vector as programmed (for a snapshot); the enable and function-mask bits live in
+    /// the capability's message control, in configuration space.
+    pub fn save(&self) -> Vec<MsixEntry> {
+        self.vectors
+            .iter()
+            .map(|v| MsixEntry {
+                addr: v.addr,
+                data: v.data,
+                masked: v.masked,
+                pending: v.pending,
+            })
+            .collect()
+    }
+
+    /// Programs the vectors from [`MsixTable::save`] (routes included) and the message
+    /// control `ctrl`; interrupts pending and now deliverable fire. Fails if the vector count
+    /// differs.
+    pub fn restore(&mut self, entries: &[MsixEntry], ctrl: u16) -> std::io::Result<()> {
+        if entries.len() != self.vectors.len() {
+            return Err(std::io::Error::other(format!(
+                "{}: {} MSI-X vectors saved, the device has {}",
+                self.name,
+                entries.len(),
+                self.vectors.len()
+            )));
+        }
+        for (v, e) in self.vectors.iter_mut().zip(entries) {
+            v.addr = e.addr;
+            v.data = e.data;
+            v.masked = e.masked;
+            v.pending = e.pending;
+            if e.addr != 0 {
+                self.router.set_route(v.gsi, e.addr, e.data)?;
+            }
+        }
+        self.set_control(ctrl);
+        Ok(())
     }
 
     /// The guest wrote the capability's message control.

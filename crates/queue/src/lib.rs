@@ -194,6 +194,11 @@ pub trait VirtQueue: Send {
     /// whose used half is 0 takes the available half for both), as vhost-user's
     /// SET_VRING_BASE asks. Only for a queue with nothing in flight.
     fn set_ring_base<M: GuestMemory>(&mut self, mem: &M, base: u32) -> Result<()>;
+    /// The [`VirtQueue::ring_base`] the ring would have if the chains of `held` (popped, not
+    /// yet returned, the most recent pops in pop order, as a receive queue's device holds
+    /// them) had never been popped: where a new device continues so that it pops them again
+    /// (a snapshot). The queue itself is unchanged.
+    fn ring_base_before(&self, held: &[ChainToken]) -> u32;
 }
 
 /// A queue of either format, as the driver negotiated it.
@@ -246,6 +251,9 @@ impl VirtQueue for Queue {
     }
     fn set_ring_base<M: GuestMemory>(&mut self, mem: &M, base: u32) -> Result<()> {
         each!(self, q => q.set_ring_base(mem, base))
+    }
+    fn ring_base_before(&self, held: &[ChainToken]) -> u32 {
+        each!(self, q => q.ring_base_before(held))
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::atomic::{Ordering, fence};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use crate::chain::{ChainBuilder, ChainPool, InFlight, check_area};
+use crate::chain::{ChainBuilder, ChainPool, ChainToken, InFlight, check_area};
 use crate::{
     DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DescChain, QueueConfig, QueueError, QueueFormat,
     Result, VirtQueue,
@@ -313,6 +313,15 @@ impl VirtQueue for PackedQueue {
     fn ring_base(&self) -> u32 {
         let enc = |abs: u64| u32::from(self.pos(abs)) | (u32::from(self.wrap(abs)) << 15);
         enc(self.next_avail) | (enc(self.next_used) << 16)
+    }
+
+    fn ring_base_before(&self, held: &[ChainToken]) -> u32 {
+        let back: u64 = held.iter().map(|t| u64::from(t.ndesc)).sum();
+        let enc = |abs: u64| u32::from(self.pos(abs)) | (u32::from(self.wrap(abs)) << 15);
+        // Positions repeat every two laps (index and wrap counter): step back modulo that.
+        let period = 2 * u64::from(self.size);
+        let at = (self.next_avail % period + period * (back / period + 1) - back) % period;
+        enc(at) | (enc(self.next_used) << 16)
     }
 
     fn set_ring_base<M: GuestMemory>(&mut self, mem: &M, base: u32) -> Result<()> {

@@ -508,3 +508,42 @@ fn a_recycled_chain_lends_its_buffer_lists_to_the_next_and_nothing_leaks_between
         assert_eq!((c.readable_len(), c.writable_len()), (4, 16));
     }
 }
+
+#[test]
+fn a_new_queue_at_the_base_before_held_chains_pops_them_again() {
+    let ram = ram(16 << 20);
+    let mem = ram.memory();
+    for format in [QueueFormat::Split, QueueFormat::Packed] {
+        let mut d = TestDriver::new(mem, format, 4, BASE, 0);
+        let mut q = new_queue(4, d.config(), d.features(), mem).unwrap();
+        // Five receive buffers through a ring of four (so the held ones straddle the wrap):
+        // the first two are filled and returned, the last three are held by the device.
+        let mut ids = Vec::new();
+        for i in 0..2u8 {
+            ids.push(d.add(&[], &[8 + u32::from(i)]).unwrap());
+            let c = q.pop(mem).unwrap().unwrap();
+            q.push_used(mem, &c, 1).unwrap();
+            assert!(d.used().is_some());
+        }
+        let mut held = Vec::new();
+        for i in 0..3u32 {
+            ids.push(d.add(&[], &[16 + i]).unwrap());
+            held.push(q.pop(mem).unwrap().unwrap());
+        }
+        let tokens: Vec<_> = held.iter().map(|c| c.token()).collect();
+        let before = q.ring_base_before(&tokens);
+        assert_ne!(before, q.ring_base(), "{format:?}");
+        assert_eq!(q.ring_base_before(&[]), q.ring_base());
+        // A new device continues there: it pops the three held chains again, in order.
+        let mut q2 = new_queue(4, d.config(), d.features(), mem).unwrap();
+        q2.set_ring_base(mem, before).unwrap();
+        for (i, h) in held.iter().enumerate() {
+            let c = q2.pop(mem).unwrap().expect("a held chain again");
+            assert_eq!(c.id(), h.id(), "{format:?} chain {i}");
+            assert_eq!(c.writable_len(), u64::from(16 + i as u32));
+            q2.push_used(mem, &c, 2).unwrap();
+            assert_eq!(d.used(), Some((h.id(), 2)), "{format:?}");
+        }
+        assert!(q2.pop(mem).unwrap().is_none());
+    }
+}

@@ -11,7 +11,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use crate::chain::{ChainBuilder, ChainPool, InFlight, check_area};
+use crate::chain::{ChainBuilder, ChainPool, ChainToken, InFlight, check_area};
 use crate::{
     DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DescChain, QueueConfig, QueueError, QueueFormat,
     Result, VirtQueue,
@@ -236,6 +236,10 @@ impl VirtQueue for SplitQueue {
 
     fn ring_base(&self) -> u32 {
         u32::from(self.q.next_avail())
+    }
+
+    fn ring_base_before(&self, held: &[ChainToken]) -> u32 {
+        u32::from(self.q.next_avail().wrapping_sub(held.len() as u16))
     }
 
     fn set_ring_base<M: GuestMemory>(&mut self, _mem: &M, base: u32) -> Result<()> {

@@ -57,7 +57,7 @@ pub trait IoeventRegistry: Send + Sync {
     fn deregister(&self, fd: &EventFd, addr: u64) -> std::io::Result<()>;
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 struct QueueRegs {
     size: u16,
     vector: u16,
@@ -94,6 +94,37 @@ struct State {
     /// Rate limit for what the driver can make us log over and over.
     log: alioth_virtio::LogLimiter,
 }
+
+/// What a snapshot keeps of a virtio-pci function: its configuration space (BAR address,
+/// command register, MSI-X control), the common configuration, the MSI-X vectors, and where
+/// each running queue's ring stands.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    /// Device name (checked on restore).
+    pub name: String,
+    config_space: Vec<u8>,
+    status: u8,
+    driver_features: u64,
+    dev_feature_select: u32,
+    drv_feature_select: u32,
+    config_vector: u16,
+    queue_select: u16,
+    queues: Vec<QueueRegs>,
+    msix: Vec<(u64, u32, bool, bool)>,
+    positions: Vec<(u16, u32)>,
+}
+
+/// Errors restoring a transport.
+#[derive(Debug)]
+pub struct RestoreError(pub String);
+
+impl std::fmt::Display for RestoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RestoreError {}
 
 /// Interrupts of a virtio-pci device: queue and config vectors chosen by the driver.
 struct PciIrq {
@@ -270,6 +301,130 @@ impl VirtioPci {
         &self.state.name
     }
 
+    /// The transport's state for a snapshot. The device must be paused
+    /// ([`VirtioPci::pause`]): its ring positions come from its runner, which must be able to
+    /// say (`None` otherwise: a vhost-user backend).
+    pub fn save(&self) -> Option<TransportState> {
+        let s = &self.state;
+        let running = s
+            .common
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .status
+            .driver_ok();
+        let positions = if running {
+            s.runner.positions()?
+        } else {
+            Vec::new()
+        };
+        let c = s.common.lock().unwrap_or_else(|e| e.into_inner());
+        let msix = s
+            .msix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .save()
+            .into_iter()
+            .map(|e| (e.addr, e.data, e.masked, e.pending))
+            .collect();
+        Some(TransportState {
+            name: s.name.clone(),
+            config_space: s
+                .cfg
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .bytes()
+                .to_vec(),
+            status: c.status.status(),
+            driver_features: c.status.driver_features(),
+            dev_feature_select: c.dev_feature_select,
+            drv_feature_select: c.drv_feature_select,
+            config_vector: c.config_vector,
+            queue_select: c.queue_select,
+            queues: c.queues.clone(),
+            msix,
+            positions,
+        })
+    }
+
+    /// Gives a freshly built transport of the same device the state `t`: configuration space
+    /// (BAR0 is mapped again where the guest put it), common configuration, MSI-X vectors and
+    /// routes; a device the driver had started is started again with its rings where they
+    /// stood. Checked first: name, queue count, vector count, sizes within the maxima.
+    pub fn restore(&self, t: &TransportState) -> Result<(), RestoreError> {
+        let s = &self.state;
+        let bad = |why: String| Err(RestoreError(format!("{}: {why}", s.name)));
+        if t.name != s.name {
+            return bad(format!("the snapshot has {} in this place", t.name));
+        }
+        if t.queues.len() != s.max_sizes.len() {
+            return bad(format!(
+                "{} queues saved, the device has {}",
+                t.queues.len(),
+                s.max_sizes.len()
+            ));
+        }
+        if let Some((i, q)) = t
+            .queues
+            .iter()
+            .enumerate()
+            .find(|(i, q)| q.size > s.max_sizes[*i] || (q.size == 0 && q.enabled))
+        {
+            return bad(format!("queue {i} has size {}", q.size));
+        }
+        if t.positions
+            .iter()
+            .any(|(q, _)| usize::from(*q) >= t.queues.len())
+        {
+            return bad("a ring position names no queue".into());
+        }
+        {
+            let mut cfg = s.cfg.lock().unwrap_or_else(|e| e.into_inner());
+            if !cfg.restore_bytes(&t.config_space) {
+                return bad("the configuration space is not 4096 bytes".into());
+            }
+        }
+        let ctrl = s
+            .cfg
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .u16_at(usize::from(s.msix_cap) + 2);
+        let entries: Vec<alioth_pci::MsixEntry> = t
+            .msix
+            .iter()
+            .map(|&(addr, data, masked, pending)| alioth_pci::MsixEntry {
+                addr,
+                data,
+                masked,
+                pending,
+            })
+            .collect();
+        s.msix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&entries, ctrl)
+            .map_err(|e| RestoreError(format!("{}: MSI-X: {e}", s.name)))?;
+        self.update_mapping();
+        let features = {
+            let mut c = s.common.lock().unwrap_or_else(|e| e.into_inner());
+            c.status.restore(t.status, t.driver_features);
+            c.dev_feature_select = t.dev_feature_select;
+            c.drv_feature_select = t.drv_feature_select;
+            c.config_vector = t.config_vector;
+            c.queue_select = t.queue_select;
+            c.queues = t.queues.clone();
+            c.status.driver_ok().then(|| c.status.driver_features())
+        };
+        if let Some(features) = features {
+            self.start_runner(features, |i| {
+                t.positions
+                    .iter()
+                    .find(|(qi, _)| usize::from(*qi) == i)
+                    .map_or(0, |p| p.1)
+            });
+        }
+        Ok(())
+    }
+
     /// The offset of the MSI-X capability in configuration space.
     fn msix_cap(&self) -> u16 {
         self.state.msix_cap
@@ -432,33 +587,40 @@ impl VirtioPci {
         }
     }
 
+    /// Hands the enabled queues to the runner with `features`, each ring continuing at
+    /// `base(queue index)`.
+    fn start_runner(&self, features: u64, base: impl Fn(usize) -> u32) {
+        let s = &self.state;
+        let queues = {
+            let c = s.common.lock().unwrap_or_else(|e| e.into_inner());
+            c.queues
+                .iter()
+                .enumerate()
+                .map(|(i, q)| {
+                    q.enabled.then(|| QueueSetup {
+                        config: QueueConfig {
+                            size: q.size,
+                            desc: q.desc,
+                            driver: q.driver,
+                            device: q.device,
+                        },
+                        ioeventfd: s.ioeventfds[i].clone(),
+                        base: base(i),
+                    })
+                })
+                .collect()
+        };
+        let irq = Arc::new(PciIrq {
+            state: Arc::downgrade(&self.state),
+        });
+        s.runner.start(features, queues, irq);
+    }
+
     fn status_change(&self, change: StatusChange) {
         let s = &self.state;
         match change {
             StatusChange::Activate(features) => {
-                let queues = {
-                    let c = s.common.lock().unwrap_or_else(|e| e.into_inner());
-                    c.queues
-                        .iter()
-                        .enumerate()
-                        .map(|(i, q)| {
-                            q.enabled.then(|| QueueSetup {
-                                config: QueueConfig {
-                                    size: q.size,
-                                    desc: q.desc,
-                                    driver: q.driver,
-                                    device: q.device,
-                                },
-                                ioeventfd: s.ioeventfds[i].clone(),
-                                base: 0,
-                            })
-                        })
-                        .collect()
-                };
-                let irq = Arc::new(PciIrq {
-                    state: Arc::downgrade(&self.state),
-                });
-                s.runner.start(features, queues, irq);
+                self.start_runner(features, |_| 0);
             }
             StatusChange::Reset => {
                 let _ = s.runner.reset();

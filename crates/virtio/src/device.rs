@@ -2,7 +2,7 @@
 
 use std::os::fd::RawFd;
 
-use alioth_queue::{DescChain, Iov};
+use alioth_queue::{ChainToken, DescChain, Iov};
 use vm_memory::GuestMemoryMmap;
 
 use crate::Result;
@@ -213,5 +213,13 @@ pub trait ChainHandler: Virtio {
     /// them whenever [`ChainHandler::poll_io`] has nothing, not only after a read would block.
     fn event_driven(&self) -> bool {
         false
+    }
+
+    /// The chains of `queue` the device holds ([`BufferAction::Hold`]), in the order it popped
+    /// them (they are the queue's most recent pops). A snapshot's ring position excludes them,
+    /// so that the restored device pops them again.
+    fn held(&self, queue: u16) -> Vec<ChainToken> {
+        let _ = queue;
+        Vec::new()
     }
 }

@@ -54,6 +54,13 @@ impl DeviceStatus {
         }
     }
 
+    /// Puts back a status byte and the driver's features from a snapshot (no transition is
+    /// run: the device is started by whoever restores it).
+    pub fn restore(&mut self, status: u8, driver_features: u64) {
+        self.status = status;
+        self.driver_features = driver_features;
+    }
+
     /// The register's value.
     pub fn status(&self) -> u8 {
         self.status

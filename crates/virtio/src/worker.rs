@@ -49,6 +49,9 @@ pub enum WakeEvent {
     Pause(Sender<()>),
     /// Serve the queues again after [`WakeEvent::Pause`].
     Resume,
+    /// While paused: report where each queue's ring stands for a snapshot — its position
+    /// with the chains the device holds put back ([`ChainHandler::held`]).
+    Positions(Sender<Vec<QueueState>>),
     /// The VM is going away: like reset, then the thread ends.
     Shutdown,
 }
@@ -153,6 +156,11 @@ pub trait DeviceRunner: Send + Sync {
     }
     /// Serve again after [`DeviceRunner::pause`].
     fn resume(&self) {}
+    /// While paused: where each running queue's ring stands for a snapshot (see
+    /// [`WakeEvent::Positions`]); `None` if this runner cannot say.
+    fn positions(&self) -> Option<Vec<QueueState>> {
+        None
+    }
 }
 
 /// A device's worker thread.
@@ -288,6 +296,13 @@ impl Worker {
         self.wake(WakeEvent::Resume);
     }
 
+    /// See [`WakeEvent::Positions`] (empty when the device is not running).
+    pub fn positions(&self) -> Vec<QueueState> {
+        let (tx, rx) = channel();
+        self.wake(WakeEvent::Positions(tx));
+        rx.recv().unwrap_or_default()
+    }
+
     /// Stops the thread after it completes the requests in flight.
     pub fn shutdown(self) {
         self.stop();
@@ -334,6 +349,10 @@ impl DeviceRunner for Worker {
 
     fn resume(&self) {
         Worker::resume(self)
+    }
+
+    fn positions(&self) -> Option<Vec<QueueState>> {
+        Some(Worker::positions(self))
     }
 }
 
@@ -449,6 +468,24 @@ impl<D: ChainHandler, B: Backend<D>> WorkerThread<D, B> {
                         }
                         paused = true;
                         let _ = done.send(());
+                    }
+                    WakeEvent::Positions(tx) => {
+                        let at = active
+                            .as_ref()
+                            .map(|(a, _)| {
+                                a.queues()
+                                    .iter()
+                                    .map(|q| {
+                                        let held = self.dev.held(q.index);
+                                        (q.index, q.queue.ring_base_before(&held))
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        if !paused {
+                            log::warn!("{name}: ring positions asked while running");
+                        }
+                        let _ = tx.send(at);
                     }
                     WakeEvent::Resume => {
                         if paused && let Some((a, _)) = active.as_mut() {

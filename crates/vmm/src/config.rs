@@ -148,6 +148,16 @@ impl VmConfig {
 
     /// Checks what can be checked without touching KVM or guest memory.
     pub fn validate(&self) -> Result<()> {
+        self.check(true)
+    }
+
+    /// Like [`VmConfig::validate`] for a VM restored from a snapshot: the kernel and initramfs
+    /// are not read again, so they need not exist any more.
+    pub fn validate_for_restore(&self) -> Result<()> {
+        self.check(false)
+    }
+
+    fn check(&self, images: bool) -> Result<()> {
         if self.cpus == 0 {
             return Err(Error::Config("cpus must be at least 1".into()));
         }
@@ -159,13 +169,14 @@ impl VmConfig {
         }
         alioth_mem::MemoryMap::new(self.memory)?;
         let k = &self.kernel.kernel;
-        if !k.is_file() {
+        if images && !k.is_file() {
             return Err(Error::Config(format!(
                 "kernel {} does not exist or is not a file",
                 k.display()
             )));
         }
         if let Some(i) = &self.kernel.initramfs
+            && images
             && !i.is_file()
         {
             return Err(Error::Config(format!(

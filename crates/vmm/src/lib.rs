@@ -22,6 +22,7 @@ mod config;
 mod machine;
 mod pci;
 mod signals;
+pub mod snapshot;
 mod terminal;
 mod vhost_user;
 
@@ -38,7 +39,7 @@ pub mod net {
         DEFAULT_MTU, DEFAULT_QUEUE_SIZE, MAX_MTU, MAX_QUEUE_PAIRS, MIN_MTU,
     };
 }
-pub use alioth_hv::parse_cpu_features;
+pub use alioth_hv::{CpuFeature, CpuFeatureEdit, parse_cpu_features};
 pub use config::{
     ConsoleDeviceConfig, DiskConfig, IoBackend, NetDeviceConfig, RngConfig, SerialConfig, VmConfig,
     VsockDeviceConfig,

@@ -18,7 +18,9 @@ use alioth_devices::virtio::net::VirtioNet;
 use alioth_devices::virtio::rng::VirtioRng;
 use alioth_devices::virtio::vsock::VirtioVsock;
 use alioth_devices::{EventSink, VmEvent, acpi_pm, cmos, exit, i8042};
-use alioth_hv::{EventFd, Kvm, Vcpu, VcpuThread, Vm, VmExit, install_kick_signal_handler};
+use alioth_hv::{
+    EventFd, Kvm, Vcpu, VcpuState, VcpuThread, Vm, VmExit, install_kick_signal_handler,
+};
 use alioth_mem::layout::{
     ECAM_BASE, ECAM_SIZE, IOAPIC_BASE, MMIO32_START, PCI_MMIO_END, PCI_MMIO_START,
 };
@@ -31,6 +33,7 @@ use alioth_virtio_pci::VirtioPci;
 use crate::config::{SerialConfig, VmConfig};
 use crate::pci::{KvmIoevents, KvmMsi, OnFailure, VirtioPlacer};
 use crate::signals::forward_termination_signals;
+use crate::snapshot::SnapshotInfo;
 use crate::terminal::RawTerminal;
 use crate::{Error, Result};
 
@@ -75,7 +78,7 @@ enum Event {
     Signal(i32),
     Stop,
     Reboot,
-    Control(Control, Sender<std::result::Result<Duration, String>>),
+    Control(Control, Sender<std::result::Result<Reply, String>>),
     VcpuFailed(u32, String),
     ThreadFailed(String, String),
 }
@@ -94,6 +97,13 @@ pub struct MachineOptions {
 enum Control {
     Pause,
     Resume,
+    Snapshot(std::path::PathBuf, String),
+}
+
+/// What a control request answers.
+enum Reply {
+    Took(Duration),
+    Snapshot(SnapshotInfo),
 }
 
 /// Whether a machine runs or is paused.
@@ -117,28 +127,50 @@ type CounterFn = Box<dyn Fn() -> DeviceCounters + Send + Sync>;
 /// Named counter sources, one per device.
 type CounterSet = Vec<(String, CounterFn)>;
 
-/// The vCPUs' pause gate: a flag they check before entering the guest, and the count of those
-/// parked behind it.
+/// The vCPUs' pause gate: a flag they check before entering the guest, the count of those
+/// parked behind it, and a request for their state that parked vCPUs answer (a snapshot: a
+/// vCPU's registers are read on its own thread, which owns it).
 #[derive(Default)]
 struct PauseGate {
     paused: AtomicBool,
-    parked: Mutex<usize>,
+    parked: Mutex<Parked>,
     changed: std::sync::Condvar,
 }
 
+/// A vCPU's answer to a state request.
+type StateAnswer = Option<std::result::Result<VcpuState, String>>;
+
+#[derive(Default)]
+struct Parked {
+    count: usize,
+    /// The MSRs to save and, per vCPU ID, its answer.
+    save: Option<(Arc<Vec<u32>>, Vec<StateAnswer>)>,
+}
+
 impl PauseGate {
-    /// Called by a vCPU thread between exits: waits while the machine is paused.
-    fn park_if_paused(&self, stop: &AtomicBool) {
+    /// Called by a vCPU thread between exits: waits while the machine is paused, answering
+    /// state requests meanwhile.
+    fn park_if_paused(&self, stop: &AtomicBool, vcpu: &Vcpu) {
         if !self.paused.load(Ordering::SeqCst) {
             return;
         }
-        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        *parked += 1;
+        let mut p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        p.count += 1;
         self.changed.notify_all();
-        while self.paused.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
-            parked = self.changed.wait(parked).unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some((msrs, answers)) = p.save.as_mut()
+                && let Some(slot) = answers.get_mut(vcpu.id() as usize)
+                && slot.is_none()
+            {
+                *slot = Some(vcpu.save_state(msrs).map_err(|e| e.to_string()));
+                self.changed.notify_all();
+            }
+            if !self.paused.load(Ordering::SeqCst) || stop.load(Ordering::SeqCst) {
+                break;
+            }
+            p = self.changed.wait(p).unwrap_or_else(|e| e.into_inner());
         }
-        *parked -= 1;
+        p.count -= 1;
         self.changed.notify_all();
     }
 
@@ -146,6 +178,38 @@ impl PauseGate {
         let _g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
         self.paused.store(false, Ordering::SeqCst);
         self.changed.notify_all();
+    }
+
+    /// With every vCPU parked: each one's state, read on its own thread.
+    fn save_vcpus(&self, n: usize, msrs: Vec<u32>) -> std::result::Result<Vec<VcpuState>, String> {
+        let mut p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        p.save = Some((Arc::new(msrs), (0..n).map(|_| None).collect()));
+        self.changed.notify_all();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let done = p
+                .save
+                .as_ref()
+                .is_some_and(|(_, a)| a.iter().all(Option::is_some));
+            if done {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                p.save = None;
+                return Err("the vCPUs did not report their state within 5 s".into());
+            }
+            p = self
+                .changed
+                .wait_timeout(p, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let (_, answers) = p.save.take().unwrap_or_default();
+        answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Err("no answer".into())))
+            .collect()
     }
 }
 
@@ -172,7 +236,10 @@ impl MachineHandle {
     /// Pauses the machine: every vCPU leaves the guest and parks, then every device completes
     /// what it has in flight and stops serving its queues. Returns how long that took.
     pub fn pause(&self) -> std::result::Result<Duration, String> {
-        self.control(Control::Pause)
+        match self.control(Control::Pause)? {
+            Reply::Took(d) => Ok(d),
+            Reply::Snapshot(s) => Ok(s.took),
+        }
     }
 
     /// Resumes a paused machine where it stopped.
@@ -180,7 +247,21 @@ impl MachineHandle {
         self.control(Control::Resume).map(|_| ())
     }
 
-    fn control(&self, c: Control) -> std::result::Result<Duration, String> {
+    /// Writes a snapshot of the machine to `dir` (see [`crate::snapshot`]), pausing it for the
+    /// time it takes if it runs; `description` (the embedder's configuration) goes into the
+    /// manifest.
+    pub fn snapshot(
+        &self,
+        dir: &std::path::Path,
+        description: String,
+    ) -> std::result::Result<SnapshotInfo, String> {
+        match self.control(Control::Snapshot(dir.to_path_buf(), description))? {
+            Reply::Snapshot(s) => Ok(s),
+            Reply::Took(_) => Err("unexpected answer".into()),
+        }
+    }
+
+    fn control(&self, c: Control) -> std::result::Result<Reply, String> {
         let (tx, rx) = channel();
         if self.tx.send(Event::Control(c, tx)).is_err() {
             return Err("the machine is not running".into());
@@ -206,7 +287,8 @@ impl MachineHandle {
 /// A VM ready to run.
 pub struct Machine {
     vcpus: Vec<Vcpu>,
-    booted: BootedKernel,
+    /// What the loader did (none for a restored machine).
+    booted: Option<BootedKernel>,
     vm: Arc<Vm>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
@@ -220,6 +302,9 @@ pub struct Machine {
     rx: Receiver<Event>,
     state: Arc<Mutex<VmState>>,
     counters: Arc<CounterSet>,
+    kvm: Arc<Kvm>,
+    legacy: Legacy,
+    config: VmConfig,
     // Dropped last: the VM's memory slots point into it.
     ram: Arc<RamBus>,
 }
@@ -238,6 +323,26 @@ struct Devices {
     serials: Vec<LegacySerial>,
     virtio: Vec<VirtioPci>,
     counters: CounterSet,
+    /// The devices whose state a snapshot keeps besides the virtio ones.
+    legacy: Legacy,
+}
+
+/// What `Machine::new` and `Machine::restore` build, for `Machine::assemble`.
+struct Parts {
+    kvm: Kvm,
+    vm: Arc<Vm>,
+    ram: Arc<RamBus>,
+    devices: Devices,
+    vcpus: Vec<Vcpu>,
+    channel: (Sender<Event>, Receiver<Event>),
+}
+
+/// Handles on the port and MMIO devices a snapshot saves.
+#[derive(Clone)]
+pub(crate) struct Legacy {
+    pub(crate) ioapic: Arc<IoApic>,
+    pub(crate) cmos: Arc<cmos::Cmos>,
+    pub(crate) serial: Option<Arc<Serial>>,
 }
 
 /// Step 1: the KVM VM, with the vCPU count checked against what KVM allows.
@@ -346,22 +451,24 @@ fn add_serial(
 
 /// Step 3b: the legacy port devices (i8042 reset, CMOS with the memory sizes, ACPI PM) and the
 /// exit device if configured.
-fn add_legacy_devices(pio: &Bus, ram: &RamBus, sink: &EventSink, config: &VmConfig) -> Result<()> {
+fn add_legacy_devices(
+    pio: &Bus,
+    ram: &RamBus,
+    sink: &EventSink,
+    config: &VmConfig,
+) -> Result<Arc<cmos::Cmos>> {
     let map = ram.map();
     let regions = map.ram_regions();
     let below = regions.first().map(|r| r.1).unwrap_or(0).min(MMIO32_START);
     let above = regions.get(1).map(|r| r.1).unwrap_or(0);
+    let rtc = Arc::new(cmos::Cmos::new(below, above));
     let mut legacy: Vec<(u16, u16, Arc<dyn BusDevice>)> = vec![
         (
             i8042::BASE_PORT,
             i8042::LEN,
             Arc::new(i8042::I8042::new(sink.clone())),
         ),
-        (
-            cmos::BASE_PORT,
-            cmos::LEN,
-            Arc::new(cmos::Cmos::new(below, above)),
-        ),
+        (cmos::BASE_PORT, cmos::LEN, rtc.clone()),
         (
             acpi_pm::BASE_PORT,
             acpi_pm::LEN,
@@ -374,7 +481,7 @@ fn add_legacy_devices(pio: &Bus, ram: &RamBus, sink: &EventSink, config: &VmConf
     for (port, len, dev) in legacy {
         pio.insert(u64::from(port), u64::from(len), dev)?;
     }
-    Ok(())
+    Ok(rtc)
 }
 
 /// Step 3c: the PCI host bridge on the configuration ports and ECAM, and the virtio devices
@@ -570,13 +677,15 @@ fn add_devices(
         }],
         None => Vec::new(),
     };
-    add_legacy_devices(&pio, ram, sink, config)?;
+    let rtc = add_legacy_devices(&pio, ram, sink, config)?;
     // The I/O APIC (split irqchip): its redirection entries become MSI routes of GSIs 0-23,
     // which legacy devices' irqfds (COM1's on GSI 4) drive.
     let msi = Arc::new(KvmMsi::new(vm.clone()));
     let router = msi.clone();
-    let ioapic = IoApic::new(Arc::new(move |pin, route| router.update(pin, route)));
-    mmio.insert(IOAPIC_BASE, ioapic::MMIO_LEN, Arc::new(ioapic))?;
+    let ioapic = Arc::new(IoApic::new(Arc::new(move |pin, route| {
+        router.update(pin, route)
+    })));
+    mmio.insert(IOAPIC_BASE, ioapic::MMIO_LEN, ioapic.clone())?;
     let failed = Mutex::new(tx.clone());
     let on_failure: OnFailure = Arc::new(move |dev, msg| {
         let _ = failed
@@ -592,6 +701,11 @@ fn add_devices(
     Ok(Devices {
         pio,
         mmio,
+        legacy: Legacy {
+            ioapic,
+            cmos: rtc,
+            serial: serial.clone(),
+        },
         serial,
         serials,
         virtio,
@@ -629,7 +743,12 @@ fn load_guest(ram: &RamBus, config: &VmConfig, serials: Vec<LegacySerial>) -> Re
 
 /// Step 5: the vCPUs, with CPUID (and the configured edits), boot MSRs and LAPIC LINTs; the
 /// boot vCPU gets the state the boot protocol hands over.
-fn create_vcpus(kvm: &Kvm, vm: &Vm, config: &VmConfig, booted: &BootedKernel) -> Result<Vec<Vcpu>> {
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &Vm,
+    config: &VmConfig,
+    booted: Option<&BootedKernel>,
+) -> Result<Vec<Vcpu>> {
     let mut cpuid = kvm.supported_cpuid()?;
     cpuid.apply_edits(&config.cpu_features);
     install_kick_signal_handler();
@@ -641,7 +760,7 @@ fn create_vcpus(kvm: &Kvm, vm: &Vm, config: &VmConfig, booted: &BootedKernel) ->
         vcpu.set_lapic_lint()?;
         vcpus.push(vcpu);
     }
-    if let Some(bsp) = vcpus.first() {
+    if let (Some(bsp), Some(booted)) = (vcpus.first(), booted) {
         bsp.set_boot_state(&booted.cpu)?;
     }
     Ok(vcpus)
@@ -652,35 +771,124 @@ impl Machine {
     /// slots, the devices, the guest image (kernel, initramfs, ACPI tables), then the vCPUs.
     pub fn new(config: &VmConfig, options: MachineOptions) -> Result<Machine> {
         config.validate()?;
+        Machine::build(config, options, None)
+    }
+
+    /// Builds the machine `config` describes from the snapshot in `dir` instead of booting it:
+    /// guest RAM, vCPUs, the VM and every device continue where the snapshot left them. Disks
+    /// are opened by the paths in `config` and must have the sizes they had. Everything is
+    /// checked before anything runs; a snapshot that does not fit is a configuration error
+    /// naming what is wrong.
+    pub fn restore(
+        config: &VmConfig,
+        dir: &std::path::Path,
+        options: MachineOptions,
+    ) -> Result<Machine> {
+        config.validate_for_restore()?;
+        Machine::build(config, options, Some(dir))
+    }
+
+    /// The boot path, or with `snapshot` the restore path (which loads RAM and state instead
+    /// of a kernel).
+    fn build(
+        config: &VmConfig,
+        options: MachineOptions,
+        snapshot: Option<&std::path::Path>,
+    ) -> Result<Machine> {
+        let started = Instant::now();
+        // A snapshot's cheap checks (manifest, devices, disk sizes, the state file's hash)
+        // come before anything is built.
+        let saved = match snapshot {
+            Some(dir) => Some(crate::snapshot::read_state(
+                dir,
+                config,
+                &virtio_names(config),
+            )?),
+            None => None,
+        };
         let (kvm, vm) = create_vm(config)?;
         let ram = map_memory(&kvm, &vm, config)?;
+        if let (Some(dir), Some((manifest, _))) = (snapshot, &saved) {
+            crate::snapshot::load_memory(dir, &ram, manifest)?;
+        }
         let (tx, rx) = channel();
         let devices = add_devices(&vm, &ram, &tx, config, options.serial_output)?;
-        let booted = load_guest(&ram, config, devices.serials)?;
-        let vcpus = create_vcpus(&kvm, &vm, config, &booted)?;
-        Ok(Machine {
-            vcpus,
-            booted,
+        let booted = match (snapshot, &saved) {
+            (Some(dir), Some((manifest, state))) => {
+                let vcpus = create_vcpus(&kvm, &vm, config, None)?;
+                crate::snapshot::apply(
+                    dir,
+                    state,
+                    &kvm,
+                    &vm,
+                    &vcpus,
+                    &devices.virtio,
+                    &devices.legacy,
+                )?;
+                log::info!(
+                    "restored from {} in {:.1} ms: {} KiB of guest RAM",
+                    dir.display(),
+                    started.elapsed().as_secs_f64() * 1e3,
+                    manifest.memory_bytes >> 10
+                );
+                (None, vcpus)
+            }
+            _ => {
+                let booted = load_guest(&ram, config, devices.serials.clone())?;
+                let vcpus = create_vcpus(&kvm, &vm, config, Some(&booted))?;
+                (Some(booted), vcpus)
+            }
+        };
+        let parts = Parts {
+            kvm,
             vm,
-            pio: devices.pio,
-            mmio: devices.mmio,
-            serial: devices.serial,
+            ram,
+            devices,
+            vcpus: booted.1,
+            channel: (tx, rx),
+        };
+        Ok(Machine::assemble(
+            config,
+            options.handle_signals,
+            parts,
+            booted.0,
+        ))
+    }
+
+    fn assemble(
+        config: &VmConfig,
+        handle_signals: bool,
+        p: Parts,
+        booted: Option<BootedKernel>,
+    ) -> Machine {
+        let (tx, rx) = p.channel;
+        Machine {
+            vcpus: p.vcpus,
+            booted,
+            vm: p.vm,
+            pio: p.devices.pio,
+            mmio: p.devices.mmio,
+            serial: p.devices.serial,
             // A stdio console takes the terminal's input; COM1 then only prints.
             serial_stdin: config.serial == SerialConfig::Stdio && !console_stdio(config),
             raw_stdin: config.serial == SerialConfig::Stdio || console_stdio(config),
-            virtio: devices.virtio,
-            handle_signals: options.handle_signals,
+            virtio: p.devices.virtio,
+            handle_signals,
             tx,
             rx,
             state: Arc::new(Mutex::new(VmState::Created)),
-            counters: Arc::new(devices.counters),
-            ram,
-        })
+            counters: Arc::new(p.devices.counters),
+            kvm: Arc::new(p.kvm),
+            legacy: p.devices.legacy,
+            config: config.clone(),
+            ram: p.ram,
+        }
     }
 
-    /// What the loader did: the boot vCPU's initial state, where the kernel and initramfs went.
-    pub fn booted(&self) -> &BootedKernel {
-        &self.booted
+    /// What the loader did: the boot vCPU's initial state, where the kernel and initramfs went
+    /// (none for a restored machine).
+    pub fn booted(&self) -> Option<&BootedKernel> {
+        self.booted.as_ref()
     }
 
     /// A handle that can stop the machine while [`Machine::run`] blocks.
@@ -714,6 +922,9 @@ impl Machine {
             rx,
             ram,
             state,
+            kvm,
+            legacy,
+            config,
             ..
         } = self;
         let set_state = |s: VmState| *state.lock().unwrap_or_else(|e| e.into_inner()) = s;
@@ -832,16 +1043,41 @@ impl Machine {
                             if r.is_ok() {
                                 set_state(VmState::Paused);
                             }
-                            r
+                            r.map(Reply::Took)
                         }
                         (Control::Resume, true) => {
                             let start = Instant::now();
-                            for d in &owned.virtio {
-                                d.resume();
-                            }
-                            gate.open();
+                            resume_all(&gate, &owned.virtio);
                             set_state(VmState::Running);
-                            Ok(start.elapsed())
+                            Ok(Reply::Took(start.elapsed()))
+                        }
+                        (Control::Snapshot(dir, description), paused) => {
+                            let started = Instant::now();
+                            let r = (if paused {
+                                Ok(Duration::ZERO)
+                            } else {
+                                pause_all(&gate, &threads, &owned.virtio)
+                            })
+                            .and_then(|_| {
+                                let msrs = kvm.msrs_to_save().map_err(|e| e.to_string())?;
+                                let vcpus = gate.save_vcpus(threads.len(), msrs)?;
+                                let src = crate::snapshot::Sources {
+                                    vm: &owned._vm,
+                                    ram: &owned._ram,
+                                    virtio: &owned.virtio,
+                                    legacy: &legacy,
+                                    config: &config,
+                                    vcpus,
+                                };
+                                crate::snapshot::write(&dir, src, &description, started)
+                                    .map(Reply::Snapshot)
+                                    .map_err(|e| e.to_string())
+                            });
+                            // A running machine runs on, whatever happened.
+                            if !paused && gate.paused.load(Ordering::SeqCst) {
+                                resume_all(&gate, &owned.virtio);
+                            }
+                            r
                         }
                     };
                     let _ = reply.send(r);
@@ -917,6 +1153,32 @@ impl Machine {
     }
 }
 
+/// Resumes every device, then lets the vCPUs into the guest again.
+fn resume_all(gate: &PauseGate, virtio: &[VirtioPci]) {
+    for d in virtio {
+        d.resume();
+    }
+    gate.open();
+}
+
+/// The virtio devices' names, in slot order, as [`add_pci_devices`] names them.
+fn virtio_names(config: &VmConfig) -> Vec<String> {
+    let mut v: Vec<String> = (0..config.disks.len())
+        .map(|i| format!("virtio-blk{i}"))
+        .collect();
+    if config.rng.is_some() {
+        v.push("virtio-rng0".into());
+    }
+    v.extend((0..config.nets.len()).map(|i| format!("virtio-net{i}")));
+    if config.vsock.is_some() {
+        v.push("virtio-vsock0".into());
+    }
+    if config.console.is_some() {
+        v.push("virtio-console0".into());
+    }
+    v
+}
+
 /// Parks every vCPU behind `gate` (kicking them out of the guest), then pauses every device.
 /// On failure everything runs again.
 fn pause_all(
@@ -928,7 +1190,7 @@ fn pause_all(
     gate.paused.store(true, Ordering::SeqCst);
     let deadline = start + Duration::from_secs(2);
     let mut parked = gate.parked.lock().unwrap_or_else(|e| e.into_inner());
-    while *parked < threads.len() {
+    while parked.count < threads.len() {
         if Instant::now() > deadline {
             drop(parked);
             gate.open();
@@ -994,7 +1256,7 @@ impl VcpuContext {
         vcpu.bind_kick_to_current_thread();
         let mut unhandled_logged = 0u32;
         while !self.stop.load(Ordering::SeqCst) {
-            self.gate.park_if_paused(&self.stop);
+            self.gate.park_if_paused(&self.stop, &vcpu);
             if self.stop.load(Ordering::SeqCst) {
                 break;
             }

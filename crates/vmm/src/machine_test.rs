@@ -54,8 +54,8 @@ fn bzimage_boot_runs_the_decompressor_inside_the_loaded_image() {
         return;
     };
     let mut m = Machine::new(&config(bz), MachineOptions::default()).unwrap();
-    let (start, end) = m.booted().kernel_range;
-    let entry = m.booted().cpu.rip;
+    let (start, end) = m.booted().unwrap().kernel_range;
+    let entry = m.booted().unwrap().cpu.rip;
     assert_eq!(entry, start + 0x200, "64-bit entry of the bzImage");
     let rips = sample_rips(&mut m, Duration::from_millis(500), Duration::from_secs(3));
     assert!(!rips.is_empty());

@@ -721,6 +721,13 @@ impl ChainHandler for VirtioConsole {
     fn event_driven(&self) -> bool {
         true
     }
+
+    fn held(&self, queue: u16) -> Vec<alioth_queue::ChainToken> {
+        match queue {
+            RX => self.rx_chains.iter().map(|c| c.token()).collect(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -698,6 +698,13 @@ impl ChainHandler for VirtioNet {
         Some(IoOp::Recv { fd, iovs })
     }
 
+    fn held(&self, queue: u16) -> Vec<alioth_queue::ChainToken> {
+        match self.role(queue) {
+            Role::Rx(p) => self.rx[p].held.iter().map(|c| c.token()).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     fn io_done(
         &mut self,
         queue: u16,

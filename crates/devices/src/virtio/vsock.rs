@@ -1311,6 +1311,14 @@ impl ChainHandler for VirtioVsock {
     fn event_driven(&self) -> bool {
         true
     }
+
+    fn held(&self, queue: u16) -> Vec<alioth_queue::ChainToken> {
+        match queue {
+            RX => self.rx_chains.iter().map(|c| c.token()).collect(),
+            EVENT => self.event_chains.iter().map(|c| c.token()).collect(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 #[cfg(test)]
