@@ -421,6 +421,7 @@ impl VirtioPci {
                     .find(|(qi, _)| usize::from(*qi) == i)
                     .map_or(0, |p| p.1)
             });
+            s.runner.restored();
         }
         Ok(())
     }

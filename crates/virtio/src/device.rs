@@ -44,6 +44,10 @@ pub trait Virtio: Send + 'static {
     }
     /// Called on a device reset, after in-flight requests have completed.
     fn reset(&mut self) {}
+    /// Called once after [`Virtio::activate`] when the device continues a snapshot in a new
+    /// process: host-side state it could not keep (vsock's connections) is gone, and the
+    /// driver may need telling.
+    fn restored(&mut self) {}
 }
 
 /// What the transport needs to know of a device (taken before the device moves into its worker).

@@ -10,6 +10,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{BufferAction, ChainHandler, IoOp};
+#[cfg(doc)]
+use crate::device::Virtio;
 use crate::irq::IrqSender;
 use crate::{Error, Result};
 
@@ -49,6 +51,8 @@ pub enum WakeEvent {
     Pause(Sender<()>),
     /// Serve the queues again after [`WakeEvent::Pause`].
     Resume,
+    /// The device was started to continue a snapshot ([`Virtio::restored`]).
+    Restored,
     /// While paused: report where each queue's ring stands for a snapshot — its position
     /// with the chains the device holds put back ([`ChainHandler::held`]).
     Positions(Sender<Vec<QueueState>>),
@@ -161,6 +165,9 @@ pub trait DeviceRunner: Send + Sync {
     fn positions(&self) -> Option<Vec<QueueState>> {
         None
     }
+    /// After [`DeviceRunner::start`]: the device continues a snapshot (see
+    /// [`WakeEvent::Restored`]).
+    fn restored(&self) {}
 }
 
 /// A device's worker thread.
@@ -354,6 +361,10 @@ impl DeviceRunner for Worker {
     fn positions(&self) -> Option<Vec<QueueState>> {
         Some(Worker::positions(self))
     }
+
+    fn restored(&self) {
+        self.wake(WakeEvent::Restored);
+    }
 }
 
 impl Drop for Worker {
@@ -468,6 +479,14 @@ impl<D: ChainHandler, B: Backend<D>> WorkerThread<D, B> {
                         }
                         paused = true;
                         let _ = done.send(());
+                    }
+                    WakeEvent::Restored => {
+                        self.dev.restored();
+                        // Whatever the device now owes the driver goes out at the next look
+                        // at its queues: make that look happen.
+                        if let Some((a, _)) = active.as_mut() {
+                            a.resume(&mut self.dev);
+                        }
                     }
                     WakeEvent::Positions(tx) => {
                         let at = active

@@ -366,8 +366,11 @@ pub struct VirtioVsock {
     orphan_rsts: VecDeque<VsockHdr>,
     rx_chains: VecDeque<DescChain>,
     event_chains: Vec<DescChain>,
-    /// Chains filled by the last `poll_io`, returned by `io_done`.
+    /// A TRANSPORT_RESET event is owed (after a restore).
+    reset_event: bool,
+    /// Chains filled by the last `poll_io`, returned by `io_done`: receive and event queue.
     filled: Vec<(DescChain, u32)>,
+    filled_events: Vec<(DescChain, u32)>,
     iovecs: Vec<libc::iovec>,
     counters: Arc<VsockCounters>,
     log: LogLimiter,
@@ -481,7 +484,9 @@ impl VirtioVsock {
             orphan_rsts: VecDeque::new(),
             rx_chains: VecDeque::new(),
             event_chains: Vec::new(),
+            reset_event: false,
             filled: Vec::new(),
+            filled_events: Vec::new(),
             iovecs: Vec::new(),
             counters: Arc::new(VsockCounters::default()),
             log: LogLimiter::new(),
@@ -1209,6 +1214,11 @@ impl Virtio for VirtioVsock {
         &self.config_bytes
     }
 
+    fn restored(&mut self) {
+        // The connections of the snapshot's process are gone: the guest must drop its own.
+        self.reset_event = true;
+    }
+
     fn reset(&mut self) {
         // Every connection ends (the host side sees EOF); the listener stays.
         let keys: Vec<Key> = self.conns.keys().copied().collect();
@@ -1220,6 +1230,8 @@ impl Virtio for VirtioVsock {
         self.rx_chains.clear();
         self.event_chains.clear();
         self.filled.clear();
+        self.filled_events.clear();
+        self.reset_event = false;
     }
 }
 
@@ -1283,6 +1295,14 @@ impl ChainHandler for VirtioVsock {
     }
 
     fn poll_io(&mut self, queue: u16, mem: &GuestMemoryMmap) -> Option<IoOp> {
+        if queue == EVENT && self.reset_event && !self.event_chains.is_empty() {
+            self.reset_event = false;
+            let chain = self.event_chains.remove(0);
+            // struct virtio_vsock_event { le32 id; }: VIRTIO_VSOCK_EVENT_TRANSPORT_RESET is 0.
+            let n = chain.write_at(mem, 0, &0u32.to_le_bytes()).unwrap_or(0);
+            self.filled_events.push((chain, n as u32));
+            return Some(IoOp::Nop);
+        }
         if queue != RX {
             return None;
         }
@@ -1296,12 +1316,16 @@ impl ChainHandler for VirtioVsock {
 
     fn io_done(
         &mut self,
-        _queue: u16,
+        queue: u16,
         _mem: &GuestMemoryMmap,
         _result: std::io::Result<usize>,
         used: &mut Vec<(DescChain, u32)>,
     ) {
-        used.append(&mut self.filled);
+        if queue == EVENT {
+            used.append(&mut self.filled_events);
+        } else {
+            used.append(&mut self.filled);
+        }
     }
 
     fn event_fds(&self) -> Vec<(RawFd, u16)> {

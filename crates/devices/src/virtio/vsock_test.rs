@@ -27,6 +27,7 @@ struct Rig<'a> {
     kicks: Vec<Arc<EventFd>>,
     rx: TestDriver<'a>,
     tx: TestDriver<'a>,
+    ev: TestDriver<'a>,
     counters: Arc<VsockCounters>,
     uds: PathBuf,
     _dir: tempfile::TempDir,
@@ -85,6 +86,7 @@ fn start_with(
         kicks,
         rx,
         tx,
+        ev,
         counters,
         uds,
         _dir: dir,
@@ -525,4 +527,31 @@ fn connections_beyond_the_limit_are_refused_both_ways() {
     rig.send(pkt(1, 90, op::RST, 0), &[]);
     rig.connect(4, 90);
     rig.worker.shutdown();
+}
+
+#[test]
+fn a_restored_device_tells_the_guest_its_transport_was_reset() {
+    each_setup(|kind, format| {
+        let ram = RamBus::new(MemoryMap::new(16 << 20).unwrap()).unwrap();
+        let mut rig = start(&ram, kind, format);
+        let id = rig.ev.add(&[], &[4]).unwrap();
+        rig.ev.add(&[], &[4]).unwrap();
+        rig.kicks[2].write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(rig.ev.used().is_none(), "no event before a restore");
+        rig.worker.wake(WakeEvent::Restored);
+        rig.kicks[2].write(1).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let used = loop {
+            if let Some(u) = rig.ev.used() {
+                break u;
+            }
+            assert!(std::time::Instant::now() < deadline, "{kind:?} {format:?}: no event");
+            wait_eventfd(&rig.irq.queues[2], 10);
+        };
+        assert_eq!(used, (id, 4));
+        assert_eq!(rig.ev.written(id), vec![0, 0, 0, 0], "TRANSPORT_RESET");
+        assert!(rig.ev.used().is_none(), "one event");
+        rig.worker.shutdown();
+    });
 }
