@@ -11,20 +11,44 @@ use serde_json::{Value, json};
 /// What the API thread needs: the configuration (for `vm.info`) and the machine running now
 /// (replaced on reboot; `None` between machines).
 pub struct VmControl {
-    config: VmConfig,
-    /// The configuration as TOML, for snapshot manifests.
-    description: String,
+    /// The VM (none while waiting for `vm.restore`) and its configuration as TOML, for
+    /// snapshot manifests.
+    vm: Mutex<Option<(VmConfig, String)>>,
     machine: Mutex<Option<MachineHandle>>,
+    /// Set while the process has no VM and waits for `vm.restore`.
+    waiting: Option<Mutex<std::sync::mpsc::Sender<Waiting>>>,
+}
+
+/// What the API asks of a process that has no VM yet.
+pub enum Waiting {
+    /// Restore the snapshot in this directory; answer on the sender.
+    Restore(std::path::PathBuf, std::sync::mpsc::Sender<Response>),
+    /// `vmm.shutdown`.
+    Shutdown,
 }
 
 impl VmControl {
     /// A controller for the VM `config` (`description` as TOML) describes.
     pub fn new(config: VmConfig, description: String) -> Self {
         VmControl {
-            config,
-            description,
+            vm: Mutex::new(Some((config, description))),
             machine: Mutex::new(None),
+            waiting: None,
         }
+    }
+
+    /// A controller with no VM: `vm.restore` and `vmm.shutdown` go to `tx`.
+    pub fn waiting(tx: std::sync::mpsc::Sender<Waiting>) -> Self {
+        VmControl {
+            vm: Mutex::new(None),
+            machine: Mutex::new(None),
+            waiting: Some(Mutex::new(tx)),
+        }
+    }
+
+    /// The VM that now exists (after a restore).
+    pub fn set_vm(&self, config: VmConfig, description: String) {
+        *self.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some((config, description));
     }
 
     /// The machine now running (or none).
@@ -121,16 +145,38 @@ impl alioth_api::Controller for VmControl {
             );
         }
         let Some(m) = self.machine() else {
+            if let Some(tx) = &self.waiting {
+                let tx = tx.lock().unwrap_or_else(|e| e.into_inner());
+                return match req {
+                    Request::Restore { source } => {
+                        let (rtx, rrx) = std::sync::mpsc::channel();
+                        if tx.send(Waiting::Restore(source, rtx)).is_err() {
+                            return Response::error(500, "the VMM is going away");
+                        }
+                        rrx.recv()
+                            .unwrap_or_else(|_| Response::error(500, "the restore did not answer"))
+                    }
+                    Request::VmmShutdown => {
+                        let _ = tx.send(Waiting::Shutdown);
+                        Response::done()
+                    }
+                    _ => Response::error(404, "no VM here yet: restore one with vm.restore"),
+                };
+            }
             return Response::error(404, "the VM is not running (between a reboot's machines)");
+        };
+        let Some((config, description)) = self.vm.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        else {
+            return Response::error(404, "no VM here");
         };
         match req {
             Request::Ping => unreachable!("answered above"),
             Request::Info => Response::json(
                 200,
                 json!({
-                    "config": config_json(&self.config),
+                    "config": config_json(&config),
                     "state": state_name(m.state()),
-                    "memory_actual_size": self.config.memory,
+                    "memory_actual_size": config.memory,
                 }),
             ),
             Request::Counters => {
@@ -167,21 +213,19 @@ impl alioth_api::Controller for VmControl {
                 405,
                 "this VM has no ACPI power button (its ACPI tables describe none)",
             ),
-            Request::Snapshot { destination } => {
-                match m.snapshot(&destination, self.description.clone()) {
-                    Ok(info) => {
-                        log::info!(
-                            "snapshot {}: {} MiB of RAM, {} KiB of state, {} ms",
-                            destination.display(),
-                            info.memory_bytes >> 20,
-                            info.state_bytes >> 10,
-                            info.took.as_millis()
-                        );
-                        Response::done()
-                    }
-                    Err(e) => Response::error(500, e),
+            Request::Snapshot { destination } => match m.snapshot(&destination, description) {
+                Ok(info) => {
+                    log::info!(
+                        "snapshot {}: {} MiB of RAM, {} KiB of state, {} ms",
+                        destination.display(),
+                        info.memory_bytes >> 20,
+                        info.state_bytes >> 10,
+                        info.took.as_millis()
+                    );
+                    Response::done()
                 }
-            }
+                Err(e) => Response::error(500, e),
+            },
             Request::Restore { .. } => Response::error(
                 404,
                 "a VM is already running here; restore into a new process with `alioth boot --restore DIR`",

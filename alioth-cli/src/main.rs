@@ -252,7 +252,86 @@ fn vhost_user(args: VhostUserArgs) -> ExitCode {
     }
 }
 
+/// `alioth boot --api-socket PATH` and nothing else: a VMM with no VM yet, waiting for the
+/// API's `vm.restore` (as Cloud Hypervisor started with only `--api-socket` does).
+fn waits_for_restore(args: &BootArgs) -> bool {
+    args.api_socket.is_some()
+        && args.config.is_none()
+        && args.kernel.is_none()
+        && args.restore.is_none()
+}
+
+/// Serves the API with no VM until `vm.restore` names a snapshot that restores (then runs it)
+/// or `vmm.shutdown` arrives.
+fn wait_for_restore(args: &BootArgs) -> ExitCode {
+    let Some(sock) = args.api_socket.clone() else {
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let control = std::sync::Arc::new(api::VmControl::waiting(tx));
+    let _server = match alioth_api::ApiServer::start(&sock, control.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("alioth: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    loop {
+        match rx.recv() {
+            Ok(api::Waiting::Restore(dir, reply)) => {
+                let restore_args = BootArgs {
+                    restore: Some(dir.clone()),
+                    api_socket: Some(sock.clone()),
+                    ..Default::default()
+                };
+                let built = config::build_boot(&restore_args).and_then(|(config, _)| {
+                    let description = config::to_toml(&config, Some(&sock))?;
+                    let options = MachineOptions {
+                        handle_signals: true,
+                        ..Default::default()
+                    };
+                    let m = Machine::restore(&config, &dir, options)?;
+                    Ok((config, description, m))
+                });
+                match built {
+                    Ok((config, description, machine)) => {
+                        control.set_vm(config, description);
+                        control.set_machine(Some(machine.handle()));
+                        let _ = reply.send(alioth_api::Response::done());
+                        return finish(machine.run(), &control);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(alioth_api::Response::error(400, format!("{e:#}")));
+                    }
+                }
+            }
+            Ok(api::Waiting::Shutdown) | Err(_) => return ExitCode::SUCCESS,
+        }
+    }
+}
+
+/// The exit status for how a machine stopped (a reboot is not an answer here).
+fn finish(result: alioth_vmm::Result<ExitReason>, control: &api::VmControl) -> ExitCode {
+    control.set_machine(None);
+    match result {
+        Ok(reason) => {
+            log::info!("{reason}");
+            match reason {
+                ExitReason::GuestExit(status) => ExitCode::from(status),
+                _ => ExitCode::SUCCESS,
+            }
+        }
+        Err(e) => {
+            eprintln!("alioth: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
 fn boot(args: BootArgs) -> ExitCode {
+    if waits_for_restore(&args) {
+        return wait_for_restore(&args);
+    }
     let (config, api_socket) = match config::build_boot(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -303,23 +382,11 @@ fn boot(args: BootArgs) -> ExitCode {
         };
         control.set_machine(Some(machine.handle()));
         let result = machine.run();
-        control.set_machine(None);
-        match result {
-            Ok(ExitReason::RebootRequested) => {
-                log::info!("rebooting");
-                continue;
-            }
-            Ok(reason) => {
-                log::info!("{reason}");
-                return match reason {
-                    ExitReason::GuestExit(status) => ExitCode::from(status),
-                    _ => ExitCode::SUCCESS,
-                };
-            }
-            Err(e) => {
-                eprintln!("alioth: {e}");
-                return ExitCode::from(EXIT_RUNTIME);
-            }
+        if matches!(result, Ok(ExitReason::RebootRequested)) {
+            log::info!("rebooting");
+            control.set_machine(None);
+            continue;
         }
+        return finish(result, &control);
     }
 }

@@ -31,7 +31,7 @@ fn raw(sock: &Path, req: &str) -> Result<(u16, String)> {
 }
 
 /// As ch-remote sends a request: HTTP/1.1, Host, Accept, Content-Length (0 for no body).
-fn ch_remote(sock: &Path, method: &str, endpoint: &str, body: &str) -> Result<(u16, String)> {
+pub fn ch_remote(sock: &Path, method: &str, endpoint: &str, body: &str) -> Result<(u16, String)> {
     let mut req =
         format!("{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n");
     if !body.is_empty() {

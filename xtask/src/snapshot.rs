@@ -118,21 +118,60 @@ pub fn clones(alioth: &Path, kit: &Path, dir: &Path, backend: &str) -> Result<Fi
         .map(|e| e.metadata().map_or(0, |m| m.blocks() / 2))
         .sum();
     let mut restore_ms = Vec::new();
+    // Clone a: `alioth boot --restore` with a copy of the disk. Clone b: a VMM started with
+    // only its API socket, restored through `vm.restore` (as Cloud Hypervisor's clients do),
+    // on the original disk (the killed VMM no longer uses it).
+    let copy = dir.join("disk-a.img");
+    std::fs::copy(&disk, &copy)?;
     for clone in ["a", "b"] {
-        let img = dir.join(format!("disk-{clone}.img"));
-        std::fs::copy(&disk, &img)?;
-        let mut c = Command::new(alioth)
-            .args(["-v", "boot", "--restore"])
-            .arg(&snap)
-            .arg("--disk")
-            .arg(format!("path={},backend={backend}", img.display()))
+        let img = if clone == "a" {
+            copy.clone()
+        } else {
+            disk.clone()
+        };
+        let api = dir.join(format!("api-{clone}.sock"));
+        let mut cmd = Command::new(alioth);
+        cmd.args(["-v", "boot"]);
+        if clone == "a" {
+            cmd.arg("--restore")
+                .arg(&snap)
+                .arg("--disk")
+                .arg(format!("path={},backend={backend}", img.display()));
+        }
+        let mut c = cmd
             .arg("--api-socket")
-            .arg(dir.join(format!("api-{clone}.sock")))
+            .arg(&api)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .context("restoring")?;
+        if clone == "b" {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !api.exists() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    bail!("clone b: no API socket");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // No VM yet: the VMM answers, the VM does not exist.
+            let (ping, _) = crate::api::ch_remote(&api, "GET", "vmm.ping", "")?;
+            let (info, _) = crate::api::ch_remote(&api, "GET", "vm.info", "")?;
+            if (ping, info) != (200, 404) {
+                let _ = c.kill();
+                bail!("clone b before vm.restore: vmm.ping {ping}, vm.info {info}");
+            }
+            let body = format!(
+                r#"{{"source_url":"file://{}","prefault":false}}"#,
+                snap.display()
+            );
+            let (status, text) = crate::api::ch_remote(&api, "PUT", "vm.restore", &body)?;
+            if status != 204 {
+                let _ = c.kill();
+                bail!("clone b: vm.restore answered {status}: {text}");
+            }
+        }
         let rx = lines(&mut c)?;
         // The VMM logs how long the restore took before the vCPUs start.
         let errs = c.stderr.take().context("stderr")?;

@@ -9,9 +9,9 @@ use alioth_queue::{Queue, QueueConfig, VirtQueue, new_queue};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::{BufferAction, ChainHandler, IoOp};
 #[cfg(doc)]
 use crate::device::Virtio;
+use crate::device::{BufferAction, ChainHandler, IoOp};
 use crate::irq::IrqSender;
 use crate::{Error, Result};
 

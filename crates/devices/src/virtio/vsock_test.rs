@@ -546,7 +546,10 @@ fn a_restored_device_tells_the_guest_its_transport_was_reset() {
             if let Some(u) = rig.ev.used() {
                 break u;
             }
-            assert!(std::time::Instant::now() < deadline, "{kind:?} {format:?}: no event");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{kind:?} {format:?}: no event"
+            );
             wait_eventfd(&rig.irq.queues[2], 10);
         };
         assert_eq!(used, (id, 4));
