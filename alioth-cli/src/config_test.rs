@@ -235,3 +235,46 @@ fn net_flags_fill_every_setting() {
     );
     assert_eq!(n.backend, IoBackend::Epoll);
 }
+
+#[test]
+fn the_toml_a_snapshot_records_rebuilds_the_same_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("k"), "k").unwrap();
+    std::fs::write(d.join("disk.img"), vec![0u8; 4096]).unwrap();
+    let cfg = d.join("vm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "kernel = \"k\"\ncpus = 2\nmemory = \"256M\"\ncmdline = \"console=hvc0\"\n\
+             exit_device = 0x501\nserial = \"file:serial.log\"\ncpu_features = \"-xsave\"\n\
+             boot_protocol = \"pvh\"\n\
+             [[disk]]\npath = \"disk.img\"\nread_only = true\nnum_queues = 2\nbackend = \"epoll\"\npoll_us = 50\n\
+             [rng]\nbackend = \"io_uring\"\n\
+             [[net]]\ntap = \"tap7\"\nmac = \"02:01:02:03:04:05\"\nqueues = 2\nmtu = 9000\n\
+             [vsock]\ncid = 9\nuds = \"v.sock\"\nmax_connections = 8\n\
+             [console]\nmode = \"socket:c.sock\"\n"
+        ),
+    )
+    .unwrap();
+    let args = BootArgs {
+        config: Some(cfg),
+        ..Default::default()
+    };
+    let first = build(&args).unwrap();
+    let text = to_toml(&first, Some(&d.join("api.sock"))).unwrap();
+    // Read back from another directory: every path is absolute.
+    let file: FileConfig = toml::from_str(&text).unwrap();
+    assert_eq!(
+        file.api_socket.as_deref(),
+        Some(d.join("api.sock").as_path())
+    );
+    let again = d.join("again.toml");
+    std::fs::write(&again, &text).unwrap();
+    let second = build(&BootArgs {
+        config: Some(again),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(second, first);
+}
