@@ -11,6 +11,8 @@ use alioth_vmm::{
     VsockConfig, VsockDeviceConfig,
 };
 
+use alioth_vmm::sandbox::SeccompMode;
+
 use crate::{BootArgs, VhostUserArgs, VhostUserDevice};
 
 /// The TOML schema (docs/config.md). Unknown keys are errors.
@@ -40,6 +42,8 @@ pub struct FileConfig {
     pub console: Option<ConsoleFile>,
     /// The control API's Unix socket.
     pub api_socket: Option<PathBuf>,
+    /// `on`, `log` or `off`.
+    pub seccomp: Option<String>,
 }
 
 /// The `[console]` table.
@@ -548,6 +552,16 @@ fn restore_file(args: &BootArgs, dir: &Path) -> Result<FileConfig> {
     Ok(file)
 }
 
+/// `--seccomp` / `seccomp`: on, log or off.
+pub fn parse_seccomp(s: &str) -> Result<SeccompMode> {
+    Ok(match s {
+        "on" => SeccompMode::On,
+        "log" => SeccompMode::Log,
+        "off" => SeccompMode::Off,
+        _ => bail!("seccomp `{s}`: expected `on`, `log` or `off`"),
+    })
+}
+
 /// `p` made absolute (a snapshot's configuration is read from another directory).
 fn abs(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
@@ -646,6 +660,14 @@ pub fn to_toml(c: &VmConfig, api_socket: Option<&Path>) -> Result<String> {
             backend: backend_name(k.backend),
         }),
         api_socket: api_socket.map(abs),
+        seccomp: Some(
+            match c.seccomp {
+                SeccompMode::On => "on",
+                SeccompMode::Log => "log",
+                SeccompMode::Off => "off",
+            }
+            .into(),
+        ),
     };
     toml::to_string(&f).context("describing the VM as TOML")
 }
@@ -764,6 +786,9 @@ pub fn build_boot(args: &BootArgs) -> Result<(VmConfig, Option<PathBuf>)> {
         (None, Some(v)) => Some(v.clone().into_config(&base)?),
         (None, None) => None,
     };
+    if let Some(m) = args.seccomp.as_ref().or(file.seccomp.as_ref()) {
+        config.seccomp = parse_seccomp(m)?;
+    }
     // The console: the flag replaces the file's table.
     config.console = match (&args.console, &file.console) {
         (Some(m), _) => parse_console(m, &cwd)?.map(|mode| ConsoleDeviceConfig {
@@ -808,13 +833,17 @@ fn check_socket_path(p: &Path, what: &str) -> Result<()> {
     if !dir.is_dir() {
         bail!("{what} {}: the directory does not exist", p.display());
     }
-    if let Ok(m) = std::fs::symlink_metadata(p)
-        && !m.file_type().is_socket()
-    {
-        bail!(
-            "{what} {} exists and is not a socket; refusing to replace it",
-            p.display()
-        );
+    if let Ok(m) = std::fs::symlink_metadata(p) {
+        if !m.file_type().is_socket() {
+            bail!(
+                "{what} {} exists and is not a socket; refusing to replace it",
+                p.display()
+            );
+        }
+        // Found before the VM is built (the server binds once there is a machine).
+        if std::os::unix::net::UnixStream::connect(p).is_ok() {
+            bail!("{what} {}: another process is listening on it", p.display());
+        }
     }
     Ok(())
 }

@@ -245,16 +245,14 @@ fn the_toml_a_snapshot_records_rebuilds_the_same_vm() {
     let cfg = d.join("vm.toml");
     std::fs::write(
         &cfg,
-        format!(
-            "kernel = \"k\"\ncpus = 2\nmemory = \"256M\"\ncmdline = \"console=hvc0\"\n\
-             exit_device = 0x501\nserial = \"file:serial.log\"\ncpu_features = \"-xsave\"\n\
-             boot_protocol = \"pvh\"\n\
-             [[disk]]\npath = \"disk.img\"\nread_only = true\nnum_queues = 2\nbackend = \"epoll\"\npoll_us = 50\n\
-             [rng]\nbackend = \"io_uring\"\n\
-             [[net]]\ntap = \"tap7\"\nmac = \"02:01:02:03:04:05\"\nqueues = 2\nmtu = 9000\n\
-             [vsock]\ncid = 9\nuds = \"v.sock\"\nmax_connections = 8\n\
-             [console]\nmode = \"socket:c.sock\"\n"
-        ),
+        "kernel = \"k\"\ncpus = 2\nmemory = \"256M\"\ncmdline = \"console=hvc0\"\n\
+         exit_device = 0x501\nserial = \"file:serial.log\"\ncpu_features = \"-xsave\"\n\
+         boot_protocol = \"pvh\"\n\
+         [[disk]]\npath = \"disk.img\"\nread_only = true\nnum_queues = 2\nbackend = \"epoll\"\npoll_us = 50\n\
+         [rng]\nbackend = \"io_uring\"\n\
+         [[net]]\ntap = \"tap7\"\nmac = \"02:01:02:03:04:05\"\nqueues = 2\nmtu = 9000\n\
+         [vsock]\ncid = 9\nuds = \"v.sock\"\nmax_connections = 8\n\
+         [console]\nmode = \"socket:c.sock\"\n"
     )
     .unwrap();
     let args = BootArgs {

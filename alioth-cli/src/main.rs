@@ -166,6 +166,10 @@ pub struct BootArgs {
     /// their host side.
     #[arg(long, value_name = "DIR")]
     pub restore: Option<std::path::PathBuf>,
+    /// seccomp filters (docs/security.md): `on` (default: a thread making a syscall outside its
+    /// list stops the VMM, naming the syscall), `log` (the kernel logs it and it runs) or `off`.
+    #[arg(long, value_name = "on|log|off")]
+    pub seccomp: Option<String>,
     /// Serve the control API (Cloud Hypervisor's HTTP API subset, see docs/api.md) on this Unix
     /// socket; `alioth ctl --api-socket PATH ...` and curl --unix-socket drive it.
     #[arg(long, value_name = "PATH")]
@@ -252,6 +256,18 @@ fn vhost_user(args: VhostUserArgs) -> ExitCode {
     }
 }
 
+/// The API server, its thread under the API threads' seccomp filter.
+fn start_api(
+    path: &std::path::Path,
+    control: std::sync::Arc<api::VmControl>,
+    mode: alioth_vmm::sandbox::SeccompMode,
+) -> Result<alioth_api::ApiServer, alioth_api::ApiError> {
+    alioth_api::ApiServer::start_with(path, control, move || {
+        alioth_vmm::sandbox::install(alioth_vmm::sandbox::ThreadKind::Api, mode)
+            .map_err(|e| e.to_string())
+    })
+}
+
 /// `alioth boot --api-socket PATH` and nothing else: a VMM with no VM yet, waiting for the
 /// API's `vm.restore` (as Cloud Hypervisor started with only `--api-socket` does).
 fn waits_for_restore(args: &BootArgs) -> bool {
@@ -267,15 +283,26 @@ fn wait_for_restore(args: &BootArgs) -> ExitCode {
     let Some(sock) = args.api_socket.clone() else {
         return ExitCode::from(EXIT_USAGE);
     };
+    let mode = match config::parse_seccomp(args.seccomp.as_deref().unwrap_or("on")) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("alioth: {e:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let (tx, rx) = std::sync::mpsc::channel();
     let control = std::sync::Arc::new(api::VmControl::waiting(tx));
-    let _server = match alioth_api::ApiServer::start(&sock, control.clone()) {
+    let _server = match start_api(&sock, control.clone(), mode) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("alioth: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if let Err(e) = sandbox_main(mode) {
+        eprintln!("alioth: {e}");
+        return ExitCode::from(EXIT_RUNTIME);
+    }
     loop {
         match rx.recv() {
             Ok(api::Waiting::Restore(dir, reply)) => {
@@ -308,6 +335,17 @@ fn wait_for_restore(args: &BootArgs) -> ExitCode {
             Ok(api::Waiting::Shutdown) | Err(_) => return ExitCode::SUCCESS,
         }
     }
+}
+
+/// The SIGSYS reporter and the main thread's seccomp filter (see alioth_vmm::sandbox).
+fn sandbox_main(
+    mode: alioth_vmm::sandbox::SeccompMode,
+) -> Result<(), alioth_vmm::sandbox::SandboxError> {
+    use alioth_vmm::sandbox::{SeccompMode, ThreadKind, install, install_sigsys_handler};
+    if mode == SeccompMode::On {
+        install_sigsys_handler();
+    }
+    install(ThreadKind::Main, mode)
 }
 
 /// The exit status for how a machine stopped (a reboot is not an answer here).
@@ -348,17 +386,9 @@ fn boot(args: BootArgs) -> ExitCode {
     };
     let control = std::sync::Arc::new(api::VmControl::new(config.clone(), description));
     let mut restore = args.restore.clone();
-    let _server = match &api_socket {
-        Some(p) => match alioth_api::ApiServer::start(p, control.clone()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                eprintln!("alioth: {e}");
-                return ExitCode::from(EXIT_USAGE);
-            }
-        },
-        None => None,
-    };
+    let mut server = None;
     // A reboot through the API builds the machine again from the same configuration.
+    let mut main_filtered = false;
     loop {
         let options = MachineOptions {
             handle_signals: true,
@@ -381,6 +411,24 @@ fn boot(args: BootArgs) -> ExitCode {
             }
         };
         control.set_machine(Some(machine.handle()));
+        // The API socket appears once there is a machine to answer for.
+        if let (Some(p), None) = (&api_socket, &server) {
+            match start_api(p, control.clone(), config.seccomp) {
+                Ok(s) => server = Some(s),
+                Err(e) => {
+                    eprintln!("alioth: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            }
+        }
+        // The main thread's filter goes on once, before the guest runs (its threads add theirs).
+        if !main_filtered {
+            if let Err(e) = sandbox_main(config.seccomp) {
+                eprintln!("alioth: {e}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+            main_filtered = true;
+        }
         let result = machine.run();
         if matches!(result, Ok(ExitReason::RebootRequested)) {
             log::info!("rebooting");

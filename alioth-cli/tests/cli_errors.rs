@@ -508,3 +508,10 @@ fn bad_api_sockets_and_ctl_commands_are_refused_with_a_reason() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("none.sock"));
 }
+
+#[test]
+fn a_bad_seccomp_mode_is_a_usage_error() {
+    let (_dir, k) = placeholder_kernel();
+    let out = alioth(&["boot", "--kernel", &k, "--seccomp", "maybe"]);
+    assert_usage_error(&out, "seccomp `maybe`: expected `on`, `log` or `off`");
+}

@@ -96,6 +96,17 @@ fn serve_one(mut s: UnixStream, controller: &dyn Controller) {
 impl ApiServer {
     /// Listens on `path` and serves `controller` on a thread of its own.
     pub fn start(path: &Path, controller: Arc<dyn Controller>) -> Result<ApiServer, ApiError> {
+        Self::start_with(path, controller, || Ok(()))
+    }
+
+    /// Like [`ApiServer::start`], running `init` on the server thread before it accepts a
+    /// connection (a VMM installs the thread's seccomp filter there); if `init` fails, the
+    /// thread logs why and serves nothing.
+    pub fn start_with(
+        path: &Path,
+        controller: Arc<dyn Controller>,
+        init: impl FnOnce() -> Result<(), String> + Send + 'static,
+    ) -> Result<ApiServer, ApiError> {
         let listener = bind(path)?;
         let err = |source| ApiError::Socket {
             path: path.to_path_buf(),
@@ -105,6 +116,10 @@ impl ApiServer {
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                if let Err(e) = init() {
+                    log::error!("api: {e}; the API is not served");
+                    return;
+                }
                 while wait(&listener, &woken) {
                     match listener.accept() {
                         Ok((s, _)) => serve_one(s, controller.as_ref()),

@@ -207,6 +207,22 @@ impl Worker {
         D: ChainHandler,
         B: Backend<D>,
     {
+        Self::spawn_with(dev, backend, mem, || Ok(()))
+    }
+
+    /// Like [`Worker::spawn`], running `init` on the new thread before it serves anything (a
+    /// VMM installs the thread's seccomp filter there). If `init` fails the worker does not
+    /// serve: the device reports NEEDS_RESET when started, and the failure hook hears why.
+    pub fn spawn_with<D, B>(
+        dev: D,
+        backend: B,
+        mem: GuestMemoryMmap,
+        init: impl FnOnce() -> std::result::Result<(), String> + Send + 'static,
+    ) -> Result<Worker>
+    where
+        D: ChainHandler,
+        B: Backend<D>,
+    {
         let name = dev.name().to_string();
         let notifier = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?);
         let state = Arc::new(AtomicU8::new(WorkerState::Idle as u8));
@@ -228,7 +244,12 @@ impl Worker {
                 let state = ctx.state.clone();
                 // A panic must not leave the device looking alive with the guest's I/O hanging:
                 // the device needs a reset, and whoever registered a handler hears why.
-                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.run())) {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    if let Err(e) = init() {
+                        panic!("setting up the worker thread: {e}");
+                    }
+                    ctx.run()
+                })) {
                     Ok(exit) => exit,
                     Err(p) => {
                         let msg = panic_message(p.as_ref());

@@ -112,6 +112,8 @@ pub struct VmConfig {
     /// The virtio console (hvc0), if enabled (last in PCI slot order). With
     /// [`ConsoleMode::Stdio`] it takes the terminal's input; COM1 then only prints.
     pub console: Option<ConsoleDeviceConfig>,
+    /// The seccomp filters of the vCPU, device and input threads (see [`crate::sandbox`]).
+    pub seccomp: crate::sandbox::SeccompMode,
 }
 
 /// The most virtio devices: 31 slots on bus 0 (slot 0 is the host bridge).
@@ -143,6 +145,7 @@ impl VmConfig {
             nets: Vec::new(),
             vsock: None,
             console: None,
+            seccomp: crate::sandbox::SeccompMode::On,
         }
     }
 

@@ -21,6 +21,7 @@
 mod config;
 mod machine;
 mod pci;
+pub mod sandbox;
 mod signals;
 pub mod snapshot;
 mod terminal;

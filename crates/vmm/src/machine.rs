@@ -32,6 +32,7 @@ use alioth_virtio_pci::VirtioPci;
 
 use crate::config::{SerialConfig, VmConfig};
 use crate::pci::{KvmIoevents, KvmMsi, OnFailure, VirtioPlacer};
+use crate::sandbox::SeccompMode;
 use crate::signals::forward_termination_signals;
 use crate::snapshot::SnapshotInfo;
 use crate::terminal::RawTerminal;
@@ -516,6 +517,7 @@ fn add_pci_devices(
         bar_end: PCI_MMIO_END,
         devices: Vec::new(),
         on_failure,
+        seccomp: config.seccomp,
     };
     for (i, d) in config.disks.iter().enumerate() {
         let name = format!("virtio-blk{i}");
@@ -942,7 +944,7 @@ impl Machine {
 
         if handle_signals {
             let tx = Mutex::new(tx.clone());
-            forward_termination_signals(move |sig| {
+            forward_termination_signals(config.seccomp, move |sig| {
                 let _ = tx
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -974,10 +976,20 @@ impl Machine {
                 .try_clone_to_owned()
                 .map_err(io_err("stdin"))?;
             let (s, stop, fail_tx) = (s.clone(), input_stop.clone(), Mutex::new(tx.clone()));
+            let seccomp = config.seccomp;
             input_thread = Some(
                 std::thread::Builder::new()
                     .name("serial0-input".into())
                     .spawn(move || {
+                        if let Err(e) =
+                            crate::sandbox::install(crate::sandbox::ThreadKind::Input, seccomp)
+                        {
+                            let _ = fail_tx
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .send(Event::ThreadFailed("serial0-input".into(), e.to_string()));
+                            return;
+                        }
                         let input = std::fs::File::from(stdin_fd);
                         let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
                             s.run_input(input, escape, sink, &stop)
@@ -1005,6 +1017,7 @@ impl Machine {
                 stop: stop.clone(),
                 tx: tx.clone(),
                 gate: gate.clone(),
+                seccomp: config.seccomp,
             };
             let done = done_tx.clone();
             let thread_name = name.clone();
@@ -1244,6 +1257,7 @@ struct VcpuContext {
     stop: Arc<AtomicBool>,
     tx: Sender<Event>,
     gate: Arc<PauseGate>,
+    seccomp: SeccompMode,
 }
 
 impl VcpuContext {
@@ -1253,6 +1267,10 @@ impl VcpuContext {
 
     fn run_vcpu(&self, mut vcpu: Vcpu) {
         let id = vcpu.id();
+        // The filter goes on before the guest runs a single instruction.
+        if let Err(e) = crate::sandbox::install(crate::sandbox::ThreadKind::Vcpu, self.seccomp) {
+            return self.fail(id, e.to_string());
+        }
         vcpu.bind_kick_to_current_thread();
         let mut unhandled_logged = 0u32;
         while !self.stop.load(Ordering::SeqCst) {

@@ -134,6 +134,8 @@ pub struct VirtioPlacer {
     pub devices: Vec<VirtioPci>,
     /// Told when a device's worker panics (the machine then stops with the reason).
     pub on_failure: OnFailure,
+    /// The workers' seccomp filters.
+    pub seccomp: crate::sandbox::SeccompMode,
 }
 
 impl VirtioPlacer {
@@ -176,11 +178,17 @@ impl VirtioPlacer {
         let info = DeviceInfo::of(&dev);
         let name = info.name.clone();
         let use_uring = use_io_uring(&name, backend)?;
+        // The worker's seccomp filter goes on before it serves a queue.
+        let mode = self.seccomp;
+        let init = move || {
+            crate::sandbox::install(crate::sandbox::ThreadKind::Worker, mode)
+                .map_err(|e| e.to_string())
+        };
         let worker = if use_uring {
             let b = IoUringBackend::new(IO_URING_ENTRIES).with_poll(poll_us);
-            Worker::spawn(dev, b, self.mem.clone())
+            Worker::spawn_with(dev, b, self.mem.clone(), init)
         } else {
-            Worker::spawn(dev, EpollBackend::polling(poll_us), self.mem.clone())
+            Worker::spawn_with(dev, EpollBackend::polling(poll_us), self.mem.clone(), init)
         }
         .map_err(|e| Error::Thread {
             thread: name.clone(),

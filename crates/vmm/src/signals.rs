@@ -28,8 +28,12 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
-/// Handles termination signals: each one received is passed to `f` (on a helper thread).
-pub fn forward_termination_signals(f: impl Fn(i32) + Send + 'static) -> std::io::Result<()> {
+/// Handles termination signals: each one received is passed to `f` (on a helper thread, under
+/// the input threads' seccomp filter of `seccomp`).
+pub fn forward_termination_signals(
+    seccomp: crate::sandbox::SeccompMode,
+    f: impl Fn(i32) + Send + 'static,
+) -> std::io::Result<()> {
     let mut fds = [0i32; 2];
     // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -59,6 +63,10 @@ pub fn forward_termination_signals(f: impl Fn(i32) + Send + 'static) -> std::io:
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            if let Err(e) = crate::sandbox::install(crate::sandbox::ThreadKind::Input, seccomp) {
+                log::error!("signals: {e}; termination signals are not handled");
+                return;
+            }
             let mut b = [0u8; 1];
             while let Ok(1) = rd.read(&mut b) {
                 f(i32::from(b[0]));
