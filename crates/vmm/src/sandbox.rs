@@ -123,21 +123,12 @@ const WORKER: &[i64] = &[
     libc::SYS_writev,
 ];
 
-/// Everything the main thread may do after start-up: build machines again (reboot, restore),
-/// write snapshots, serve control requests.
+/// What the main thread may do after start-up besides a worker's and a vCPU's lists: build
+/// machines again (reboot, restore), write snapshots, serve control requests.
 const MAIN: &[i64] = &[
     libc::SYS_access,
     libc::SYS_bind,
-    libc::SYS_connect,
-    libc::SYS_epoll_create1,
-    libc::SYS_epoll_ctl,
-    libc::SYS_epoll_pwait,
-    libc::SYS_epoll_wait,
-    libc::SYS_eventfd2,
-    libc::SYS_fallocate,
-    libc::SYS_fdatasync,
     libc::SYS_fstat,
-    libc::SYS_fsync,
     libc::SYS_ftruncate,
     libc::SYS_getcwd,
     libc::SYS_getdents64,
@@ -146,9 +137,6 @@ const MAIN: &[i64] = &[
     libc::SYS_getgid,
     libc::SYS_getuid,
     libc::SYS_uname,
-    libc::SYS_io_uring_enter,
-    libc::SYS_io_uring_register,
-    libc::SYS_io_uring_setup,
     libc::SYS_listen,
     libc::SYS_lseek,
     libc::SYS_memfd_create,
@@ -157,22 +145,14 @@ const MAIN: &[i64] = &[
     libc::SYS_newfstatat,
     libc::SYS_openat,
     libc::SYS_pipe2,
-    libc::SYS_pread64,
-    libc::SYS_preadv,
     libc::SYS_prlimit64,
-    libc::SYS_pwrite64,
-    libc::SYS_pwritev,
     libc::SYS_readlink,
-    libc::SYS_readv,
     libc::SYS_rename,
     libc::SYS_renameat,
     libc::SYS_rt_sigaction,
-    libc::SYS_socket,
     libc::SYS_socketpair,
     libc::SYS_statx,
-    libc::SYS_unlink,
     libc::SYS_unlinkat,
-    libc::SYS_writev,
 ];
 
 /// `ioctl` request types (bits 8-15) a kind may use.
