@@ -38,10 +38,17 @@ pub fn guest_artifact(name: &str) -> Option<PathBuf> {
 
 pub use alioth_hv::kvm_is_hardware_backed;
 
-/// For full-boot tests: true on hardware KVM; otherwise prints why the test is skipped.
+/// For full-boot tests: true on hardware KVM; otherwise prints why the test is skipped — or,
+/// where `ALIOTH_REQUIRE_HARDWARE_KVM=1` says the machine must have it (a hardware CI runner),
+/// fails the test instead of skipping it.
 pub fn require_hardware_kvm(test: &str) -> bool {
     if kvm_is_hardware_backed() {
         return true;
+    }
+    if std::env::var("ALIOTH_REQUIRE_HARDWARE_KVM").is_ok_and(|v| !v.is_empty() && v != "0") {
+        panic!(
+            "{test}: ALIOTH_REQUIRE_HARDWARE_KVM is set but /dev/kvm is not hardware-backed (no kvm_intel/kvm_amd)"
+        );
     }
     eprintln!(
         "SKIPPED {test}: /dev/kvm is a software KVM here (no kvm_intel/kvm_amd module): guest \
