@@ -1,5 +1,5 @@
 //! `cargo xtask fuzz [--secs N] [TARGET]`: runs the cargo-fuzz targets of `fuzz/` (chain
-//! walks, virtio-blk requests, the kernel loader, virtio-pci register traffic) and of `crates/vhost-user/fuzz` (vhost-user
+//! walks, virtio-blk requests, the kernel loader, virtio-pci register traffic, the TOML configuration and device specs) and of `crates/vhost-user/fuzz` (vhost-user
 //! messages), each for N seconds (default 10) from its checked-in seeds, and prints executions
 //! per target. A crash fails the task and leaves its input in the target's `artifacts/`.
 
@@ -16,6 +16,7 @@ const TARGETS: &[(&str, &str)] = &[
     ("fuzz", "blk_requests"),
     ("fuzz", "kernel_loader"),
     ("fuzz", "pci_registers"),
+    ("fuzz", "toml_config"),
     ("crates/vhost-user/fuzz", "messages"),
 ];
 
