@@ -540,8 +540,11 @@ fn restore_file(args: &BootArgs, dir: &Path) -> Result<FileConfig> {
         bail!("{flag} cannot be changed when restoring: the snapshot's guest depends on it");
     }
     let m = alioth_vmm::snapshot::read_manifest(dir)?;
-    let file: FileConfig = toml::from_str(&m.config)
+    let mut file: FileConfig = toml::from_str(&m.config)
         .with_context(|| format!("snapshot {}: its configuration is corrupt", dir.display()))?;
+    // The snapshotted VM's API socket belongs to that process (which may still run): a
+    // restored VM serves the API only where --api-socket (or vm.restore's process) says.
+    file.api_socket = None;
     if !args.disk.is_empty() && args.disk.len() != file.disk.len() {
         bail!(
             "the snapshot has {} disk(s); --disk must replace all of them ({} given)",

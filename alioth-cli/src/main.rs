@@ -165,9 +165,10 @@ fn wait_for_restore(args: &BootArgs) -> ExitCode {
     loop {
         match rx.recv() {
             Ok(api::Waiting::Restore(dir, reply)) => {
+                // The API socket is this process's own, already serving: not checked again.
                 let restore_args = BootArgs {
                     restore: Some(dir.clone()),
-                    api_socket: Some(sock.clone()),
+                    seccomp: args.seccomp.clone(),
                     ..Default::default()
                 };
                 let built = config::build_boot(&restore_args).and_then(|(config, _)| {
