@@ -11,6 +11,7 @@ use alioth_vmm::{
     VsockConfig, VsockDeviceConfig,
 };
 
+use alioth_vmm::RateLimit;
 use alioth_vmm::sandbox::SeccompMode;
 
 use crate::{BootArgs, VhostUserArgs, VhostUserDevice};
@@ -262,6 +263,58 @@ pub struct DiskFile {
     pub poll_us: Option<u32>,
     /// Take the image's lock (default on).
     pub lock: Option<bool>,
+    /// `rate_limit = { bandwidth = "100M", ops = 10000 }`.
+    pub rate_limit: Option<RateLimitFile>,
+}
+
+/// A device's `rate_limit` table: bytes per second (a size: `100M` is 100 MiB/s), requests per
+/// second, and one-time bursts of each.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitFile {
+    pub bandwidth: Option<Size>,
+    pub ops: Option<u64>,
+    pub bandwidth_burst: Option<Size>,
+    pub ops_burst: Option<u64>,
+}
+
+impl RateLimitFile {
+    fn into_limit(self) -> Result<RateLimit> {
+        let size = |s: Size, what: &str| -> Result<u64> {
+            match s {
+                Size::Bytes(b) => Ok(b),
+                Size::Text(t) => parse_size(&t).with_context(|| format!("rate_limit {what}")),
+            }
+        };
+        let limit = RateLimit {
+            bandwidth: self.bandwidth.map(|b| size(b, "bandwidth")).transpose()?,
+            ops: self.ops,
+            bandwidth_burst: self
+                .bandwidth_burst
+                .map(|b| size(b, "bandwidth_burst"))
+                .transpose()?
+                .unwrap_or(0),
+            ops_burst: self.ops_burst.unwrap_or(0),
+        };
+        if limit.bandwidth == Some(0) || limit.ops == Some(0) {
+            bail!("rate_limit: a limit of 0 would stop the device; leave the key out for no limit");
+        }
+        if (limit.bandwidth_burst > 0 && limit.bandwidth.is_none())
+            || (limit.ops_burst > 0 && limit.ops.is_none())
+        {
+            bail!("rate_limit: a burst needs its rate (bandwidth or ops)");
+        }
+        Ok(limit)
+    }
+
+    fn of(l: &RateLimit) -> Option<RateLimitFile> {
+        l.is_limited().then(|| RateLimitFile {
+            bandwidth: l.bandwidth.map(Size::Bytes),
+            ops: l.ops,
+            bandwidth_burst: (l.bandwidth_burst > 0).then_some(Size::Bytes(l.bandwidth_burst)),
+            ops_burst: (l.ops_burst > 0).then_some(l.ops_burst),
+        })
+    }
 }
 
 /// The `[rng]` table.
@@ -269,6 +322,7 @@ pub struct DiskFile {
 #[serde(deny_unknown_fields)]
 pub struct RngFile {
     pub backend: Option<String>,
+    pub rate_limit: Option<RateLimitFile>,
 }
 
 /// Default queue count of a disk.
@@ -308,10 +362,11 @@ impl DiskFile {
                 || self.direct.is_some()
                 || self.backend.is_some()
                 || self.poll_us.is_some()
-                || self.lock.is_some())
+                || self.lock.is_some()
+                || self.rate_limit.is_some())
         {
             bail!(
-                "a vhost_user disk takes its settings from the backend; read_only, num_queues, queue_size, direct, backend, poll_us and lock belong there"
+                "a vhost_user disk takes its settings from the backend; read_only, num_queues, queue_size, direct, backend, poll_us, lock and rate_limit belong there"
             );
         }
         Ok(DiskConfig {
@@ -323,6 +378,11 @@ impl DiskFile {
                 queue_size: self.queue_size.unwrap_or(DISK_QUEUE_SIZE),
                 direct: self.direct.unwrap_or(false),
                 lock: self.lock.unwrap_or(true),
+                rate_limit: self
+                    .rate_limit
+                    .map(|r| r.into_limit())
+                    .transpose()?
+                    .unwrap_or_default(),
             },
             backend: match &self.backend {
                 Some(b) => parse_backend(b)?,
@@ -346,6 +406,7 @@ pub fn parse_disk_flag(spec: &str) -> Result<DiskFile> {
             backend: None,
             poll_us: None,
             lock: None,
+            rate_limit: None,
         });
     }
     let mut d = DiskFile {
@@ -358,6 +419,7 @@ pub fn parse_disk_flag(spec: &str) -> Result<DiskFile> {
         backend: None,
         poll_us: None,
         lock: None,
+        rate_limit: None,
     };
     let mut seen = std::collections::HashSet::new();
     for item in spec.split(',').filter(|s| !s.is_empty()) {
@@ -381,8 +443,16 @@ pub fn parse_disk_flag(spec: &str) -> Result<DiskFile> {
             }
             "backend" => d.backend = Some(v.to_string()),
             "poll_us" => d.poll_us = Some(v.parse().with_context(|| format!("poll_us=`{v}`"))?),
+            "bandwidth" => {
+                d.rate_limit.get_or_insert_with(Default::default).bandwidth =
+                    Some(Size::Text(v.to_string()))
+            }
+            "ops" => {
+                d.rate_limit.get_or_insert_with(Default::default).ops =
+                    Some(v.parse().with_context(|| format!("ops=`{v}`"))?)
+            }
             _ => bail!(
-                "--disk: unknown key `{k}` (path, vhost_user, read_only, num_queues, queue_size, direct, backend, poll_us, lock)"
+                "--disk: unknown key `{k}` (path, vhost_user, read_only, num_queues, queue_size, direct, backend, poll_us, lock, bandwidth, ops)"
             ),
         }
     }
@@ -629,10 +699,12 @@ pub fn to_toml(c: &VmConfig, api_socket: Option<&Path>) -> Result<String> {
                 backend: backend_name(d.backend),
                 poll_us: Some(d.poll_us),
                 lock: Some(d.blk.lock),
+                rate_limit: RateLimitFile::of(&d.blk.rate_limit),
             })
             .collect(),
         rng: c.rng.as_ref().map(|r| RngFile {
             backend: backend_name(r.backend),
+            rate_limit: RateLimitFile::of(&r.rate_limit),
         }),
         net: c
             .nets
@@ -766,6 +838,12 @@ pub fn build_boot(args: &BootArgs) -> Result<(VmConfig, Option<PathBuf>)> {
                 Some(b) => parse_backend(b)?,
                 None => IoBackend::Auto,
             },
+            rate_limit: r
+                .rate_limit
+                .clone()
+                .map(|l| l.into_limit())
+                .transpose()?
+                .unwrap_or_default(),
         }),
         (None, true) => Some(RngConfig::default()),
         (None, false) => None,
@@ -893,6 +971,7 @@ pub fn build_vhost_user(args: &VhostUserArgs) -> Result<VhostUserConfig> {
                     .map(parse_backend)
                     .transpose()?
                     .unwrap_or_default(),
+                rate_limit: RateLimit::default(),
             }),
         }),
         (None, Some(path)) => {
@@ -913,6 +992,12 @@ pub fn build_vhost_user(args: &VhostUserArgs) -> Result<VhostUserConfig> {
                 }
                 (Some(b), None, None) => VhostUserDeviceConfig::Blk(b.into_config(&base)?),
                 (None, Some(r), None) => VhostUserDeviceConfig::Rng(RngConfig {
+                    rate_limit: r
+                        .rate_limit
+                        .clone()
+                        .map(|l| l.into_limit())
+                        .transpose()?
+                        .unwrap_or_default(),
                     backend: r
                         .backend
                         .as_deref()

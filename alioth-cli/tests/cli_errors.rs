@@ -515,3 +515,27 @@ fn a_bad_seccomp_mode_is_a_usage_error() {
     let out = alioth(&["boot", "--kernel", &k, "--seccomp", "maybe"]);
     assert_usage_error(&out, "seccomp `maybe`: expected `on`, `log` or `off`");
 }
+
+#[test]
+fn bad_rate_limits_are_usage_errors() {
+    let (dir, k) = placeholder_kernel();
+    let img = dir.path().join("d.img");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let img = img.display().to_string();
+    for (spec, needle) in [
+        (format!("path={img},ops=0"), "a limit of 0"),
+        (format!("path={img},ops=lots"), "ops=`lots`"),
+        (format!("path={img},bandwidth=fast"), "rate_limit bandwidth"),
+    ] {
+        let out = alioth(&["boot", "--kernel", &k, "--serial", "off", "--disk", &spec]);
+        assert_usage_error(&out, needle);
+    }
+    let cfg = dir.path().join("vm.toml");
+    std::fs::write(
+        &cfg,
+        format!("kernel = \"{k}\"\n[rng]\nrate_limit = {{ ops_burst = 5 }}\n"),
+    )
+    .unwrap();
+    let out = alioth(&["boot", "--config", cfg.to_str().unwrap()]);
+    assert_usage_error(&out, "a burst needs its rate");
+}

@@ -39,6 +39,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         queue_size: 64,
         direct: false,
         lock: false,
+        rate_limit: Default::default(),
     };
     let Ok(mut dev) = VirtioBlk::open("virtio-blk0", &cfg) else {
         return;

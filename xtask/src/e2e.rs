@@ -1045,3 +1045,42 @@ fn draw_bench_svg(path: &Path, rows: &[BenchRow]) -> Result<()> {
 #[cfg(test)]
 #[path = "e2e_test.rs"]
 mod tests;
+
+/// `cargo xtask bench rate-limit [--secs N]`: the kit's 4 KiB random reads (QD8, both
+/// backends) on a disk limited to 5000 requests/s, then to 16 MiB/s (4096 requests/s of
+/// 4 KiB), each next to its limit: the measured rate should stay within 5 % of it.
+pub fn bench_rate_limit(root: &Path, args: &[String]) -> Result<()> {
+    let secs = crate::secs_arg(args).max(3);
+    let kit = build_kit(root)?;
+    run(cargo().args(["build", "--release", "--quiet", "-p", "alioth-cli"]))?;
+    let alioth = root.join("target/release/alioth");
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let img = dir.join("rate-limit.img");
+    bench_image(&img)?;
+    println!(
+        "\nrate limits: in-guest 4 KiB random reads, QD8, {secs} s per run; the limit and what the guest got"
+    );
+    println!(
+        "{:<10} {:<24} {:>12} {:>12} {:>8}",
+        "backend", "limit", "limit IOPS", "guest IOPS", "ratio"
+    );
+    for backend in ["io_uring", "epoll"] {
+        for (label, spec, expected) in [
+            ("ops=5000", "ops=5000", 5000.0),
+            (
+                "bandwidth=16M",
+                "bandwidth=16M",
+                (16u64 << 20) as f64 / 4096.0,
+            ),
+        ] {
+            let disk = format!("path={},backend={backend},{spec}", img.display());
+            let iops = kit_bench_iops(&alioth, &kit, &disk, 8, secs)?;
+            println!(
+                "{backend:<10} {label:<24} {expected:>12.0} {iops:>12.0} {:>8.3}",
+                iops / expected
+            );
+        }
+    }
+    Ok(())
+}

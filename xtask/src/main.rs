@@ -241,8 +241,11 @@ fn bench(args: &[String]) -> Result<()> {
         Some("vhost-user-blk") => uml::bench(&workspace_root(), &args[1..]),
         Some("net") => net::bench(&workspace_root(), &args[1..]),
         Some("vsock") => vsock::bench(&workspace_root(), &args[1..]),
+        Some("rate-limit") => e2e::bench_rate_limit(&workspace_root(), &args[1..]),
         Some("startup") => e2e::bench_startup(&workspace_root(), &args[1..]),
-        _ => bail!("usage: cargo xtask bench blk|vhost-user-blk|net|vsock|startup [--secs N]"),
+        _ => bail!(
+            "usage: cargo xtask bench blk|vhost-user-blk|net|vsock|rate-limit|startup [--secs N]"
+        ),
     }
 }
 
@@ -262,6 +265,7 @@ fn usage() -> ! {
          bench vhost-user-blk [--secs N]  UML random reads: alioth's backend vs qemu-storage-daemon\n  \
          bench net [--secs N]  virtio-net frame rates vs a host-only process on the same tap\n  \
          bench vsock [--secs N]  virtio-vsock stream throughput vs a Unix socket pair on the host\n  \
+         bench rate-limit [--secs N]  a rate-limited disk's in-guest IOPS next to its limit\n  \
          bench startup [--no-peer]  exec -> first kit line / verdict / exit, vs upstream Alioth"
     );
     std::process::exit(2);

@@ -103,6 +103,7 @@ fn device(path: &std::path::Path, uring: bool, qd: usize, secs: f64) -> f64 {
         queue_size: 256,
         direct: false,
         lock: true,
+        rate_limit: Default::default(),
     };
     let dev = VirtioBlk::open("virtio-blk0", &cfg).unwrap();
     let features = dev.device_features();

@@ -59,6 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             queue_size: 64,
             direct: false,
             lock: true,
+            rate_limit: Default::default(),
         },
     )?;
     let features = blk.device_features();

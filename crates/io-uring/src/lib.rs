@@ -192,7 +192,13 @@ pub struct ActiveIoUring {
     poke: Vec<bool>,
     used: Vec<(DescChain, u32)>,
     poller: Option<PollWindow>,
+    /// Armed for the earliest throttle's end ([`BufferAction::Throttle`]); polled with the
+    /// notifier's kind and slot 1.
+    timer: alioth_virtio::ThrottleTimer,
 }
+
+/// The timer's token: the notifier's kind, slot 1.
+const TIMER_SLOT: usize = 1;
 
 fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
@@ -246,8 +252,10 @@ impl<D: ChainHandler> Backend<D> for IoUringBackend {
             poke: vec![false; n],
             used: Vec::new(),
             poller: PollWindow::new(self.poll_us),
+            timer: alioth_virtio::ThrottleTimer::new()?,
         };
         a.arm_notifier()?;
+        a.watch_timer()?;
         for q in 0..n {
             a.arm_queue(q)?;
         }
@@ -282,6 +290,14 @@ impl ActiveIoUring {
             .multi(true)
             .build()
             .user_data(token(KIND_NOTIFIER, 0, 0));
+        self.push(sqe)
+    }
+
+    fn watch_timer(&mut self) -> Result<()> {
+        let sqe = opcode::PollAdd::new(types::Fd(self.timer.as_raw_fd()), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(token(KIND_NOTIFIER, 0, TIMER_SLOT));
         self.push(sqe)
     }
 
@@ -330,6 +346,10 @@ impl ActiveIoUring {
     fn pull<D: ChainHandler>(&mut self, dev: &mut D, q: usize) -> Result<bool> {
         let index = self.queues[q].index;
         let mut touched = false;
+        if self.queues[q].is_throttled() {
+            // Its chains wait in the ring until the timer ends the throttle.
+            return Ok(false);
+        }
         self.paused[q] = false;
         self.queues[q]
             .queue
@@ -346,6 +366,14 @@ impl ActiveIoUring {
                 };
                 match dev.handle(index, &chain, &self.mem) {
                     BufferAction::Hold => {}
+                    BufferAction::Throttle(wait) => {
+                        let aq = &mut self.queues[q];
+                        aq.queue
+                            .unpop(chain)
+                            .map_err(Self::qerr(dev.name(), index))?;
+                        aq.throttled = Some(std::time::Instant::now() + wait);
+                        return Ok(touched);
+                    }
                     BufferAction::Written(n) => {
                         self.give_back(dev.name(), q, chain, n)?;
                         touched = true;
@@ -554,10 +582,9 @@ impl ActiveIoUring {
         // of budget waits for completions, not for its ring.
         let mut found = poller.poll(|| {
             !ring.completion().is_empty()
-                || queues
-                    .iter()
-                    .zip(paused)
-                    .any(|(q, p)| !p && q.queue.has_available(mem).unwrap_or(true))
+                || queues.iter().zip(paused).any(|(q, p)| {
+                    !p && q.throttled.is_none() && q.queue.has_available(mem).unwrap_or(true)
+                })
         });
         if !found {
             for aq in &mut self.queues {
@@ -610,6 +637,8 @@ impl<D: ChainHandler> ActiveBackend<D> for ActiveIoUring {
             self.interrupt(&name, &touched)?;
         }
         loop {
+            // A queue throttled since the last wait gets its wake-up first.
+            self.timer.arm(&self.queues)?;
             // Poll first (if on), after handing the kernel what is queued (what is polled for
             // may be its completion); with work found, only reap what has completed, then pull
             // every queue.
@@ -636,6 +665,16 @@ impl<D: ChainHandler> ActiveBackend<D> for ActiveIoUring {
                             self.arm_queue(q)?;
                         }
                         kicked[q] = true;
+                    }
+                    KIND_NOTIFIER if slot == TIMER_SLOT => {
+                        self.timer.fired();
+                        if !cqueue::more(flags) {
+                            self.watch_timer()?;
+                        }
+                        // Queues whose throttle ended are pulled below.
+                        for (k, aq) in kicked.iter_mut().zip(&self.queues) {
+                            *k |= aq.throttled.is_some();
+                        }
                     }
                     KIND_NOTIFIER => {
                         notified = true;

@@ -199,6 +199,10 @@ pub trait VirtQueue: Send {
     /// them) had never been popped: where a new device continues so that it pops them again
     /// (a snapshot). The queue itself is unchanged.
     fn ring_base_before(&self, held: &[ChainToken]) -> u32;
+    /// Puts back `chain`, which must be the one [`VirtQueue::pop`] returned last: the next pop
+    /// returns it again (a device that may not take it yet, such as a rate-limited one, leaves
+    /// it in the ring). Fails, changing nothing, for a chain that is not in flight.
+    fn unpop(&mut self, chain: DescChain) -> Result<()>;
 }
 
 /// A queue of either format, as the driver negotiated it.
@@ -254,6 +258,9 @@ impl VirtQueue for Queue {
     }
     fn ring_base_before(&self, held: &[ChainToken]) -> u32 {
         each!(self, q => q.ring_base_before(held))
+    }
+    fn unpop(&mut self, chain: DescChain) -> Result<()> {
+        each!(self, q => q.unpop(chain))
     }
 }
 

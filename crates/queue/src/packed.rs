@@ -315,6 +315,17 @@ impl VirtQueue for PackedQueue {
         enc(self.next_avail) | (enc(self.next_used) << 16)
     }
 
+    fn unpop(&mut self, chain: DescChain) -> Result<()> {
+        let token = chain.token();
+        if token.ndesc == 0 || !self.in_flight.remove(token.id) {
+            return Err(QueueError::NotInFlight(token.id));
+        }
+        // Absolute positions only grow while popping: this steps back over its descriptors.
+        self.next_avail = self.next_avail.wrapping_sub(u64::from(token.ndesc));
+        self.pool.give(chain);
+        Ok(())
+    }
+
     fn ring_base_before(&self, held: &[ChainToken]) -> u32 {
         let back: u64 = held.iter().map(|t| u64::from(t.ndesc)).sum();
         let enc = |abs: u64| u32::from(self.pos(abs)) | (u32::from(self.wrap(abs)) << 15);

@@ -547,3 +547,27 @@ fn a_new_queue_at_the_base_before_held_chains_pops_them_again() {
         assert!(q2.pop(mem).unwrap().is_none());
     }
 }
+
+#[test]
+fn an_unpopped_chain_is_popped_again_and_a_stranger_is_refused() {
+    let ram = ram(16 << 20);
+    let mem = ram.memory();
+    for format in [QueueFormat::Split, QueueFormat::Packed] {
+        let mut d = TestDriver::new(mem, format, 4, BASE, 0);
+        let mut q = new_queue(4, d.config(), d.features(), mem).unwrap();
+        // Around the ring twice, unpopping every chain once before taking it.
+        for i in 0..8u8 {
+            let id = d.add(&[&[i], &[i, i]], &[4]).unwrap();
+            let c = q.pop(mem).unwrap().unwrap();
+            assert_eq!(c.id(), id);
+            q.unpop(c).unwrap();
+            let again = q.pop(mem).unwrap().expect("the same chain again");
+            assert_eq!((again.id(), again.readable_len()), (id, 3), "{format:?}");
+            q.push_used(mem, &again, 0).unwrap();
+            assert_eq!(d.used(), Some((id, 0)));
+            // Returned: no longer in flight, so it cannot be put back.
+            assert!(matches!(q.unpop(again), Err(QueueError::NotInFlight(_))));
+        }
+        assert!(q.pop(mem).unwrap().is_none());
+    }
+}

@@ -238,6 +238,16 @@ impl VirtQueue for SplitQueue {
         u32::from(self.q.next_avail())
     }
 
+    fn unpop(&mut self, chain: DescChain) -> Result<()> {
+        let id = chain.token().id;
+        if !self.in_flight.remove(id) {
+            return Err(QueueError::NotInFlight(id));
+        }
+        self.q.set_next_avail(self.q.next_avail().wrapping_sub(1));
+        self.pool.give(chain);
+        Ok(())
+    }
+
     fn ring_base_before(&self, held: &[ChainToken]) -> u32 {
         u32::from(self.q.next_avail().wrapping_sub(held.len() as u16))
     }

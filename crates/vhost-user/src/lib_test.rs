@@ -119,6 +119,7 @@ fn blk_device(image: &std::path::Path) -> VhostUserDevice<VirtioBlk, EpollBacken
         queue_size: 64,
         direct: false,
         lock: true,
+        rate_limit: Default::default(),
     };
     VhostUserDevice::new(
         move || VirtioBlk::open("virtio-blk0", &cfg).map_err(std::io::Error::other),

@@ -167,6 +167,9 @@ pub enum BufferAction {
     /// The device keeps the chain (a receive buffer) for I/O it starts itself, and returns it
     /// through [`ChainHandler::io_done`].
     Hold,
+    /// Not now (a rate limit): the backend puts the chain back in its ring and does not look
+    /// at this queue again before the duration has passed.
+    Throttle(std::time::Duration),
 }
 
 /// Per-chain work of a device, shared by every backend.

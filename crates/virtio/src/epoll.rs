@@ -15,6 +15,8 @@ use crate::worker::{ActiveBackend, ActiveQueue, Backend, device_io, process_queu
 use crate::{Error, Result};
 
 const NOTIFIER: u64 = u64::MAX;
+/// The timer that ends throttles.
+const TIMER: u64 = u64::MAX - 1;
 /// Tokens from here on are the device's event fds: `EVENT + queue slot`.
 const EVENT: u64 = 1 << 32;
 
@@ -51,6 +53,8 @@ pub struct ActiveEpoll {
     mem: GuestMemoryMmap,
     fresh: bool,
     poller: Option<PollWindow>,
+    /// Armed for the earliest throttle's end ([`crate::BufferAction::Throttle`]).
+    timer: crate::worker::ThrottleTimer,
 }
 
 fn epoll_add(epfd: &OwnedFd, fd: i32, token: u64, edge: bool) -> Result<()> {
@@ -101,6 +105,8 @@ impl<D: ChainHandler> Backend<D> for EpollBackend {
                 epoll_add(&epfd, fd, EVENT + slot as u64, true)?;
             }
         }
+        let timer = crate::worker::ThrottleTimer::new()?;
+        epoll_add(&epfd, timer.as_raw_fd(), TIMER, false)?;
         Ok(ActiveEpoll {
             epfd,
             queues,
@@ -108,6 +114,7 @@ impl<D: ChainHandler> Backend<D> for EpollBackend {
             mem,
             fresh: true,
             poller: PollWindow::new(self.poll_us),
+            timer,
         })
     }
 }
@@ -164,11 +171,12 @@ impl ActiveEpoll {
                 .map_err(qerr(aq.index))?;
         }
         let (queues, mem) = (&self.queues, &self.mem);
-        // A ring that cannot be read counts as work: serving it reports the error.
+        // A ring that cannot be read counts as work: serving it reports the error. A
+        // throttled queue waits for its timer, not for its ring.
         let mut found = poller.poll(|| {
             queues
                 .iter()
-                .any(|q| q.queue.has_available(mem).unwrap_or(true))
+                .any(|q| q.throttled.is_none() && q.queue.has_available(mem).unwrap_or(true))
         });
         if !found {
             for aq in &mut self.queues {
@@ -194,6 +202,8 @@ impl<D: ChainHandler> ActiveBackend<D> for ActiveEpoll {
         }
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 16];
         loop {
+            // A queue throttled since the last sleep gets its wake-up first.
+            self.timer.arm(&self.queues)?;
             // Poll the rings (notifications suppressed) before sleeping; with work found, only
             // collect what epoll has without waiting, then serve every queue.
             let polled = self.poll(dev)?;
@@ -218,6 +228,14 @@ impl<D: ChainHandler> ActiveBackend<D> for ActiveEpoll {
                 let token = ev.u64;
                 match token {
                     NOTIFIER => notified = true,
+                    TIMER => {
+                        self.timer.fired();
+                        for slot in 0..self.queues.len() {
+                            if self.queues[slot].throttled.is_some() {
+                                self.serve(dev, slot, Why::Polled)?;
+                            }
+                        }
+                    }
                     t if t >= EVENT => self.serve(dev, (t - EVENT) as usize, Why::Event)?,
                     slot => self.serve(dev, slot as usize, Why::Kicked)?,
                 }

@@ -30,6 +30,7 @@ pub mod event_set;
 mod irq;
 mod log_limit;
 mod poll;
+mod rate_limit;
 mod status;
 mod worker;
 
@@ -39,10 +40,11 @@ pub use event_set::EventSet;
 pub use irq::{EventFdIrq, IrqSender};
 pub use log_limit::LogLimiter;
 pub use poll::PollWindow;
+pub use rate_limit::{RateLimit, RateLimiter};
 pub use status::{DeviceStatus, StatusBits, StatusChange};
 pub use worker::{
-    ActiveBackend, ActiveQueue, Backend, DeviceRunner, QueueSetup, QueueState, WakeEvent, Worker,
-    WorkerExit, WorkerState, device_io, process_queue,
+    ActiveBackend, ActiveQueue, Backend, DeviceRunner, QueueSetup, QueueState, ThrottleTimer,
+    WakeEvent, Worker, WorkerExit, WorkerState, device_io, next_unthrottle, process_queue,
 };
 
 /// The ring features every Alioth device offers: VIRTIO_F_VERSION_1, VIRTIO_F_RING_PACKED,

@@ -68,6 +68,81 @@ pub struct ActiveQueue {
     pub queue: Queue,
     /// Its notification eventfd.
     pub ioeventfd: Arc<EventFd>,
+    /// Until when the device asked not to be given this queue's chains
+    /// ([`BufferAction::Throttle`]).
+    pub throttled: Option<std::time::Instant>,
+}
+
+impl ActiveQueue {
+    /// Whether the queue is throttled now; a throttle that has run out is cleared.
+    pub fn is_throttled(&mut self) -> bool {
+        match self.throttled {
+            Some(t) if t > std::time::Instant::now() => true,
+            Some(_) => {
+                self.throttled = None;
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+/// The earliest end of a throttle among `queues`.
+pub fn next_unthrottle(queues: &[ActiveQueue]) -> Option<std::time::Instant> {
+    queues.iter().filter_map(|q| q.throttled).min()
+}
+
+/// A backend's timer for throttled queues: armed for the earliest throttle's end; its
+/// descriptor becomes readable then.
+pub struct ThrottleTimer {
+    timer: vmm_sys_util::timerfd::TimerFd,
+    at: Option<std::time::Instant>,
+}
+
+fn timer_err(e: vmm_sys_util::errno::Error) -> Error {
+    Error::Io {
+        what: "timerfd".into(),
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    }
+}
+
+impl ThrottleTimer {
+    /// A disarmed timer.
+    pub fn new() -> Result<Self> {
+        Ok(ThrottleTimer {
+            timer: vmm_sys_util::timerfd::TimerFd::new().map_err(timer_err)?,
+            at: None,
+        })
+    }
+
+    /// Arms the timer for the earliest throttle of `queues` (if that changed).
+    pub fn arm(&mut self, queues: &[ActiveQueue]) -> Result<()> {
+        let next = next_unthrottle(queues);
+        if next == self.at {
+            return Ok(());
+        }
+        self.at = next;
+        let Some(at) = next else {
+            return Ok(());
+        };
+        // (A zero duration would disarm the timer.)
+        let wait = at
+            .saturating_duration_since(std::time::Instant::now())
+            .max(std::time::Duration::from_micros(1));
+        self.timer.reset(wait, None).map_err(timer_err)
+    }
+
+    /// Consumes an expiry (after its descriptor was readable).
+    pub fn fired(&mut self) {
+        let _ = self.timer.wait();
+        self.at = None;
+    }
+}
+
+impl std::os::fd::AsRawFd for ThrottleTimer {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.timer.as_raw_fd()
+    }
 }
 
 /// An event-loop flavour (epoll, io_uring) that can run a device.
@@ -586,6 +661,7 @@ impl<D: ChainHandler, B: Backend<D>> WorkerThread<D, B> {
                 index,
                 queue,
                 ioeventfd: setup.ioeventfd,
+                throttled: None,
             });
         }
         self.dev.activate(features)?;
@@ -633,11 +709,20 @@ pub fn process_queue<D: ChainHandler>(
         source,
     };
     let mut done = false;
+    if aq.is_throttled() {
+        // Its chains wait in the ring; the backend comes back when the throttle ends.
+        return Ok(false);
+    }
     aq.queue.disable_notification(mem).map_err(qerr)?;
     loop {
         while let Some(chain) = aq.queue.pop(mem).map_err(qerr)? {
             let written = match dev.handle(index, &chain, mem) {
                 BufferAction::Hold => continue,
+                BufferAction::Throttle(wait) => {
+                    aq.queue.unpop(chain).map_err(qerr)?;
+                    aq.throttled = Some(std::time::Instant::now() + wait);
+                    return Ok(done);
+                }
                 BufferAction::Written(n) => n,
                 BufferAction::Io(op) => {
                     let r = exec(&op);

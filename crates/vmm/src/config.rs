@@ -55,6 +55,8 @@ pub struct DiskConfig {
 pub struct RngConfig {
     /// Event loop.
     pub backend: IoBackend,
+    /// Bytes and requests per second (none by default).
+    pub rate_limit: alioth_virtio::RateLimit,
 }
 
 /// A virtio-net device on a host tap.

@@ -32,6 +32,7 @@ pub use alioth_devices::virtio::blk::BlkConfig;
 pub use alioth_devices::virtio::console::ConsoleMode;
 pub use alioth_devices::virtio::net::NetConfig;
 pub use alioth_devices::virtio::vsock::VsockConfig;
+pub use alioth_virtio::RateLimit;
 
 /// Defaults and limits of virtio-net devices and their taps.
 pub mod net {

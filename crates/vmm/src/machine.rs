@@ -550,7 +550,11 @@ fn add_pci_devices(
         placer.add(dev, d.backend, d.poll_us)?;
     }
     if let Some(r) = &config.rng {
-        placer.add(VirtioRng::new("virtio-rng0"), r.backend, 0)?;
+        placer.add(
+            VirtioRng::limited("virtio-rng0", &r.rate_limit),
+            r.backend,
+            0,
+        )?;
     }
     for (i, n) in config.nets.iter().enumerate() {
         let name = format!("virtio-net{i}");

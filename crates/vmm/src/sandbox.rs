@@ -119,6 +119,9 @@ const WORKER: &[i64] = &[
     libc::SYS_pwritev2,
     libc::SYS_readv,
     libc::SYS_socket,
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_gettime,
+    libc::SYS_timerfd_settime,
     libc::SYS_unlink,
     libc::SYS_writev,
 ];

@@ -104,7 +104,13 @@ pub fn serve_vhost_user(config: &VhostUserConfig) -> Result<()> {
             )
         }
         VhostUserDeviceConfig::Rng(r) => {
-            run(config, || Ok(VirtioRng::new("virtio-rng0")), r.backend, 0)
+            let limit = r.rate_limit;
+            run(
+                config,
+                move || Ok(VirtioRng::limited("virtio-rng0", &limit)),
+                r.backend,
+                0,
+            )
         }
     }
 }

@@ -146,6 +146,8 @@ pub struct BlkConfig {
     /// Take an OFD lock on the image (shared when read-only, exclusive otherwise), as QEMU and
     /// Cloud Hypervisor do, so that two VMs cannot write one image.
     pub lock: bool,
+    /// Bandwidth and request limits (none by default); a limited request waits in its ring.
+    pub rate_limit: alioth_virtio::RateLimit,
 }
 
 /// Errors opening a disk.
@@ -211,6 +213,7 @@ pub struct VirtioBlk {
     /// Rate limit for what a guest can make us log.
     log: alioth_virtio::LogLimiter,
     counters: std::sync::Arc<BlkCounters>,
+    limiter: alioth_virtio::RateLimiter,
 }
 
 /// What completing an in-flight request needs.
@@ -347,6 +350,7 @@ impl VirtioBlk {
             ),
             log: alioth_virtio::LogLimiter::new(),
             counters: std::sync::Arc::default(),
+            limiter: alioth_virtio::RateLimiter::new(&cfg.rate_limit),
         };
         dev.config = dev.build_config();
         Ok(dev)
@@ -588,6 +592,11 @@ impl ChainHandler for VirtioBlk {
             Ok(r) => r,
             Err(e) => return BufferAction::Invalid(e),
         };
+        // The limit counts the bytes a read or write moves, and every request; one that does
+        // not fit now stays in the ring (nothing about it is kept here).
+        if let Err(wait) = self.limiter.admit(total(&r.data) + total(&r.out)) {
+            return BufferAction::Throttle(wait);
+        }
         let fd = self.file.as_raw_fd();
         let done = |st| BufferAction::Written(self.finish(chain, mem, r.status_at, st, 0));
         let action = match r.kind {

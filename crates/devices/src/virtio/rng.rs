@@ -12,13 +12,21 @@ pub const MAX_PER_REQUEST: usize = 64 << 10;
 /// The entropy device: one queue of device-writable buffers, filled from `getrandom(2)`.
 pub struct VirtioRng {
     name: String,
+    limiter: alioth_virtio::RateLimiter,
 }
 
 impl VirtioRng {
     /// A device named `name` (for logs).
     pub fn new(name: &str) -> Self {
+        Self::limited(name, &alioth_virtio::RateLimit::default())
+    }
+
+    /// A device whose bytes and requests per second `limit` bounds (a guest draining the
+    /// host's entropy waits).
+    pub fn limited(name: &str, limit: &alioth_virtio::RateLimit) -> Self {
         VirtioRng {
             name: name.to_string(),
+            limiter: alioth_virtio::RateLimiter::new(limit),
         }
     }
 }
@@ -66,6 +74,9 @@ impl Virtio for VirtioRng {
 impl ChainHandler for VirtioRng {
     fn handle(&mut self, _queue: u16, chain: &DescChain, mem: &GuestMemoryMmap) -> BufferAction {
         let len = (chain.writable_len() as usize).min(MAX_PER_REQUEST);
+        if let Err(wait) = self.limiter.admit(len as u64) {
+            return BufferAction::Throttle(wait);
+        }
         let mut buf = vec![0u8; len];
         if let Err(e) = getrandom(&mut buf) {
             log::error!("{}: getrandom: {e}", self.name);
