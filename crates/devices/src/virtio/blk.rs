@@ -594,7 +594,9 @@ impl ChainHandler for VirtioBlk {
         };
         // The limit counts the bytes a read or write moves, and every request; one that does
         // not fit now stays in the ring (nothing about it is kept here).
-        if let Err(wait) = self.limiter.admit(total(&r.data) + total(&r.out)) {
+        if self.limiter.is_limited()
+            && let Err(wait) = self.limiter.admit(total(&r.data) + total(&r.out))
+        {
             return BufferAction::Throttle(wait);
         }
         let fd = self.file.as_raw_fd();
