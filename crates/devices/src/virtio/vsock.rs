@@ -503,11 +503,6 @@ impl VirtioVsock {
         &self.uds
     }
 
-    /// Connections open now.
-    pub fn connections(&self) -> usize {
-        self.conns.len()
-    }
-
     fn total_conns(&self) -> usize {
         self.conns.len() + self.pending.len()
     }
