@@ -52,6 +52,24 @@ pub enum VmEvent {
     UserQuit,
 }
 
+/// Listens on the Unix socket `path` (non-blocking), replacing a socket file left by a
+/// process that is gone; a socket another process serves is refused (`AddrInUse`).
+pub fn bind_unix(path: &std::path::Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::net::{UnixListener, UnixStream};
+    if std::fs::symlink_metadata(path).is_ok() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another process is listening on it",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
 /// Where devices send [`VmEvent`]s.
 pub type EventSink = Arc<dyn Fn(VmEvent) + Send + Sync>;
 

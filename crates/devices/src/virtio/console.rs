@@ -280,17 +280,8 @@ impl VirtioConsole {
                 }
             }
             ConsoleMode::Socket(p) => {
-                let e = io_err(format!("socket {}", p.display()));
-                if std::fs::symlink_metadata(p).is_ok() {
-                    if UnixStream::connect(p).is_ok() {
-                        return Err(e(std::io::Error::new(
-                            std::io::ErrorKind::AddrInUse,
-                            "another process is listening on it",
-                        )));
-                    }
-                    std::fs::remove_file(p).map_err(io_err(format!("socket {}", p.display())))?;
-                }
-                let listener = UnixListener::bind(p).map_err(e)?;
+                let listener =
+                    crate::bind_unix(p).map_err(io_err(format!("socket {}", p.display())))?;
                 Host::Socket {
                     listener,
                     client: None,
@@ -316,12 +307,7 @@ impl VirtioConsole {
         let (fd, token) = match &dev.host {
             Host::Stdio { input, .. } => (Some(input.as_raw_fd()), TOKEN_INPUT),
             Host::Pty { master, .. } => (Some(master.as_raw_fd()), TOKEN_INPUT),
-            Host::Socket { listener, .. } => {
-                listener
-                    .set_nonblocking(true)
-                    .map_err(io_err("socket listener"))?;
-                (Some(listener.as_raw_fd()), TOKEN_LISTENER)
-            }
+            Host::Socket { listener, .. } => (Some(listener.as_raw_fd()), TOKEN_LISTENER),
             Host::File(_) => (None, 0),
         };
         if let Some(fd) = fd

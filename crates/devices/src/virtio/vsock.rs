@@ -422,27 +422,6 @@ fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
     Ok(UnixStream::from(owned))
 }
 
-/// Binds the host socket, replacing a stale socket file that nothing listens on.
-fn bind(uds: &Path) -> Result<UnixListener, VsockError> {
-    let err = |source| VsockError::Socket {
-        path: uds.to_path_buf(),
-        source,
-    };
-    if std::fs::symlink_metadata(uds).is_ok() {
-        if UnixStream::connect(uds).is_ok() {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another process is listening on it",
-            )));
-        }
-        // A socket file left by a process that is gone.
-        std::fs::remove_file(uds).map_err(err)?;
-    }
-    let l = UnixListener::bind(uds).map_err(err)?;
-    l.set_nonblocking(true).map_err(err)?;
-    Ok(l)
-}
-
 impl VirtioVsock {
     /// Creates the device and its host socket (listening from now on; connections wait for
     /// the guest's driver).
@@ -456,7 +435,7 @@ impl VirtioVsock {
         let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(sock_err)?;
         epoll.add(wake.as_raw_fd(), TOKEN_WAKE).map_err(sock_err)?;
         // Last: from here on a failure must remove the socket file.
-        let listener = bind(&config.uds)?;
+        let listener = crate::bind_unix(&config.uds).map_err(sock_err)?;
         if let Err(e) = epoll.add(listener.as_raw_fd(), TOKEN_LISTENER) {
             let _ = std::fs::remove_file(&config.uds);
             return Err(sock_err(e));
