@@ -938,11 +938,7 @@ impl Machine {
         // Dropped in field order on every path out of here: the devices (they hold guest memory
         // and the VM), then the VM (its memory slots point into guest RAM), then guest RAM, as
         // `Vm::set_memory_slot` requires.
-        let owned = Owned {
-            virtio,
-            _vm: vm,
-            _ram: ram,
-        };
+        let owned = Owned { virtio, vm, ram };
         let stop = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = channel::<String>();
 
@@ -1079,8 +1075,8 @@ impl Machine {
                                 let msrs = kvm.msrs_to_save().map_err(|e| e.to_string())?;
                                 let vcpus = gate.save_vcpus(threads.len(), msrs)?;
                                 let src = crate::snapshot::Sources {
-                                    vm: &owned._vm,
-                                    ram: &owned._ram,
+                                    vm: &owned.vm,
+                                    ram: &owned.ram,
                                     virtio: &owned.virtio,
                                     legacy: &legacy,
                                     config: &config,
@@ -1242,10 +1238,10 @@ fn pause_all(
 /// What `Machine::run` must drop in this order (struct fields drop in declaration order).
 struct Owned {
     virtio: Vec<VirtioPci>,
-    /// Held only to be dropped after the devices.
-    _vm: Arc<Vm>,
-    /// Held only to be dropped after the VM.
-    _ram: Arc<RamBus>,
+    /// Dropped after the devices (snapshots read its state).
+    vm: Arc<Vm>,
+    /// Dropped after the VM (snapshots write it out).
+    ram: Arc<RamBus>,
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
