@@ -61,10 +61,6 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         return;
     };
     let Ok(kick) = EventFd::new(0) else { return };
-    let mut aq = ActiveQueue {
-        index: 0,
-        queue,
-        ioeventfd: Arc::new(kick),
-    };
+    let mut aq = ActiveQueue::new(0, queue, Arc::new(kick));
     let _ = process_queue(&mut dev, &mut aq, &mem, &mut execute_sync);
 });

@@ -17,8 +17,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     };
     match which % 5 {
         0 => {
-            let path =
-                std::env::temp_dir().join(format!("alioth-fuzz-config-{}.toml", std::process::id()));
+            let path = std::env::temp_dir()
+                .join(format!("alioth-fuzz-config-{}.toml", std::process::id()));
             if std::fs::write(&path, text).is_err() {
                 return;
             }

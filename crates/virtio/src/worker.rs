@@ -74,6 +74,16 @@ pub struct ActiveQueue {
 }
 
 impl ActiveQueue {
+    /// Queue `index` on `queue`, notified through `ioeventfd`, not throttled.
+    pub fn new(index: u16, queue: Queue, ioeventfd: Arc<EventFd>) -> Self {
+        ActiveQueue {
+            index,
+            queue,
+            ioeventfd,
+            throttled: None,
+        }
+    }
+
     /// Whether the queue is throttled now; a throttle that has run out is cleared.
     pub fn is_throttled(&mut self) -> bool {
         match self.throttled {
@@ -657,12 +667,7 @@ impl<D: ChainHandler, B: Backend<D>> WorkerThread<D, B> {
                 .map_err(io_err(format!("{name}: queue {index} eventfd")))?;
             let mut queue = new_queue(max_size, setup.config, features, &self.mem).map_err(qerr)?;
             queue.set_ring_base(&self.mem, setup.base).map_err(qerr)?;
-            active.push(ActiveQueue {
-                index,
-                queue,
-                ioeventfd: setup.ioeventfd,
-                throttled: None,
-            });
+            active.push(ActiveQueue::new(index, queue, setup.ioeventfd));
         }
         self.dev.activate(features)?;
         self.backend.activate(
