@@ -152,6 +152,8 @@ pub struct NetFile {
     pub mtu: Option<u16>,
     pub backend: Option<String>,
     pub poll_us: Option<u32>,
+    /// Each direction limited on its own.
+    pub rate_limit: Option<RateLimitFile>,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff` (unicast).
@@ -206,6 +208,11 @@ impl NetFile {
                 queue_pairs: self.queues.unwrap_or(1),
                 queue_size: self.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE),
                 mtu: self.mtu.unwrap_or(DEFAULT_MTU),
+                rate_limit: self
+                    .rate_limit
+                    .map(|r| r.into_limit())
+                    .transpose()?
+                    .unwrap_or_default(),
             },
             backend: match &self.backend {
                 Some(b) => parse_backend(b)?,
@@ -240,8 +247,16 @@ pub fn parse_net_flag(spec: &str) -> Result<NetFile> {
             "poll_us" => {
                 n.poll_us = Some(v.parse().with_context(|| format!("--net poll_us=`{v}`"))?)
             }
+            "bandwidth" => {
+                n.rate_limit.get_or_insert_with(Default::default).bandwidth =
+                    Some(Size::Text(v.to_string()))
+            }
+            "ops" => {
+                n.rate_limit.get_or_insert_with(Default::default).ops =
+                    Some(v.parse().with_context(|| format!("--net ops=`{v}`"))?)
+            }
             _ => bail!(
-                "--net: unknown key `{k}` (tap, mac, queues, queue_size, mtu, backend, poll_us)"
+                "--net: unknown key `{k}` (tap, mac, queues, queue_size, mtu, backend, poll_us, bandwidth, ops)"
             ),
         }
     }
@@ -717,6 +732,7 @@ pub fn to_toml(c: &VmConfig, api_socket: Option<&Path>) -> Result<String> {
                 mtu: Some(n.net.mtu),
                 backend: backend_name(n.backend),
                 poll_us: Some(n.poll_us),
+                rate_limit: RateLimitFile::of(&n.net.rate_limit),
             })
             .collect(),
         vsock: c.vsock.as_ref().map(|v| VsockFile {

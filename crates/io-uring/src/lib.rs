@@ -418,14 +418,20 @@ impl ActiveIoUring {
         self.poke[q] = false;
         let index = self.queues[q].index;
         let mut touched = false;
+        if self.queues[q].is_throttled() {
+            return Ok(false);
+        }
         while !self.blocked[q] {
             if !self.may_take(q) {
                 self.paused[q] = true;
                 break;
             }
             let Some(op) = dev.poll_io(index, &self.mem) else {
-                // A device that drains its event fds itself waits for them now.
-                if dev.event_driven() {
+                if let Some(wait) = dev.io_throttle(index) {
+                    // A rate limit: the timer brings the queue back.
+                    self.queues[q].throttled = Some(std::time::Instant::now() + wait);
+                } else if dev.event_driven() {
+                    // A device that drains its event fds itself waits for them now.
                     self.arm_events(q)?;
                 }
                 break;

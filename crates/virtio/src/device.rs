@@ -222,6 +222,14 @@ pub trait ChainHandler: Virtio {
         false
     }
 
+    /// After [`ChainHandler::poll_io`] returned `None`: how long the device's own I/O on
+    /// `queue` waits for a rate limit, if that is why. The backend then leaves the queue alone
+    /// (kicks, polling, event fds) for that long, as for [`BufferAction::Throttle`].
+    fn io_throttle(&mut self, queue: u16) -> Option<std::time::Duration> {
+        let _ = queue;
+        None
+    }
+
     /// The chains of `queue` the device holds ([`BufferAction::Hold`]), in the order it popped
     /// them (they are the queue's most recent pops). A snapshot's ring position excludes them,
     /// so that the restored device pops them again.

@@ -122,21 +122,41 @@ impl RateLimiter {
 
     /// [`RateLimiter::admit`] at a given time (for tests).
     pub fn admit_at(&mut self, bytes: u64, now: Instant) -> Result<(), Duration> {
+        self.ready_at(now)?;
+        self.consume(bytes);
+        Ok(())
+    }
+
+    /// Whether a request may start now (every bucket has tokens), taking nothing; otherwise
+    /// how long to wait. For I/O whose size is known only once it is done (a receive), followed
+    /// by [`RateLimiter::consume`].
+    pub fn ready(&mut self) -> Result<(), Duration> {
+        if !self.is_limited() {
+            return Ok(());
+        }
+        self.ready_at(Instant::now())
+    }
+
+    fn ready_at(&mut self, now: Instant) -> Result<(), Duration> {
         let wait = [self.bandwidth.as_mut(), self.ops.as_mut()]
             .into_iter()
             .flatten()
             .filter_map(|b| b.wait(now))
             .max();
-        if let Some(w) = wait {
-            return Err(w);
+        match wait {
+            Some(w) => Err(w),
+            None => Ok(()),
         }
+    }
+
+    /// Takes `bytes` and one request (after [`RateLimiter::ready`], once the size is known).
+    pub fn consume(&mut self, bytes: u64) {
         if let Some(b) = self.bandwidth.as_mut() {
             b.take(bytes);
         }
         if let Some(b) = self.ops.as_mut() {
             b.take(1);
         }
-        Ok(())
     }
 }
 

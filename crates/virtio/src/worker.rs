@@ -764,8 +764,18 @@ pub fn device_io<D: ChainHandler>(
 ) -> Result<bool> {
     let index = aq.index;
     let mut done = false;
+    if aq.is_throttled() {
+        return Ok(false);
+    }
     let mut used = Vec::new();
-    while let Some(op) = dev.poll_io(index, mem) {
+    loop {
+        let Some(op) = dev.poll_io(index, mem) else {
+            // Out of work, or waiting for a rate limit: then come back when it allows.
+            if let Some(wait) = dev.io_throttle(index) {
+                aq.throttled = Some(std::time::Instant::now() + wait);
+            }
+            break;
+        };
         let r = exec(&op);
         let blocked = matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
         dev.io_done(index, mem, r, &mut used);

@@ -161,6 +161,8 @@ pub struct NetConfig {
     pub queue_size: u16,
     /// MTU reported to the guest.
     pub mtu: u16,
+    /// Bandwidth and packet limits, each direction on its own (none by default).
+    pub rate_limit: alioth_virtio::RateLimit,
 }
 
 /// Errors creating a virtio-net device.
@@ -241,6 +243,10 @@ pub struct VirtioNet {
     rx: Vec<Rx>,
     counters: Arc<NetCounters>,
     log: LogLimiter,
+    tx_limit: alioth_virtio::RateLimiter,
+    rx_limit: alioth_virtio::RateLimiter,
+    /// Why the last receive did not start: the wait for `rx_limit`.
+    rx_wait: Option<std::time::Duration>,
 }
 
 fn bit(b: u32) -> u64 {
@@ -355,6 +361,9 @@ impl VirtioNet {
             rx: (0..pairs).map(|_| Rx::default()).collect(),
             counters: Arc::new(NetCounters::default()),
             log: LogLimiter::new(),
+            tx_limit: alioth_virtio::RateLimiter::new(&cfg.rate_limit),
+            rx_limit: alioth_virtio::RateLimiter::new(&cfg.rate_limit),
+            rx_wait: None,
         }
     }
 
@@ -470,6 +479,13 @@ impl VirtioNet {
 
     fn handle_tx(&mut self, pair: usize, chain: &DescChain, mem: &GuestMemoryMmap) -> BufferAction {
         let total = chain.readable_len();
+        if self.tx_limit.is_limited()
+            && let Err(wait) = self
+                .tx_limit
+                .admit(total.saturating_sub(VNET_HDR_LEN as u64))
+        {
+            return BufferAction::Throttle(wait);
+        }
         let mut hdr = VirtioNetHdr::default();
         let got = chain.read_at(mem, 0, hdr.as_mut_bytes());
         let problem = match got {
@@ -683,6 +699,12 @@ impl ChainHandler for VirtioNet {
         if mrg && rx.held_bytes < max && rx.held.len() < queue_size {
             return None;
         }
+        // A packet's size is known once it is read: the limit is checked before, charged after.
+        if let Err(wait) = self.rx_limit.ready() {
+            self.rx_wait = Some(wait);
+            return None;
+        }
+        let rx = &mut self.rx[p];
         let mut iovs = Vec::new();
         let mut bytes = 0;
         let mut chains = 0;
@@ -696,6 +718,13 @@ impl ChainHandler for VirtioNet {
         }
         rx.reading = chains;
         Some(IoOp::Recv { fd, iovs })
+    }
+
+    fn io_throttle(&mut self, queue: u16) -> Option<std::time::Duration> {
+        match self.role(queue) {
+            Role::Rx(_) => self.rx_wait.take(),
+            _ => None,
+        }
     }
 
     fn held(&self, queue: u16) -> Vec<alioth_queue::ChainToken> {
@@ -746,6 +775,7 @@ impl ChainHandler for VirtioNet {
                 return;
             }
         };
+        self.rx_limit.consume(n - VNET_HDR_LEN as u64);
         // Fill the covered chains in order; the packet's bytes end somewhere in the k-th.
         let rx = &mut self.rx[p];
         let mut left = n;

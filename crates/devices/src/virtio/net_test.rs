@@ -32,6 +32,7 @@ fn cfg() -> NetConfig {
         queue_pairs: 1,
         queue_size: 16,
         mtu: 1500,
+        rate_limit: Default::default(),
     }
 }
 
@@ -51,8 +52,19 @@ struct Rig {
 
 /// A one-pair device on a socket pair, started with `features` and the rings of `rx`, `tx`.
 fn start(ram: &RamBus, kind: Kind, features: u64, rx: &TestDriver, tx: &TestDriver) -> Rig {
+    start_with(ram, kind, features, rx, tx, cfg())
+}
+
+fn start_with(
+    ram: &RamBus,
+    kind: Kind,
+    features: u64,
+    rx: &TestDriver,
+    tx: &TestDriver,
+    config: NetConfig,
+) -> Rig {
     let (dev_end, peer) = packet_pair(matches!(kind, Kind::Epoll));
-    let dev = VirtioNet::with_tap("virtio-net0", &cfg(), Tap::from_fds("test", vec![dev_end]));
+    let dev = VirtioNet::with_tap("virtio-net0", &config, Tap::from_fds("test", vec![dev_end]));
     let counters = dev.counters();
     let mem = ram.memory().clone();
     let worker = match kind {
@@ -365,4 +377,60 @@ fn bad_settings_are_refused() {
         let e = VirtioNet::check(&c).unwrap_err().to_string();
         assert!(e.contains(what), "{e}");
     }
+}
+
+#[test]
+fn rate_limited_packets_wait_in_the_rings_both_ways_and_all_arrive() {
+    each_setup(|kind, format| {
+        let ram = RamBus::new(MemoryMap::new(16 << 20).unwrap()).unwrap();
+        let mut rx = TestDriver::new(ram.memory(), format, 16, 0x10_0000, 0);
+        let mut tx = TestDriver::new(ram.memory(), format, 16, 0x18_0000, 0);
+        let config = NetConfig {
+            rate_limit: alioth_virtio::RateLimit {
+                ops: Some(20),
+                ..Default::default()
+            },
+            ..cfg()
+        };
+        let rig = start_with(&ram, kind, 0, &rx, &tx, config);
+        // Transmit 7 packets at 20/s: the bucket takes 2 at once, the rest wait (0.25 s).
+        let start = std::time::Instant::now();
+        for i in 0..7u8 {
+            tx.add(&[&hdr(0, 0), &frame(60, i)], &[]).unwrap();
+        }
+        rig.kicks[1].write(1).unwrap();
+        for i in 0..7u8 {
+            let got = peer_recv(&rig.peer, 5000).expect("a packet");
+            assert_eq!(
+                &got[VNET_HDR_LEN..],
+                &frame(60, i)[..],
+                "{kind:?} {format:?}"
+            );
+        }
+        let took = start.elapsed();
+        assert!(
+            took >= std::time::Duration::from_millis(200),
+            "{kind:?} {format:?}: {took:?}"
+        );
+        let used = wait_used(&mut tx, &rig.irq.queues[1], 7);
+        assert_eq!(used.len(), 7);
+        // Receive 7 packets: the receive side has a bucket of its own.
+        for i in 0..7u8 {
+            peer_send(&rig.peer, &[hdr(0, 0), frame(60, 100 + i)].concat());
+        }
+        let start = std::time::Instant::now();
+        for _ in 0..7 {
+            rx.add(&[], &[1526]).unwrap();
+        }
+        rig.kicks[0].write(1).unwrap();
+        let got = wait_used(&mut rx, &rig.irq.queues[0], 7);
+        assert_eq!(got.len(), 7, "{kind:?} {format:?}");
+        assert!(
+            start.elapsed() >= std::time::Duration::from_millis(200),
+            "{kind:?} {format:?}: {:?}",
+            start.elapsed()
+        );
+        assert_eq!(rig.counters.rx_packets.load(Ordering::Relaxed), 7);
+        rig.worker.shutdown();
+    });
 }
