@@ -3,21 +3,16 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use alioth_io_uring::IoUringBackend;
 use alioth_mem::{MemoryMap, RamBus};
+use alioth_queue::QueueFormat;
 use alioth_queue::testing::TestDriver;
-use alioth_queue::{QueueFormat, VIRTIO_F_VERSION_1};
 use alioth_test_util::wait_eventfd;
-use alioth_virtio::{EpollBackend, EventFdIrq, QueueSetup, WakeEvent, Worker};
+use alioth_virtio::{EventFdIrq, Worker};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
 
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Epoll,
-    IoUring,
-}
+use crate::virtio::test_rig::{self, Kind};
 
 struct Rig<'a> {
     worker: Worker,
@@ -30,34 +25,13 @@ struct Rig<'a> {
 
 fn start<'a>(ram: &'a RamBus, kind: Kind, format: QueueFormat, dev: VirtioConsole) -> Rig<'a> {
     let counters = dev.counters();
-    let mem = ram.memory().clone();
-    let worker = match kind {
-        Kind::Epoll => Worker::spawn(dev, EpollBackend::default(), mem),
-        Kind::IoUring => Worker::spawn(dev, IoUringBackend::new(64), mem),
-    }
-    .unwrap();
     let rx = TestDriver::new(ram.memory(), format, 64, 0x10_0000, 0);
     let tx = TestDriver::new(ram.memory(), format, 64, 0x20_0000, 0);
-    let irq = Arc::new(EventFdIrq::new(3).unwrap());
-    let kicks: Vec<_> = (0..2)
-        .map(|_| Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()))
-        .collect();
-    let setup = |d: &TestDriver, k: &Arc<EventFd>| {
-        Some(QueueSetup {
-            config: d.config(),
-            ioeventfd: k.clone(),
-            base: 0,
-        })
-    };
-    worker.wake(WakeEvent::Start {
-        features: rx.features() | (1 << VIRTIO_F_VERSION_1),
-        queues: vec![setup(&rx, &kicks[0]), setup(&tx, &kicks[1])],
-        irq: irq.clone(),
-    });
+    let s = test_rig::start(dev, kind, ram, &[&rx, &tx]);
     Rig {
-        worker,
-        irq,
-        kicks,
+        worker: s.worker,
+        irq: s.irq,
+        kicks: s.kicks,
         rx,
         tx,
         counters,

@@ -5,3 +5,6 @@ pub mod console;
 pub mod net;
 pub mod rng;
 pub mod vsock;
+
+#[cfg(test)]
+mod test_rig;

@@ -3,23 +3,18 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use alioth_io_uring::IoUringBackend;
 use alioth_mem::{MemoryMap, RamBus};
+use alioth_queue::QueueFormat;
 use alioth_queue::testing::TestDriver;
-use alioth_queue::{QueueFormat, VIRTIO_F_VERSION_1};
 use alioth_test_util::wait_eventfd;
-use alioth_virtio::{EpollBackend, EventFdIrq, QueueSetup, WakeEvent, Worker};
+use alioth_virtio::{EventFdIrq, WakeEvent, Worker};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
 
 const CID: u64 = 3;
 
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Epoll,
-    IoUring,
-}
+use crate::virtio::test_rig::{self, Kind};
 
 struct Rig<'a> {
     worker: Worker,
@@ -51,35 +46,11 @@ fn start_with(
     dir: tempfile::TempDir,
 ) -> Rig<'_> {
     let counters = dev.counters();
-    let mem = ram.memory().clone();
-    let worker = match kind {
-        Kind::Epoll => Worker::spawn(dev, EpollBackend::default(), mem),
-        Kind::IoUring => Worker::spawn(dev, IoUringBackend::new(64), mem),
-    }
-    .unwrap();
     let rx = TestDriver::new(ram.memory(), format, 64, 0x10_0000, 0);
     let tx = TestDriver::new(ram.memory(), format, 64, 0x20_0000, 0);
     let ev = TestDriver::new(ram.memory(), format, 16, 0x30_0000, 0);
-    let irq = Arc::new(EventFdIrq::new(4).unwrap());
-    let kicks: Vec<_> = (0..3)
-        .map(|_| Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()))
-        .collect();
-    let setup = |d: &TestDriver, k: &Arc<EventFd>| {
-        Some(QueueSetup {
-            config: d.config(),
-            ioeventfd: k.clone(),
-            base: 0,
-        })
-    };
-    worker.wake(WakeEvent::Start {
-        features: rx.features() | (1 << VIRTIO_F_VERSION_1),
-        queues: vec![
-            setup(&rx, &kicks[0]),
-            setup(&tx, &kicks[1]),
-            setup(&ev, &kicks[2]),
-        ],
-        irq: irq.clone(),
-    });
+    let test_rig::Started { worker, irq, kicks } =
+        test_rig::start(dev, kind, ram, &[&rx, &tx, &ev]);
     let mut rig = Rig {
         worker,
         irq,
