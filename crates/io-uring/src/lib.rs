@@ -2,7 +2,7 @@
 //!
 //! Each queue's ioeventfd and the worker's notifier are watched with multishot `PollAdd`s. A
 //! kick pops the queue's chains; the device turns each into an [`IoOp`], which becomes an SQE
-//! (readv, writev, fsync, fallocate) and stays in flight — its chain keeping its ring slot —
+//! (read, write, readv, writev, fsync, fallocate) and stays in flight — its chain keeping its ring slot —
 //! until its CQE arrives. `user_data` encodes what a completion is: a queue kick, the notifier,
 //! or a chain (queue index and in-flight slot).
 //!
@@ -50,7 +50,7 @@ fn untoken(t: u64) -> (u64, usize, usize) {
     )
 }
 
-/// A readv or writev SQE for `iovs` at `offset`, with the iovec array it points at (which
+/// A read or write SQE (readv or writev for more than one buffer) for `iovs` at `offset`, with the iovec array it points at (which
 /// must live until the completion), built in `v` (a slot's reused array).
 fn rw(
     fd: i32,
@@ -60,6 +60,21 @@ fn rw(
     mut v: Vec<libc::iovec>,
 ) -> (squeue::Entry, Vec<libc::iovec>) {
     v.clear();
+    if let [one] = iovs {
+        // One buffer (most requests): a plain read or write, without an iovec array for the
+        // kernel to import.
+        let (ptr, len) = (one.host_ptr(), one.len);
+        let sqe = if write {
+            opcode::Write::new(types::Fd(fd), ptr, len)
+                .offset(offset)
+                .build()
+        } else {
+            opcode::Read::new(types::Fd(fd), ptr, len)
+                .offset(offset)
+                .build()
+        };
+        return (sqe, v);
+    }
     v.extend(iovs.iter().map(|i| i.as_iovec()));
     let sqe = if write {
         opcode::Writev::new(types::Fd(fd), v.as_ptr(), v.len() as u32)
@@ -75,8 +90,10 @@ fn rw(
 
 /// The only operations a worker's ring accepts: seccomp cannot see what an io_uring executes,
 /// so the ring itself is restricted (IORING_REGISTER_RESTRICTIONS) to what the backend submits.
-const ALLOWED_OPS: [u8; 6] = [
+const ALLOWED_OPS: [u8; 8] = [
     opcode::PollAdd::CODE,
+    opcode::Read::CODE,
+    opcode::Write::CODE,
     opcode::Readv::CODE,
     opcode::Writev::CODE,
     opcode::Fsync::CODE,
@@ -384,7 +401,7 @@ impl ActiveIoUring {
                         self.give_back(dev.name(), q, chain, n)?;
                         touched = true;
                     }
-                    BufferAction::Io(op) => self.submit(q, Some(chain), op)?,
+                    BufferAction::Io(op) => self.submit(dev, q, Some(chain), op)?,
                     BufferAction::Invalid(reason) => {
                         return Err(Error::Protocol {
                             dev: dev.name().to_string(),
@@ -447,7 +464,7 @@ impl ActiveIoUring {
                 self.used = used;
                 continue;
             }
-            self.submit(q, None, op)?;
+            self.submit(dev, q, None, op)?;
         }
         Ok(touched)
     }
@@ -468,22 +485,28 @@ impl ActiveIoUring {
         Ok(())
     }
 
-    fn submit(&mut self, q: usize, chain: Option<DescChain>, op: IoOp) -> Result<()> {
+    fn submit<D: ChainHandler>(
+        &mut self,
+        dev: &mut D,
+        q: usize,
+        chain: Option<DescChain>,
+        op: IoOp,
+    ) -> Result<()> {
         let Some(slot) = self.free.pop() else {
             unreachable!("may_take checked for a free slot");
         };
         let user = token(KIND_CHAIN, q, slot);
         // The slot's iovec array from its last use: no allocation per request.
         let v = std::mem::take(&mut self.iov_arrays[slot].0);
-        let (sqe, iovecs) = match op {
-            IoOp::Readv { fd, iovs, offset } => rw(fd, &iovs, offset, false, v),
-            IoOp::Writev { fd, iovs, offset } => rw(fd, &iovs, offset, true, v),
+        let (sqe, iovecs) = match &op {
+            IoOp::Readv { fd, iovs, offset } => rw(*fd, iovs, *offset, false, v),
+            IoOp::Writev { fd, iovs, offset } => rw(*fd, iovs, *offset, true, v),
             // Packet descriptors (taps): at the current position, which io_uring spells -1.
-            IoOp::Recv { fd, iovs } => rw(fd, &iovs, u64::MAX, false, v),
-            IoOp::Send { fd, iovs } => rw(fd, &iovs, u64::MAX, true, v),
+            IoOp::Recv { fd, iovs } => rw(*fd, iovs, u64::MAX, false, v),
+            IoOp::Send { fd, iovs } => rw(*fd, iovs, u64::MAX, true, v),
             IoOp::Fsync { fd, datasync } => {
-                let mut f = opcode::Fsync::new(types::Fd(fd));
-                if datasync {
+                let mut f = opcode::Fsync::new(types::Fd(*fd));
+                if *datasync {
                     f = f.flags(types::FsyncFlags::DATASYNC);
                 }
                 (f.build(), v)
@@ -497,13 +520,17 @@ impl ActiveIoUring {
                 offset,
                 len,
             } => (
-                opcode::Fallocate::new(types::Fd(fd), len)
-                    .offset(offset)
-                    .mode(mode)
+                opcode::Fallocate::new(types::Fd(*fd), *len)
+                    .offset(*offset)
+                    .mode(*mode)
                     .build(),
                 v,
             ),
         };
+        // The kernel reads the slot's iovec array, not the device's list: give that back.
+        if let Some(iovs) = op.into_iovs() {
+            dev.recycle_iovs(iovs);
+        }
         self.slots[slot] = Some(InFlight {
             queue: q,
             chain,

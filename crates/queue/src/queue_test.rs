@@ -571,3 +571,38 @@ fn an_unpopped_chain_is_popped_again_and_a_stranger_is_refused() {
         assert!(q.pop(mem).unwrap().is_none());
     }
 }
+
+#[test]
+fn a_buffer_across_two_memory_regions_becomes_two_iovecs_and_reads_whole() {
+    // Two adjacent mappings: guest-contiguous, host-separate.
+    let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[
+        (vm_memory::GuestAddress(0), 0x10_0000),
+        (vm_memory::GuestAddress(0x10_0000), 0x10_0000),
+    ])
+    .unwrap();
+    let mut d = TestDriver::new(&mem, QueueFormat::Split, 8, 0x1000, 0);
+    let mut q = new_queue(8, d.config(), d.features(), &mem).unwrap();
+    let boundary = 0x10_0000u64;
+    let (rd, wr) = (boundary - 8, boundary - 0x800);
+    let msg: Vec<u8> = (0..32u8).collect();
+    d.write_mem(rd, &msg);
+    // (index, addr, len, flags, next): 32 readable bytes across the boundary, then 4 KiB
+    // writable across it.
+    d.split_raw(
+        &[
+            (0, rd, 32, crate::DESC_F_NEXT, 1),
+            (1, wr, 0x1000, crate::DESC_F_WRITE, 0),
+        ],
+        0,
+    );
+    let c = q.pop(&mem).unwrap().expect("a chain");
+    assert_eq!(c.readable.len(), 2, "split at the region boundary");
+    assert_eq!(c.writable.len(), 2);
+    assert_eq!((c.readable_len(), c.writable_len()), (32, 0x1000));
+    let mut buf = [0u8; 32];
+    assert_eq!(c.read_at(&mem, 0, &mut buf).unwrap(), 32);
+    assert_eq!(&buf[..], &msg[..]);
+    let reply = [0x5au8; 0x10];
+    assert_eq!(c.write_at(&mem, 0x7f8, &reply).unwrap(), 0x10);
+    assert_eq!(d.read_mem(boundary - 8, 0x10), reply.to_vec());
+}

@@ -79,8 +79,22 @@ impl SplitQueue {
 
     fn read_desc<M: GuestMemory>(mem: &M, table: u64, idx: u16) -> Result<Descriptor> {
         let at = table + u64::from(idx) * 16;
-        mem.read_obj(GuestAddress(at))
-            .map_err(|_| QueueError::Memory(at))
+        let Some(src) = crate::chain::host_range(mem, at, 16) else {
+            return mem
+                .read_obj(GuestAddress(at))
+                .map_err(|_| QueueError::Memory(at));
+        };
+        // SAFETY: `host_range` checked that 16 bytes at `src` are guest RAM mapped while `mem`
+        // is borrowed; [u8; 16] has no alignment. Volatile: the guest may be writing it.
+        let b: [u8; 16] = unsafe { std::ptr::read_volatile(src.cast::<[u8; 16]>()) };
+        let le =
+            |r: std::ops::Range<usize>| b[r].iter().rev().fold(0u64, |v, x| v << 8 | u64::from(*x));
+        Ok(Descriptor::new(
+            le(0..8),
+            le(8..12) as u32,
+            le(12..14) as u16,
+            le(14..16) as u16,
+        ))
     }
 
     /// Walks from `start` in a table of `len` descriptors at `table`.

@@ -142,6 +142,18 @@ pub enum IoOp {
 }
 
 impl IoOp {
+    /// The operation's buffer list, if it has one (to give back through
+    /// [`ChainHandler::recycle_iovs`] once the operation no longer needs it).
+    pub fn into_iovs(self) -> Option<Vec<Iov>> {
+        match self {
+            IoOp::Readv { iovs, .. }
+            | IoOp::Writev { iovs, .. }
+            | IoOp::Send { iovs, .. }
+            | IoOp::Recv { iovs, .. } => Some(iovs),
+            _ => None,
+        }
+    }
+
     /// Bytes the operation transfers when it completes fully (0 for flushes and fallocate).
     pub fn transfer_len(&self) -> usize {
         match self {
@@ -185,6 +197,12 @@ pub trait ChainHandler: Virtio {
         mem: &GuestMemoryMmap,
         result: std::io::Result<usize>,
     ) -> u32;
+
+    /// Takes back the buffer list of an [`IoOp`] the backend has started (the kernel has its
+    /// own copy), so that the device can reuse its allocation for a later operation.
+    fn recycle_iovs(&mut self, iovs: Vec<Iov>) {
+        drop(iovs);
+    }
 
     /// I/O the device starts by itself on `queue` rather than for one chain: a read from a tap
     /// into receive buffers it holds ([`BufferAction::Hold`]). The backend calls it after

@@ -266,6 +266,31 @@ impl<D: ChainHandler> ActiveBackend<D> for ActiveEpoll {
     }
 }
 
+const EMPTY_IOVEC: libc::iovec = libc::iovec {
+    iov_base: std::ptr::null_mut(),
+    iov_len: 0,
+};
+
+/// Buffer lists up to this long are passed to the kernel from the stack.
+const SMALL_IOVS: usize = 16;
+
+/// `iovs` as an iovec array: in `small` when it fits (no allocation per request), else in `big`.
+fn iovec_array<'a>(
+    iovs: &[alioth_queue::Iov],
+    small: &'a mut [libc::iovec; SMALL_IOVS],
+    big: &'a mut Vec<libc::iovec>,
+) -> &'a mut [libc::iovec] {
+    if iovs.len() <= SMALL_IOVS {
+        for (v, i) in small.iter_mut().zip(iovs) {
+            *v = i.as_iovec();
+        }
+        &mut small[..iovs.len()]
+    } else {
+        big.extend(iovs.iter().map(|i| i.as_iovec()));
+        big
+    }
+}
+
 /// Performs an [`IoOp`] with blocking syscalls. Reads and writes are continued until complete;
 /// a read that reaches the end of the file returns the shorter count.
 pub fn execute_sync(op: &IoOp) -> std::io::Result<usize> {
@@ -279,7 +304,8 @@ pub fn execute_sync(op: &IoOp) -> std::io::Result<usize> {
     match op {
         IoOp::Readv { fd, iovs, offset } | IoOp::Writev { fd, iovs, offset } => {
             let write = matches!(op, IoOp::Writev { .. });
-            let mut vecs: Vec<libc::iovec> = iovs.iter().map(|i| i.as_iovec()).collect();
+            let (mut small, mut big) = ([EMPTY_IOVEC; SMALL_IOVS], Vec::new());
+            let vecs = iovec_array(iovs, &mut small, &mut big);
             let total: usize = vecs.iter().map(|v| v.iov_len).sum();
             let mut done = 0usize;
             let mut first = 0usize;
@@ -320,7 +346,8 @@ pub fn execute_sync(op: &IoOp) -> std::io::Result<usize> {
             Ok(done)
         }
         IoOp::Send { fd, iovs } | IoOp::Recv { fd, iovs } => {
-            let vecs: Vec<libc::iovec> = iovs.iter().map(|i| i.as_iovec()).collect();
+            let (mut small, mut big) = ([EMPTY_IOVEC; SMALL_IOVS], Vec::new());
+            let vecs = iovec_array(iovs, &mut small, &mut big);
             let n = vecs.len().min(libc::c_int::MAX as usize) as libc::c_int;
             loop {
                 // SAFETY: the iovecs point into guest RAM buffers that the chains own while the

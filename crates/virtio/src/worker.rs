@@ -706,10 +706,10 @@ pub fn process_queue<D: ChainHandler>(
     mem: &GuestMemoryMmap,
     exec: &mut dyn FnMut(&IoOp) -> std::io::Result<usize>,
 ) -> Result<bool> {
-    let name = dev.name().to_string();
     let index = aq.index;
-    let qerr = |source| Error::Queue {
-        dev: name.clone(),
+    // The device's name is only copied when there is an error to report.
+    let qerr = |dev: &D, source| Error::Queue {
+        dev: dev.name().to_string(),
         queue: index,
         source,
     };
@@ -718,34 +718,45 @@ pub fn process_queue<D: ChainHandler>(
         // Its chains wait in the ring; the backend comes back when the throttle ends.
         return Ok(false);
     }
-    aq.queue.disable_notification(mem).map_err(qerr)?;
+    aq.queue
+        .disable_notification(mem)
+        .map_err(|e| qerr(dev, e))?;
     loop {
-        while let Some(chain) = aq.queue.pop(mem).map_err(qerr)? {
+        while let Some(chain) = aq.queue.pop(mem).map_err(|e| qerr(dev, e))? {
             let written = match dev.handle(index, &chain, mem) {
                 BufferAction::Hold => continue,
                 BufferAction::Throttle(wait) => {
-                    aq.queue.unpop(chain).map_err(qerr)?;
+                    aq.queue.unpop(chain).map_err(|e| qerr(dev, e))?;
                     aq.throttled = Some(std::time::Instant::now() + wait);
                     return Ok(done);
                 }
                 BufferAction::Written(n) => n,
                 BufferAction::Io(op) => {
                     let r = exec(&op);
+                    if let Some(iovs) = op.into_iovs() {
+                        dev.recycle_iovs(iovs);
+                    }
                     dev.complete(index, &chain, mem, r)
                 }
                 BufferAction::Invalid(reason) => {
                     return Err(Error::Protocol {
-                        dev: name,
+                        dev: dev.name().to_string(),
                         queue: index,
                         reason,
                     });
                 }
             };
-            aq.queue.push_used(mem, &chain, written).map_err(qerr)?;
+            aq.queue
+                .push_used(mem, &chain, written)
+                .map_err(|e| qerr(dev, e))?;
             aq.queue.recycle(chain);
             done = true;
         }
-        if !aq.queue.enable_notification(mem).map_err(qerr)? {
+        if !aq
+            .queue
+            .enable_notification(mem)
+            .map_err(|e| qerr(dev, e))?
+        {
             break;
         }
     }

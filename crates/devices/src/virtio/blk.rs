@@ -214,6 +214,9 @@ pub struct VirtioBlk {
     log: alioth_virtio::LogLimiter,
     counters: std::sync::Arc<BlkCounters>,
     limiter: alioth_virtio::RateLimiter,
+    /// Buffer lists of finished reads and writes ([`ChainHandler::recycle_iovs`]), so that
+    /// starting one allocates nothing.
+    spare_iovs: Vec<Vec<Iov>>,
 }
 
 /// What completing an in-flight request needs.
@@ -351,6 +354,7 @@ impl VirtioBlk {
             log: alioth_virtio::LogLimiter::new(),
             counters: std::sync::Arc::default(),
             limiter: alioth_virtio::RateLimiter::new(&cfg.rate_limit),
+            spare_iovs: Vec::new(),
         };
         dev.config = dev.build_config();
         Ok(dev)
@@ -391,38 +395,41 @@ impl VirtioBlk {
     }
 }
 
-/// A parsed request.
+/// A parsed request: lengths only; the buffer list an I/O needs is built once, when it is
+/// started ([`VirtioBlk::take_iovs`]).
 struct Request {
     /// The request type; `None` when the chain is too short for a header.
     kind: Option<u32>,
     sector: u64,
-    /// Readable data after the header (OUT, DISCARD, WRITE_ZEROES).
-    out: Vec<Iov>,
-    /// Writable data before the status byte (IN, GET_ID).
-    data: Vec<Iov>,
+    /// Bytes of readable data after the header (OUT, DISCARD, WRITE_ZEROES).
+    out_len: u64,
+    /// Bytes of writable data before the status byte (IN, GET_ID).
+    data_len: u64,
     /// Where the status byte goes (offset within the writable buffers).
     status_at: u64,
 }
 
-/// Splits `iovs` at byte `at`: (before, after).
-fn split_iovs(iovs: &[Iov], at: u64) -> (Vec<Iov>, Vec<Iov>) {
-    let (mut a, mut b) = (Vec::new(), Vec::new());
+/// The header's size: type, reserved, sector.
+const HEADER_LEN: u64 = 16;
+
+/// Appends to `out` the bytes `from..from + len` of `iovs` (splitting the buffers at the ends).
+fn sub_iovs(iovs: &[Iov], from: u64, len: u64, out: &mut Vec<Iov>) {
+    let end = from.saturating_add(len);
     let mut pos = 0u64;
     for iov in iovs {
-        let end = pos + u64::from(iov.len);
-        if end <= at {
-            a.push(*iov);
-        } else if pos >= at {
-            b.push(*iov);
-        } else {
-            let k = (at - pos) as u32;
-            let (x, y) = iov.split(k);
-            a.push(x);
-            b.push(y);
+        let (start, stop) = (pos, pos + u64::from(iov.len));
+        pos = stop;
+        if stop <= from {
+            continue;
         }
-        pos = end;
+        if start >= end {
+            break;
+        }
+        // Both cuts are inside this buffer, so they fit in u32.
+        let (_, tail) = iov.split(from.saturating_sub(start) as u32);
+        let (part, _) = tail.split((end.min(stop) - start.max(from)) as u32);
+        out.push(part);
     }
-    (a, b)
 }
 
 fn parse(chain: &DescChain, mem: &GuestMemoryMmap) -> Result<Request, String> {
@@ -435,32 +442,31 @@ fn parse(chain: &DescChain, mem: &GuestMemoryMmap) -> Result<Request, String> {
         .read_at(mem, 0, hdr.as_mut_bytes())
         .map_err(|e| e.to_string())?;
     let status_at = wlen - 1;
-    let (data, _) = split_iovs(&chain.writable, status_at);
-    if n < 16 {
+    if (n as u64) < HEADER_LEN {
         // Still answerable: the status byte exists.
         return Ok(Request {
             kind: None,
             sector: 0,
-            out: Vec::new(),
-            data,
+            out_len: 0,
+            data_len: status_at,
             status_at,
         });
     }
-    let (_, out) = split_iovs(&chain.readable, 16);
     Ok(Request {
         kind: Some(hdr.kind.get()),
         sector: hdr.sector.get(),
-        out,
-        data,
+        out_len: chain.readable_len() - HEADER_LEN,
+        data_len: status_at,
         status_at,
     })
 }
 
-fn total(iovs: &[Iov]) -> u64 {
-    iovs.iter().map(|i| u64::from(i.len)).sum()
-}
-
 impl VirtioBlk {
+    /// An empty buffer list for a read or write, reused from an earlier one when there is one.
+    fn take_iovs(&mut self) -> Vec<Iov> {
+        self.spare_iovs.pop().unwrap_or_default()
+    }
+
     fn finish(
         &self,
         chain: &DescChain,
@@ -504,8 +510,7 @@ impl VirtioBlk {
         punch: bool,
     ) -> BufferAction {
         let mut seg = BlkDiscardSegment::default();
-        let segs = total(&r.out);
-        if segs != 16 {
+        if r.out_len != 16 {
             // One segment per request is what the config space advertises.
             return BufferAction::Written(self.finish(chain, mem, r.status_at, status::UNSUPP, 0));
         }
@@ -595,7 +600,7 @@ impl ChainHandler for VirtioBlk {
         // The limit counts the bytes a read or write moves, and every request; one that does
         // not fit now stays in the ring (nothing about it is kept here).
         if self.limiter.is_limited()
-            && let Err(wait) = self.limiter.admit(total(&r.data) + total(&r.out))
+            && let Err(wait) = self.limiter.admit(r.data_len + r.out_len)
         {
             return BufferAction::Throttle(wait);
         }
@@ -603,24 +608,26 @@ impl ChainHandler for VirtioBlk {
         let done = |st| BufferAction::Written(self.finish(chain, mem, r.status_at, st, 0));
         let action = match r.kind {
             Some(req::IN) => {
-                let len = total(&r.data);
-                if !self.in_range(r.sector, len) {
+                if !self.in_range(r.sector, r.data_len) {
                     return done(status::IOERR);
                 }
+                let mut iovs = self.take_iovs();
+                sub_iovs(&chain.writable, 0, r.data_len, &mut iovs);
                 BufferAction::Io(IoOp::Readv {
                     fd,
-                    iovs: r.data.clone(),
+                    iovs,
                     offset: r.sector * SECTOR_SIZE,
                 })
             }
             Some(req::OUT) => {
-                let len = total(&r.out);
-                if self.read_only || !self.in_range(r.sector, len) {
+                if self.read_only || !self.in_range(r.sector, r.out_len) {
                     return done(status::IOERR);
                 }
+                let mut iovs = self.take_iovs();
+                sub_iovs(&chain.readable, HEADER_LEN, r.out_len, &mut iovs);
                 BufferAction::Io(IoOp::Writev {
                     fd,
-                    iovs: r.out.clone(),
+                    iovs,
                     offset: r.sector * SECTOR_SIZE,
                 })
             }
@@ -632,7 +639,7 @@ impl ChainHandler for VirtioBlk {
             }
             Some(req::GET_ID) => {
                 let n = chain
-                    .write_at(mem, 0, &self.id[..(total(&r.data) as usize).min(ID_LEN)])
+                    .write_at(mem, 0, &self.id[..(r.data_len as usize).min(ID_LEN)])
                     .unwrap_or(0);
                 BufferAction::Written(self.finish(chain, mem, r.status_at, status::OK, n as u64))
             }
@@ -644,8 +651,8 @@ impl ChainHandler for VirtioBlk {
         if let BufferAction::Io(_) = &action {
             let kind = r.kind.unwrap_or_default();
             let (expected, data) = match kind {
-                req::IN => (total(&r.data), total(&r.data)),
-                req::OUT => (total(&r.out), 0),
+                req::IN => (r.data_len, r.data_len),
+                req::OUT => (r.out_len, 0),
                 _ => (0, 0),
             };
             let zero = match &action {
@@ -670,6 +677,14 @@ impl ChainHandler for VirtioBlk {
             }
         }
         action
+    }
+
+    fn recycle_iovs(&mut self, mut iovs: Vec<Iov>) {
+        // One list per request in flight at most is ever needed.
+        if self.spare_iovs.len() < usize::from(self.queue_size) * usize::from(self.num_queues) {
+            iovs.clear();
+            self.spare_iovs.push(iovs);
+        }
     }
 
     fn complete(

@@ -690,3 +690,36 @@ fn a_rate_limited_disk_holds_requests_in_the_ring_and_completes_them_at_the_rate
         rig.shutdown();
     }
 }
+
+#[test]
+fn header_data_and_status_sharing_descriptors_move_exactly_the_data() {
+    let ram = RamBus::new(MemoryMap::new(64 << 20).unwrap()).unwrap();
+    for (be, format, feats) in combos() {
+        let img = image(64, 0xee);
+        let dev = VirtioBlk::open("virtio-blk0", &cfg(img.path())).unwrap();
+        let mut rig = Rig::new(&ram, dev, be, format, feats);
+        let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 13 % 251) as u8).collect();
+        // The header split across two buffers, the second also holding the first 100 bytes of
+        // data; the rest of the data in a third.
+        let h = hdr(req::OUT, 8);
+        let mid = [&h[10..], &pattern[..100]].concat();
+        let (st, _) = rig.request(0, &[&h[..10], &mid, &pattern[100..]], 0);
+        assert_eq!(st, status::OK, "{be:?} {format:?} {feats:#x}");
+        // A read whose data and status byte share one buffer.
+        let id = rig.drivers[0].add(&[&hdr(req::IN, 8)], &[4097]).unwrap();
+        rig.kicks[0].write(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rig.drivers[0].used().is_none() {
+            assert!(Instant::now() < deadline, "read did not complete");
+            wait_eventfd(&rig.irq.queues[0], 100);
+        }
+        let (addr, _) = rig.drivers[0].writable(id)[0];
+        let got = rig.drivers[0].read_mem(addr, 4097);
+        assert_eq!(&got[..4096], &pattern[..], "{be:?} {format:?} {feats:#x}");
+        assert_eq!(got[4096], status::OK);
+        rig.shutdown();
+        let file = std::fs::read(img.path()).unwrap();
+        assert_eq!(&file[4096..8192], &pattern[..]);
+        assert!(file[..4096].iter().chain(&file[8192..]).all(|b| *b == 0xee));
+    }
+}
