@@ -167,6 +167,10 @@ fn disks_and_rng_come_from_the_file_or_the_flags() {
     assert_eq!(c.disks[0].backend, IoBackend::Epoll);
     assert_eq!(c.disks[1].blk.queue_size, 256);
     assert_eq!(c.disks[1].backend, IoBackend::Auto);
+    assert_eq!(
+        c.disks[1].poll_us, DEFAULT_DISK_POLL_US,
+        "disks poll by default"
+    );
     assert!(c.rng.is_some());
 
     let b = dir.path().join("b.img");
@@ -183,6 +187,14 @@ fn disks_and_rng_come_from_the_file_or_the_flags() {
     assert!(c.disks[0].blk.direct);
     assert_eq!(c.disks[0].blk.queue_size, 64);
     assert_eq!(c.disks[0].backend, IoBackend::IoUring);
+    assert_eq!(c.disks[0].poll_us, DEFAULT_DISK_POLL_US);
+    let off = build(&BootArgs {
+        disk: vec![format!("path={},poll_us=0", b.display())],
+        kernel: Some(dir.path().join("k")),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(off.disks[0].poll_us, 0, "poll_us=0 turns polling off");
 }
 
 #[test]

@@ -573,9 +573,6 @@ pub fn timed_kit_bench(mut cmd: Command) -> Result<KitBench> {
     })
 }
 
-/// The polling window the bench's `poll` rows give the worker (`poll_us`).
-const POLL_US: u32 = 50;
-
 /// The kit's command line for its 4 KiB random-read bench.
 fn bench_cmdline(qd: u32, secs: u64) -> String {
     format!("kit.test=bench kit.bench=blk-randread,qd={qd},secs={secs}")
@@ -770,7 +767,7 @@ pub fn bench_in_guest(root: &Path, args: &[String]) -> Result<()> {
         "\nin-guest (guest kit, polling its used ring) 4 KiB random read, 256 MiB file (page cache), {secs} s per run;\n\
          vs host: against a plain io_uring loop on the file; vs upstream: against upstream Alioth 0.12.0's io_uring\n\
          worker running the same kit; CPU: user+sys of the VMM's threads other than vCPUs, per I/O;\n\
-         poll rows: the worker polls its rings for up to {POLL_US} us (self-tuning) before sleeping"
+         alioth rows use the disks' default adaptive polling (docs/config.md, `poll_us`); `no poll` rows set poll_us=0"
     );
     println!(
         "{:<20} {:>4} {:>12} {:>12} {:>8} {:>11} {:>10}",
@@ -784,18 +781,20 @@ pub fn bench_in_guest(root: &Path, args: &[String]) -> Result<()> {
             Some(u) => Some(upstream_kit_bench(u, &kit, &img, qd, secs)?),
             None => None,
         };
+        // `None`: the default window.
         for (backend, poll) in [
-            ("io_uring", 0),
-            ("epoll", 0),
-            ("io_uring", POLL_US),
-            ("epoll", POLL_US),
+            ("io_uring", None),
+            ("epoll", None),
+            ("io_uring", Some(0)),
+            ("epoll", Some(0)),
         ] {
             let b = kit_bench(
                 &alioth,
                 &kit,
                 &format!(
-                    "path={},read_only=on,backend={backend},poll_us={poll}",
-                    img.display()
+                    "path={},read_only=on,backend={backend}{}",
+                    img.display(),
+                    poll.map_or(String::new(), |p| format!(",poll_us={p}"))
                 ),
                 qd,
                 secs,
@@ -803,8 +802,8 @@ pub fn bench_in_guest(root: &Path, args: &[String]) -> Result<()> {
             let vs = peer
                 .as_ref()
                 .map_or("-".into(), |p| format!("{:.2}", b.iops / p.iops));
-            let label = if poll > 0 {
-                format!("alioth {backend} poll")
+            let label = if poll == Some(0) {
+                format!("alioth {backend} no poll")
             } else {
                 format!("alioth {backend}")
             };

@@ -8,7 +8,7 @@
 use std::sync::atomic::Ordering;
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::chain::{ChainBuilder, ChainPool, ChainToken, InFlight, check_area};
@@ -25,6 +25,9 @@ pub struct SplitQueue {
     indirect: bool,
     in_flight: InFlight,
     pool: ChainPool,
+    /// The driver's available index as last read: chains up to it are published, so popping
+    /// them needs no new read of the index (one acquire load per batch, as Linux does).
+    avail_seen: u16,
 }
 
 impl SplitQueue {
@@ -74,7 +77,37 @@ impl SplitQueue {
             indirect,
             in_flight: InFlight::new(usize::from(size)),
             pool: ChainPool::default(),
+            avail_seen: 0,
         })
+    }
+
+    /// The driver's available index (acquire: the ring entries before it are visible after).
+    fn avail_idx<M: GuestMemory>(&self, mem: &M) -> Result<u16> {
+        let at = self.q.avail_ring() + 2;
+        if let Some(p) = crate::chain::host_range(mem, at, 2) {
+            // SAFETY: `host_range` checked that 2 bytes at `p` are guest RAM mapped while `mem`
+            // is borrowed; the available ring is 2-aligned (checked at creation, and `at` is
+            // the ring + 2). The guest writes it concurrently: an atomic load.
+            let idx = unsafe { std::sync::atomic::AtomicU16::from_ptr(p.cast()) };
+            return Ok(u16::from_le(idx.load(Ordering::Acquire)));
+        }
+        self.q
+            .avail_idx(mem, Ordering::Acquire)
+            .map(|w| w.0)
+            .map_err(|_| QueueError::Memory(self.q.avail_ring()))
+    }
+
+    /// The head index in available-ring entry `pos` (modulo the size).
+    fn avail_entry<M: GuestMemory>(&self, mem: &M, pos: u16) -> Result<u16> {
+        let at = self.q.avail_ring() + 4 + 2 * u64::from(pos % self.size);
+        if let Some(p) = crate::chain::host_range(mem, at, 2) {
+            // SAFETY: as in `avail_idx`: 2 mapped, 2-aligned bytes of the ring.
+            let v = unsafe { std::ptr::read_volatile(p.cast::<u16>()) };
+            return Ok(u16::from_le(v));
+        }
+        mem.read_obj::<u16>(GuestAddress(at))
+            .map(u16::from_le)
+            .map_err(|_| QueueError::Memory(at))
     }
 
     fn read_desc<M: GuestMemory>(mem: &M, table: u64, idx: u16) -> Result<Descriptor> {
@@ -161,32 +194,26 @@ impl VirtQueue for SplitQueue {
     }
 
     fn has_available<M: GuestMemory>(&self, mem: &M) -> Result<bool> {
-        let avail = self
-            .q
-            .avail_idx(mem, Ordering::Acquire)
-            .map_err(|_| QueueError::Memory(self.q.avail_ring()))?;
-        Ok(avail.0 != self.q.next_avail())
+        let next = self.q.next_avail();
+        Ok(self.avail_seen != next || self.avail_idx(mem)? != next)
     }
 
     fn pop<M: GuestMemory>(&mut self, mem: &M) -> Result<Option<DescChain>> {
-        let avail = self
-            .q
-            .avail_idx(mem, Ordering::Acquire)
-            .map_err(|_| QueueError::Memory(self.q.avail_ring()))?;
-        let pending = avail - std::num::Wrapping(self.q.next_avail());
-        if pending.0 > self.size {
-            return Err(QueueError::BadAvailIndex(pending.0));
-        }
-        let head = {
-            let mut iter = self
-                .q
-                .iter(mem)
-                .map_err(|_| QueueError::BadAvailIndex(pending.0))?;
-            match iter.next() {
-                Some(chain) => chain.head_index(),
-                None => return Ok(None),
+        let next = self.q.next_avail();
+        if self.avail_seen == next {
+            let avail = self.avail_idx(mem)?;
+            let pending = avail.wrapping_sub(next);
+            if pending > self.size {
+                return Err(QueueError::BadAvailIndex(pending));
             }
-        };
+            if pending == 0 {
+                return Ok(None);
+            }
+            self.avail_seen = avail;
+        }
+        // (The walk refuses a head beyond the table.)
+        let head = self.avail_entry(mem, next)?;
+        self.q.set_next_avail(next.wrapping_add(1));
         let mut b = ChainBuilder::new(head, self.size, self.pool.take());
         self.walk(mem, &mut b, self.q.desc_table(), self.size, head, false)?;
         if !self.in_flight.insert(head) {
@@ -270,6 +297,7 @@ impl VirtQueue for SplitQueue {
         // Nothing is in flight, so the used index has caught up with the available one.
         self.q.set_next_avail(base as u16);
         self.q.set_next_used(base as u16);
+        self.avail_seen = base as u16;
         Ok(())
     }
 }
