@@ -63,7 +63,7 @@ fn rw(
     if let [one] = iovs {
         // One buffer (most requests): a plain read or write, without an iovec array for the
         // kernel to import.
-        let (ptr, len) = (one.host_ptr(), one.len);
+        let (ptr, len) = (one.host_ptr(), one.len());
         let sqe = if write {
             opcode::Write::new(types::Fd(fd), ptr, len)
                 .offset(offset)

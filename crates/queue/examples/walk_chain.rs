@@ -29,7 +29,7 @@ fn main() {
             chain.writable_len()
         );
         for iov in chain.readable.iter().chain(&chain.writable) {
-            println!("  buffer at guest {:#x}, {} bytes", iov.gpa, iov.len);
+            println!("  buffer at guest {:#x}, {} bytes", iov.gpa(), iov.len());
         }
         let mut req = vec![0; chain.readable_len() as usize];
         chain.read_at(&mem, 0, &mut req).unwrap();

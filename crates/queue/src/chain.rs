@@ -6,12 +6,21 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 use crate::{QueueError, Result};
 
 /// One guest buffer of a chain: its guest-physical range and where it is mapped in this process.
+///
+/// Only a chain walk makes one, after checking the range against guest RAM, and nothing can
+/// change it afterwards: backends hand the kernel exactly this range to read or write.
+///
+/// ```compile_fail
+/// fn grow(iov: &mut alioth_queue::Iov) {
+///     iov.len = u32::MAX; // private: a safe caller cannot widen what the kernel may write
+/// }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Iov {
-    /// Guest-physical address.
-    pub gpa: u64,
-    /// Length in bytes.
-    pub len: u32,
+    // Private, so that only a chain walk (which checked them against guest RAM) makes one:
+    // the backends hand `host`..`host + len` to the kernel to write into.
+    gpa: u64,
+    len: u32,
     host: *mut u8,
 }
 
@@ -22,6 +31,17 @@ unsafe impl Send for Iov {}
 unsafe impl Sync for Iov {}
 
 impl Iov {
+    /// Guest-physical address.
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+
+    /// Length in bytes.
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
     /// The buffer's address in this process. Valid while the guest RAM mapping lives (Alioth
     /// never unmaps RAM while devices run).
     pub fn host_ptr(&self) -> *mut u8 {

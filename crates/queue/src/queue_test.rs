@@ -382,7 +382,7 @@ fn used_bytes_written_through_host_pointers_are_marked_dirty() {
         let mut q = new_queue(8, d.config(), d.features(), &mem).unwrap();
         let id = d.add(&[], &[4096, 4096]).unwrap();
         let c = q.pop(&mem).unwrap().unwrap();
-        let (first, second) = (c.writable[0].gpa, c.writable[1].gpa);
+        let (first, second) = (c.writable[0].gpa(), c.writable[1].gpa());
         mem.iter().for_each(|r| r.bitmap().reset());
         assert!(!page(first) && !page(second));
         // The device fills the first buffer through its host pointer (as readv would).

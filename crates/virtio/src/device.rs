@@ -160,7 +160,7 @@ impl IoOp {
             IoOp::Readv { iovs, .. }
             | IoOp::Writev { iovs, .. }
             | IoOp::Send { iovs, .. }
-            | IoOp::Recv { iovs, .. } => iovs.iter().map(|i| i.len as usize).sum(),
+            | IoOp::Recv { iovs, .. } => iovs.iter().map(|i| i.len() as usize).sum(),
             _ => 0,
         }
     }

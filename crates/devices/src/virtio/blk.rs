@@ -440,7 +440,7 @@ fn sub_iovs(iovs: &[Iov], from: u64, len: u64, out: &mut Vec<Iov>) {
     let end = from.saturating_add(len);
     let mut pos = 0u64;
     for iov in iovs {
-        let (start, stop) = (pos, pos + u64::from(iov.len));
+        let (start, stop) = (pos, pos + u64::from(iov.len()));
         pos = stop;
         if stop <= from {
             continue;

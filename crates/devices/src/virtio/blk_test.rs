@@ -525,11 +525,11 @@ fn a_header_rewritten_while_the_io_is_in_flight_does_not_change_the_completion()
     };
     assert_eq!(op.transfer_len(), 512);
     // The guest turns its read into a write of nothing while the read is in flight.
-    let at = chain.readable[0].gpa;
+    let at = chain.readable[0].gpa();
     d.write_mem(at, &hdr(req::OUT, 7));
     let written = dev.complete(0, &chain, mem, Ok(512));
     assert_eq!(written, 513, "the read's data and its status byte");
-    assert_eq!(d.read_mem(chain.writable[1].gpa, 1)[0], status::OK);
+    assert_eq!(d.read_mem(chain.writable[1].gpa(), 1)[0], status::OK);
     // A completion for a chain that is not in flight writes nothing.
     assert_eq!(dev.complete(0, &chain, mem, Ok(512)), 0);
 }

@@ -900,7 +900,7 @@ impl VirtioVsock {
     /// Guest data for the host: straight to the socket while nothing is held, the rest held
     /// within the credit granted.
     fn forward(&mut self, k: Key, payload: &[Iov], mem: &GuestMemoryMmap) {
-        let total: usize = payload.iter().map(|i| i.len as usize).sum();
+        let total: usize = payload.iter().map(|i| i.len() as usize).sum();
         let Some(c) = self.conns.get_mut(&k) else {
             return;
         };
@@ -928,13 +928,13 @@ impl VirtioVsock {
             let mut off = 0;
             let mut skip = sent;
             for iov in payload {
-                let len = iov.len as usize;
+                let len = iov.len() as usize;
                 if skip >= len {
                     skip -= len;
                     continue;
                 }
                 let want = len - skip;
-                let at = vm_memory::GuestAddress(iov.gpa + skip as u64);
+                let at = vm_memory::GuestAddress(iov.gpa() + skip as u64);
                 if vm_memory::Bytes::read_slice(mem, &mut buf[off..off + want], at).is_err() {
                     self.bad(format_args!("payload outside guest memory"));
                     return self.reset_conn(k);
@@ -1084,14 +1084,14 @@ fn sub_range(iovs: &[Iov], mut skip: u64, mut len: u64, mut f: impl FnMut(Iov)) 
         if len == 0 {
             break;
         }
-        let n = u64::from(iov.len);
+        let n = u64::from(iov.len());
         if skip >= n {
             skip -= n;
             continue;
         }
         // Both cuts are within the buffer, so they fit in u32.
         let (_, tail) = iov.split(skip as u32);
-        let take = u64::from(tail.len).min(len);
+        let take = u64::from(tail.len()).min(len);
         f(tail.split(take as u32).0);
         len -= take;
         skip = 0;
