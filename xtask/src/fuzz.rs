@@ -86,14 +86,21 @@ pub fn fuzz(root: &Path, args: &[String]) -> Result<()> {
         let seeds = dir.join("seeds").join(target);
         let corpus: PathBuf = root.join("target/fuzz-corpus").join(target);
         fresh_corpus(&seeds, &corpus)?;
+        // The targets write their inputs to files (an image, a kernel, a config) in TMPDIR:
+        // give them one that goes away with the run.
+        let scratch = root.join("target/fuzz-tmp").join(target);
+        std::fs::create_dir_all(&scratch)?;
         let out = Command::new("cargo")
             .current_dir(&dir)
+            .env("TMPDIR", &scratch)
             .args(["+nightly", "fuzz", "run", "-O", target])
             .arg(&corpus)
             .args(["--", "-rss_limit_mb=2048"])
             .arg(format!("-max_total_time={secs}"))
             .output()
-            .with_context(|| format!("running cargo fuzz for {target}"))?;
+            .with_context(|| format!("running cargo fuzz for {target}"));
+        let _ = std::fs::remove_dir_all(&scratch);
+        let out = out?;
         let text = String::from_utf8_lossy(&out.stderr);
         if !out.status.success() {
             let tail: Vec<&str> = text.lines().rev().take(40).collect();
