@@ -450,11 +450,12 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
     const ROUNDS: usize = 3;
     // (name, alioth's disk options; None: qemu-storage-daemon, the reference, last)
     let backends: [(&str, Option<&str>); 4] = [
+        // The disks' default adaptive polling, and without it.
         ("alioth io_uring", Some(",backend=io_uring")),
         ("alioth epoll", Some(",backend=epoll")),
         (
-            "alioth io_uring poll_us=50",
-            Some(",backend=io_uring,poll_us=50"),
+            "alioth io_uring no poll",
+            Some(",backend=io_uring,poll_us=0"),
         ),
         ("qemu-storage-daemon", None),
     ];
