@@ -8,6 +8,12 @@
 //! add their own, so each runs with the intersection. Nothing may `execve`, `ptrace`, mount,
 //! load modules or BPF, change credentials, or open network sockets other than Unix ones.
 //!
+//! Threads other than the main one may not open files, but an `openat` there fails with
+//! `EACCES` instead of ending the process: the C library opens files on its own, lazily (glibc's
+//! malloc reads `/proc/sys/vm/overcommit_memory` the first time a thread's heap shrinks, and
+//! uses `madvise` when it cannot), so a refused open must be an error it can handle. A second,
+//! small filter gives that answer; the thread's list lets `openat` through to it.
+//!
 //! io_uring operations are invisible to seccomp: the workers' rings are restricted to their
 //! opcodes by `IORING_REGISTER_RESTRICTIONS` instead (see `alioth-io-uring`).
 
@@ -158,6 +164,9 @@ const MAIN: &[i64] = &[
     libc::SYS_unlinkat,
 ];
 
+/// Opening files: refused with `EACCES` (by `file_refusal`) on every thread but the main one.
+const OPEN: &[i64] = &[libc::SYS_openat];
+
 /// `ioctl` request types (bits 8-15) a kind may use.
 const KVMIO: u64 = 0xAE;
 /// TUN ioctls and FIONREAD share the terminal group.
@@ -190,10 +199,10 @@ fn arg_is(arg: u8, v: u64) -> SeccompRule {
 pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
     let lists: &[&[i64]] = match kind {
         ThreadKind::Main => &[COMMON, THREADS, SOCKET_IO, MAIN, WORKER, VCPU],
-        ThreadKind::Vcpu => &[COMMON, THREADS, SOCKET_IO, VCPU],
-        ThreadKind::Worker => &[COMMON, SOCKET_IO, WORKER],
-        ThreadKind::Input => &[COMMON],
-        ThreadKind::Api => &[COMMON, SOCKET_IO],
+        ThreadKind::Vcpu => &[COMMON, THREADS, SOCKET_IO, VCPU, OPEN],
+        ThreadKind::Worker => &[COMMON, SOCKET_IO, WORKER, OPEN],
+        ThreadKind::Input => &[COMMON, OPEN],
+        ThreadKind::Api => &[COMMON, SOCKET_IO, OPEN],
     };
     let mut m: BTreeMap<i64, Vec<SeccompRule>> = lists
         .iter()
@@ -259,6 +268,36 @@ pub fn program(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, 
     f.try_into().map_err(|e: seccompiler::BackendError| err(&e))
 }
 
+/// The filter that answers [`OPEN`] with `EACCES` and lets everything else through to the
+/// thread's list; installed with every list but the main thread's.
+fn file_refusal(kind: ThreadKind) -> Result<BpfProgram, SandboxError> {
+    let err = |e: &dyn std::fmt::Display| SandboxError {
+        kind,
+        reason: format!("the file-refusal filter: {e}"),
+    };
+    let f = SeccompFilter::new(
+        OPEN.iter().map(|&nr| (nr, Vec::new())).collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(|e| err(&e))?;
+    f.try_into().map_err(|e: seccompiler::BackendError| err(&e))
+}
+
+/// The programs a `kind` thread installs: its list with `mismatch` for what is not on it,
+/// and, on every thread but the main one, a filter that answers `openat` with `EACCES`.
+pub fn programs(
+    kind: ThreadKind,
+    mismatch: SeccompAction,
+) -> Result<Vec<BpfProgram>, SandboxError> {
+    let mut v = vec![program(kind, mismatch)?];
+    if kind != ThreadKind::Main {
+        v.push(file_refusal(kind)?);
+    }
+    Ok(v)
+}
+
 extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // The syscall number sits after the address in the SIGSYS layout of siginfo_t: si_addr
     // (8 bytes) at offset 16, si_syscall (4) at 24.
@@ -297,11 +336,13 @@ pub fn install(kind: ThreadKind, mode: SeccompMode) -> Result<(), SandboxError> 
         SeccompMode::On => SeccompAction::Trap,
         SeccompMode::Log => SeccompAction::Log,
     };
-    let p = program(kind, action)?;
-    seccompiler::apply_filter(&p).map_err(|e| SandboxError {
-        kind,
-        reason: e.to_string(),
-    })
+    for p in programs(kind, action)? {
+        seccompiler::apply_filter(&p).map_err(|e| SandboxError {
+            kind,
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
