@@ -234,10 +234,13 @@ impl Vsock {
 
     fn post_rx(&mut self, slot: usize) {
         let (h, b) = (self.rx_hdr(slot) as u64, self.rx_buf(slot) as u64);
-        self.rx_ids[slot] = self.dev.queue(0).add_slot(
-            slot as u16,
-            &[(h, HDR as u32, true), (b, PAYLOAD as u32, true)],
-        );
+        // In bench mode every slot's payload is the whole shared sink, so packets can be as
+        // large as the guest -> host ones.
+        let len = if self.bulk { BULK } else { PAYLOAD };
+        self.rx_ids[slot] = self
+            .dev
+            .queue(0)
+            .add_slot(slot as u16, &[(h, HDR as u32, true), (b, len as u32, true)]);
     }
 
     fn reap_tx(&mut self) {
