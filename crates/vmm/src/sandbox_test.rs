@@ -143,7 +143,7 @@ fn every_filter_compiles() {
 
 /// glibc's malloc opens `/proc/sys/vm/overcommit_memory` once per process, the first time a
 /// thread's heap shrinks; under a worker's filter that used to be SIGSYS, and the VM stopped
-/// (`cargo xtask bench vsock` freed its 256 KiB buffers on the worker). The test runs in a
+/// (`cargo xtask bench vsock` got its worker to free enough at once). The test runs in a
 /// fresh process (this test binary again) so that the first time happens under the filter.
 #[test]
 fn a_worker_whose_heap_shrinks_under_its_filter_lives_on() {
