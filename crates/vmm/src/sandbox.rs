@@ -252,37 +252,45 @@ pub struct SandboxError {
     reason: String,
 }
 
-/// The BPF program for `kind` with `mismatch` for syscalls outside its list.
-pub fn program(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, SandboxError> {
+/// Compiles `rules` (answered with `on_match`, everything else with `mismatch`) for `kind`'s
+/// threads; `what` names the filter in errors.
+fn compile(
+    kind: ThreadKind,
+    what: &str,
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    mismatch: SeccompAction,
+    on_match: SeccompAction,
+) -> Result<BpfProgram, SandboxError> {
     let err = |e: &dyn std::fmt::Display| SandboxError {
         kind,
-        reason: e.to_string(),
+        reason: format!("{what}: {e}"),
     };
-    let f = SeccompFilter::new(
+    let f =
+        SeccompFilter::new(rules, mismatch, on_match, TargetArch::x86_64).map_err(|e| err(&e))?;
+    f.try_into().map_err(|e: seccompiler::BackendError| err(&e))
+}
+
+/// The BPF program for `kind` with `mismatch` for syscalls outside its list.
+pub fn program(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, SandboxError> {
+    compile(
+        kind,
+        "the list",
         rules(kind),
         mismatch,
         SeccompAction::Allow,
-        TargetArch::x86_64,
     )
-    .map_err(|e| err(&e))?;
-    f.try_into().map_err(|e: seccompiler::BackendError| err(&e))
 }
 
 /// The filter that answers [`OPEN`] with `EACCES` and lets everything else through to the
 /// thread's list; installed with every list but the main thread's.
 fn file_refusal(kind: ThreadKind) -> Result<BpfProgram, SandboxError> {
-    let err = |e: &dyn std::fmt::Display| SandboxError {
+    compile(
         kind,
-        reason: format!("the file-refusal filter: {e}"),
-    };
-    let f = SeccompFilter::new(
+        "the file-refusal filter",
         OPEN.iter().map(|&nr| (nr, Vec::new())).collect(),
         SeccompAction::Allow,
         SeccompAction::Errno(libc::EACCES as u32),
-        TargetArch::x86_64,
     )
-    .map_err(|e| err(&e))?;
-    f.try_into().map_err(|e: seccompiler::BackendError| err(&e))
 }
 
 /// The programs a `kind` thread installs: its list with `mismatch` for what is not on it,
