@@ -74,3 +74,17 @@ fn per_vcpu_table_carries_apic_id_and_topology() {
     let sig = t.get(0x4000_0000, 0).unwrap();
     assert_eq!(sig.ebx.to_le_bytes(), *b"KVMK");
 }
+
+#[test]
+fn supported_cpuid_is_asked_once_and_callers_edit_their_own_copy() {
+    let kvm = crate::Kvm::new().unwrap();
+    let mut edited = kvm.supported_cpuid().unwrap();
+    edited.apply_edits(&parse_cpu_features("-cx16,-xsave").unwrap());
+    let fresh = crate::Kvm::new().unwrap().supported_cpuid().unwrap();
+    assert_ne!(edited, fresh, "the edit changed the caller's copy");
+    assert_eq!(
+        kvm.supported_cpuid().unwrap(),
+        fresh,
+        "the kept answer is KVM's, not the caller's edited copy"
+    );
+}

@@ -184,3 +184,124 @@ fn a_worker_whose_heap_shrinks_under_its_filter_lives_on() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Runs a classic BPF program on `data` (struct seccomp_data: nr, arch, ip, args) the way
+/// the kernel does, for the instructions seccompiler and [`dispatch`] emit; returns the verdict
+/// and how many instructions ran. Panics on any other instruction and on running off the end.
+fn run_bpf(prog: &[sock_filter], data: &[u32; 16]) -> (u32, usize) {
+    let (mut a, mut pc, mut steps) = (0u32, 0usize, 0usize);
+    loop {
+        let i = prog.get(pc).expect("the program ran off its end");
+        pc += 1;
+        steps += 1;
+        let jump = |taken: bool| usize::from(if taken { i.jt } else { i.jf });
+        match u32::from(i.code) {
+            c if c == libc::BPF_LD | libc::BPF_W | libc::BPF_ABS => {
+                assert_eq!(i.k % 4, 0, "an aligned word load");
+                a = data[i.k as usize / 4];
+            }
+            c if c == libc::BPF_ALU | libc::BPF_AND | libc::BPF_K => a &= i.k,
+            c if c == libc::BPF_JMP | libc::BPF_JA => pc += i.k as usize,
+            c if c == libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K => pc += jump(a == i.k),
+            c if c == libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K => pc += jump(a >= i.k),
+            c if c == libc::BPF_JMP | libc::BPF_JGT | libc::BPF_K => pc += jump(a > i.k),
+            c if c == libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K => pc += jump(a & i.k != 0),
+            c if c == libc::BPF_RET | libc::BPF_K => return (i.k, steps),
+            other => panic!("instruction {other:#x} at {} is not expected", pc - 1),
+        }
+    }
+}
+
+const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+const AUDIT_ARCH_I386: u32 = 0x4000_0003;
+
+/// `kind`'s list as seccompiler lays it out on its own: one chain.
+fn flat(kind: ThreadKind) -> BpfProgram {
+    SeccompFilter::new(
+        rules(kind),
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .unwrap()
+    .try_into()
+    .unwrap()
+}
+
+#[test]
+fn a_bucketed_filter_gives_every_syscall_the_verdict_of_the_flat_one() {
+    // First arguments the lists look at (prctl options, socket families, seccomp ops, ioctl
+    // requests), their neighbours and values no rule names.
+    let args: &[u32] = &[
+        0,
+        1,
+        2,
+        10,
+        libc::PR_SET_NAME as u32,
+        libc::PR_SET_NO_NEW_PRIVS as u32,
+        libc::PR_SET_NO_NEW_PRIVS as u32 + 1,
+        libc::AF_UNIX as u32,
+        libc::AF_INET as u32,
+        libc::SECCOMP_SET_MODE_FILTER,
+        0xae00,
+        0xae80,
+        0xaf00,
+        libc::TCGETS as u32,
+        0x5401_ae00,
+        u32::MAX,
+    ];
+    for kind in [
+        ThreadKind::Main,
+        ThreadKind::Vcpu,
+        ThreadKind::Worker,
+        ThreadKind::Input,
+        ThreadKind::Api,
+    ] {
+        let flat = flat(kind);
+        let bucketed = program(kind, SeccompAction::Trap).unwrap();
+        assert_ne!(
+            bucketed, flat,
+            "{kind:?}: a list longer than a bucket is split"
+        );
+        let (mut allowed, mut runs) = (0, 0);
+        for arch in [AUDIT_ARCH_X86_64, AUDIT_ARCH_I386] {
+            for nr in 0..1024u32 {
+                for &arg in args {
+                    let mut data = [0u32; 16];
+                    (data[0], data[1]) = (nr, arch);
+                    // Arguments 0 and 1, low halves (the rules compare 32 bits).
+                    (data[4], data[6]) = (arg, arg);
+                    let want = run_bpf(&flat, &data).0;
+                    assert_eq!(
+                        run_bpf(&bucketed, &data).0,
+                        want,
+                        "{kind:?}: syscall {nr}, arch {arch:#x}, argument {arg:#x}"
+                    );
+                    runs += 1;
+                    allowed += usize::from(want == libc::SECCOMP_RET_ALLOW);
+                }
+            }
+        }
+        assert!(allowed > 0 && allowed < runs, "{kind:?}: both verdicts met");
+    }
+}
+
+#[test]
+fn a_syscall_off_the_list_meets_a_few_comparisons_instead_of_the_whole_chain() {
+    let mut data = [0u32; 16];
+    (data[0], data[1]) = (libc::SYS_execve as u32, AUDIT_ARCH_X86_64);
+    let (verdict, flat) = run_bpf(&flat(ThreadKind::Main), &data);
+    let (same, bucketed) = run_bpf(
+        &program(ThreadKind::Main, SeccompAction::Trap).unwrap(),
+        &data,
+    );
+    assert_eq!(
+        (verdict, same),
+        (libc::SECCOMP_RET_TRAP, libc::SECCOMP_RET_TRAP)
+    );
+    assert!(flat > 150, "the flat chain ran {flat} instructions");
+    assert!(
+        bucketed * 5 < flat,
+        "bucketed {bucketed}, flat {flat} instructions"
+    );
+}
