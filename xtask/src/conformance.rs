@@ -341,7 +341,7 @@ pub fn conformance(root: &Path, args: &[String]) -> Result<()> {
     let strict = match vmm.as_str() {
         "alioth" => {
             run(cargo().args(["build", "--quiet", "-p", "alioth-cli"]))?;
-            let bin = root.join("target/debug/alioth");
+            let bin = crate::bin_dir(root, "debug").join("alioth");
             for backend in ["io_uring", "epoll"] {
                 for &ring in &rings {
                     let vmm = Vmm::Alioth {

@@ -124,7 +124,7 @@ pub fn build_kit(root: &Path) -> Result<PathBuf> {
             .current_dir(&dir)
             .args(["build", "--release", "--quiet"]),
     )?;
-    Ok(dir.join("target/release/guest-kit"))
+    Ok(crate::bin_dir(&dir, "release").join("guest-kit"))
 }
 
 fn run_case(alioth: &Path, kit: &Path, case: &Case) -> Result<()> {
@@ -170,7 +170,7 @@ fn rng_config(dir: &Path, backend: &str) -> Result<PathBuf> {
 pub fn e2e(root: &Path) -> Result<()> {
     let kit = build_kit(root)?;
     run(cargo().args(["build", "--quiet", "-p", "alioth-cli"]))?;
-    let alioth = root.join("target/debug/alioth");
+    let alioth = crate::bin_dir(root, "debug").join("alioth");
     let dir = root.join("target/e2e");
     std::fs::create_dir_all(&dir)?;
     let image = |name: &str| -> Result<PathBuf> {
@@ -738,7 +738,7 @@ pub fn bench_startup(root: &Path, args: &[String]) -> Result<()> {
         Some(crate::conformance::upstream_alioth(root)?)
     };
     startup_table(
-        &root.join("target/release/alioth"),
+        &crate::bin_dir(root, "release").join("alioth"),
         &kit,
         upstream.as_deref(),
         20,
@@ -753,7 +753,7 @@ pub fn bench_in_guest(root: &Path, args: &[String]) -> Result<()> {
     let secs = crate::secs_arg(args);
     let kit = build_kit(root)?;
     run(cargo().args(["build", "--release", "--quiet", "-p", "alioth-cli"]))?;
-    let alioth = root.join("target/release/alioth");
+    let alioth = crate::bin_dir(root, "release").join("alioth");
     let upstream = if args.iter().any(|a| a == "--no-peer") {
         None
     } else {
@@ -1052,7 +1052,7 @@ pub fn bench_rate_limit(root: &Path, args: &[String]) -> Result<()> {
     let secs = crate::secs_arg(args).max(3);
     let kit = build_kit(root)?;
     run(cargo().args(["build", "--release", "--quiet", "-p", "alioth-cli"]))?;
-    let alioth = root.join("target/release/alioth");
+    let alioth = crate::bin_dir(root, "release").join("alioth");
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let img = dir.join("rate-limit.img");

@@ -52,6 +52,12 @@ pub fn output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Where cargo puts `profile`'s binaries of the workspace (or the kit) rooted at `root`:
+/// `.cargo/config.toml` names the target (for static linking), so they sit under its triple.
+pub fn bin_dir(root: &Path, profile: &str) -> PathBuf {
+    root.join("target/x86_64-unknown-linux-gnu").join(profile)
+}
+
 pub fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: running {cmd:?}");
     let status = cmd

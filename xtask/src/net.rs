@@ -622,7 +622,7 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
     let secs = crate::secs_arg(args);
     let kit = crate::e2e::build_kit(root)?;
     crate::run(crate::cargo().args(["build", "--release", "--quiet", "-p", "alioth-cli"]))?;
-    let alioth = root.join("target/release/alioth");
+    let alioth = crate::bin_dir(root, "release").join("alioth");
     let xtask = std::env::current_exe()?;
     println!(
         "\nvirtio-net frame rates, {secs} s per run, one queue pair of 256 entries; the guest kit \

@@ -348,7 +348,7 @@ fn read_at(path: &Path, off: u64, len: usize) -> Result<Vec<u8>> {
 pub fn uml(root: &Path) -> Result<()> {
     let u = prepare(root)?;
     run(cargo().args(["build", "--quiet", "-p", "alioth-cli"]))?;
-    let alioth = root.join("target/debug/alioth");
+    let alioth = crate::bin_dir(root, "debug").join("alioth");
     let (mut passed, mut failed) = (0, 0);
     for backend in ["io_uring", "epoll"] {
         let sock = u.dir.join(format!("blk-{backend}.sock"));
@@ -433,7 +433,7 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
     };
     let u = prepare(root)?;
     run(cargo().args(["build", "--quiet", "--release", "-p", "alioth-cli"]))?;
-    let alioth = root.join("target/release/alioth");
+    let alioth = crate::bin_dir(root, "release").join("alioth");
     let img = u.dir.join("bench.img");
     // A page-cached file: write it whole, then read it once.
     std::fs::write(&img, vec![0x5au8; 256 << 20])?;

@@ -467,7 +467,7 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
     let secs = crate::secs_arg(args);
     let kit = crate::e2e::build_kit(root)?;
     crate::run(crate::cargo().args(["build", "--release", "--quiet", "-p", "alioth-cli"]))?;
-    let alioth = root.join("target/release/alioth");
+    let alioth = crate::bin_dir(root, "release").join("alioth");
     let base = host_uds_baseline(secs)?;
     println!(
         "\nvirtio-vsock stream throughput, {secs} s per run, 64 KiB packets (the guest kit \
