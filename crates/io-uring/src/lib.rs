@@ -111,7 +111,9 @@ pub(crate) fn restricted_ring(entries: u32) -> std::io::Result<IoUring> {
         let mut b = IoUring::builder();
         b.setup_cqsize(entries * 4).setup_r_disabled();
         if fast {
-            b.setup_single_issuer().setup_coop_taskrun();
+            b.setup_single_issuer()
+                .setup_coop_taskrun()
+                .setup_taskrun_flag();
         }
         b.build(entries)
     };
@@ -615,6 +617,8 @@ impl ActiveIoUring {
         // of budget waits for completions, not for its ring.
         let mut found = poller.poll(|| {
             !ring.completion().is_empty()
+                || ring.submission().taskrun()
+                || ring.submission().cq_overflow()
                 || queues.iter().zip(paused).any(|(q, p)| {
                     !p && q.throttled.is_none() && q.queue.has_available(mem).unwrap_or(true)
                 })
@@ -640,11 +644,22 @@ impl ActiveIoUring {
     /// Submits what is queued, waits for `min` completions (0: none), and leaves what has
     /// completed in `self.cqes`.
     fn wait_for(&mut self, min: usize) -> Result<()> {
-        loop {
-            match self.ring.submit_and_wait(min) {
-                Ok(_) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => return Err(io_err("io_uring wait")(e)),
+        // Without anything to submit or wait for, no completion work pending in the kernel
+        // (IORING_SQ_TASKRUN; a ring without COOP_TASKRUN never sets it, its completions are
+        // posted without the worker's help) and no completions held back by an overflow, the
+        // completion ring holds all there is: no syscall. (A polling worker at QD1 made three
+        // io_uring_enter calls per request before.)
+        let idle = min == 0 && {
+            let sq = self.ring.submission();
+            sq.is_empty() && !sq.taskrun() && !sq.cq_overflow()
+        };
+        if !idle {
+            loop {
+                match self.ring.submit_and_wait(min) {
+                    Ok(_) => break,
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) => return Err(io_err("io_uring wait")(e)),
+                }
             }
         }
         self.cqes.clear();
