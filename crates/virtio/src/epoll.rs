@@ -123,15 +123,16 @@ impl ActiveEpoll {
     /// Serves queue `slot` after its notification, a poll that saw chains, or one of its event
     /// fds.
     fn serve<D: ChainHandler>(&mut self, dev: &mut D, slot: usize, why: Why) -> Result<()> {
+        let polling = self.poller.is_some();
         let Some(aq) = self.queues.get_mut(slot) else {
             return Ok(());
         };
         let done = match why {
             Why::Kicked => {
                 let _ = aq.ioeventfd.read();
-                process_queue(dev, aq, &self.mem, &mut execute_sync)?
+                process_queue(dev, aq, &self.mem, polling, &mut execute_sync)?
             }
-            Why::Polled => process_queue(dev, aq, &self.mem, &mut execute_sync)?,
+            Why::Polled => process_queue(dev, aq, &self.mem, polling, &mut execute_sync)?,
             Why::Event => device_io(dev, aq, &self.mem, &mut execute_sync)?,
         };
         if done {

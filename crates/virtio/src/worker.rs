@@ -699,11 +699,15 @@ impl<D: ChainHandler, B: Backend<D>> WorkerThread<D, B> {
 
 /// Serves one queue synchronously: pops every available chain, lets the device handle it,
 /// performs its I/O with `exec`, and returns it. Notifications stay disabled while working and
-/// are re-enabled (and re-checked) at the end. Returns whether any chain was completed.
+/// are re-enabled (and re-checked) at the end, unless `polling`: a backend that polls the ring
+/// next keeps them suppressed and enables them itself when its poll window ends (enabling them
+/// here let a driver that posts its next request right away kick for it: 20-40 % of the
+/// requests at QD1).
 pub fn process_queue<D: ChainHandler>(
     dev: &mut D,
     aq: &mut ActiveQueue,
     mem: &GuestMemoryMmap,
+    polling: bool,
     exec: &mut dyn FnMut(&IoOp) -> std::io::Result<usize>,
 ) -> Result<bool> {
     let index = aq.index;
@@ -752,10 +756,11 @@ pub fn process_queue<D: ChainHandler>(
             aq.queue.recycle(chain);
             done = true;
         }
-        if !aq
-            .queue
-            .enable_notification(mem)
-            .map_err(|e| qerr(dev, e))?
+        if polling
+            || !aq
+                .queue
+                .enable_notification(mem)
+                .map_err(|e| qerr(dev, e))?
         {
             break;
         }

@@ -76,3 +76,75 @@ fn a_device_that_panics_needs_reset_and_its_failure_handler_hears_why() {
     assert!(worker.reset().is_empty());
     worker.shutdown();
 }
+
+/// A device that fills every chain itself, without I/O.
+struct Filler;
+
+impl Virtio for Filler {
+    fn name(&self) -> &str {
+        "filler0"
+    }
+    fn device_id(&self) -> DeviceId {
+        DeviceId::Entropy
+    }
+    fn device_features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![8]
+    }
+    fn config(&self) -> &[u8] {
+        &[]
+    }
+}
+
+impl ChainHandler for Filler {
+    fn handle(&mut self, _q: u16, _c: &DescChain, _m: &GuestMemoryMmap) -> BufferAction {
+        BufferAction::Written(8)
+    }
+    fn complete(
+        &mut self,
+        _q: u16,
+        _c: &DescChain,
+        _m: &GuestMemoryMmap,
+        _r: std::io::Result<usize>,
+    ) -> u32 {
+        0
+    }
+}
+
+/// A polling backend looks at the ring right after serving it, so notifications must stay
+/// suppressed: a driver that posts its next request at once would otherwise kick for it (it
+/// did for 20-40 % of the requests at QD1). A backend that sleeps next must enable them.
+#[test]
+fn serving_a_queue_leaves_notifications_suppressed_only_for_a_polling_backend() {
+    use alioth_queue::{VIRTIO_F_EVENT_IDX, VIRTIO_F_RING_PACKED, new_queue};
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+    for format in [QueueFormat::Split, QueueFormat::Packed] {
+        for event_idx in [false, true] {
+            for polling in [false, true] {
+                let what = format!("{format:?} event_idx={event_idx} polling={polling}");
+                let mut features = 1 << VIRTIO_F_VERSION_1;
+                if event_idx {
+                    features |= 1 << VIRTIO_F_EVENT_IDX;
+                }
+                let mut d = TestDriver::new(&mem, format, 8, 0x10_0000, features);
+                if format == QueueFormat::Packed {
+                    features |= 1 << VIRTIO_F_RING_PACKED;
+                }
+                let queue = new_queue(8, d.config(), features, &mem).unwrap();
+                let kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+                let mut aq = ActiveQueue::new(0, queue, kick);
+                let id = d.add(&[], &[8]).unwrap();
+                let served = process_queue(&mut Filler, &mut aq, &mem, polling, &mut |_| {
+                    unreachable!("the filler does no I/O")
+                })
+                .unwrap();
+                assert!(served, "{what}");
+                assert_eq!(d.used(), Some((id, 8)), "{what}");
+                d.add(&[], &[8]).unwrap();
+                assert_eq!(d.kick_needed(), !polling, "{what}");
+            }
+        }
+    }
+}
