@@ -672,7 +672,7 @@ pub fn startup_table(
     runs: usize,
 ) -> Result<()> {
     println!(
-        "\nstart-up: exec -> kit's first instruction (entry line) / first line after setup / hello verdict / process exit, ms, {runs} runs (min / median / max)"
+        "\nstart-up: exec -> kit's first instruction (entry line) / first line after setup / hello verdict / process exit, ms, {runs} runs each, alternating (min / median / max)"
     );
     println!("| vmm | entry | first line | verdict | exit |");
     println!("| --- | --- | --- | --- | --- |");
@@ -699,14 +699,17 @@ pub fn startup_table(
             }),
         ));
     }
-    for (name, make) in &vmms {
-        let mut samples = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
-        for _ in 0..runs {
+    // Boots alternate between the VMMs, so that a noisy moment of the machine falls on both.
+    let mut samples = vec![[Vec::new(), Vec::new(), Vec::new(), Vec::new()]; vmms.len()];
+    for _ in 0..runs {
+        for ((_, make), vmm_samples) in vmms.iter().zip(samples.iter_mut()) {
             let t = boot_times(make())?;
-            for (s, v) in samples.iter_mut().zip(t) {
+            for (s, v) in vmm_samples.iter_mut().zip(t) {
                 s.push(v);
             }
         }
+    }
+    for ((name, _), mut samples) in vmms.iter().zip(samples) {
         let cell = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);
             format!(
