@@ -3,9 +3,11 @@
 //!
 //! The window self-tunes as QEMU's `poll-max-ns` does: a poll that finds work doubles it (up to
 //! the configured maximum), one that times out halves it (down to 1/16 of the maximum), so an
-//! idle device quickly stops burning CPU and a busy one keeps its window. While polling, the
-//! backends keep the queues' notifications suppressed (VRING_USED_F_NO_NOTIFY or the used
-//! event index on split rings, the device event suppression on packed rings).
+//! idle device quickly stops burning CPU and a busy one keeps its window. While polling, and
+//! while serving what a poll found, the backends keep the queues' notifications suppressed
+//! (VRING_USED_F_NO_NOTIFY or the avail event index on split rings, the device event
+//! suppression on packed rings); they enable them, and look at the rings once more, only when a
+//! window ends without work.
 
 use std::time::{Duration, Instant};
 
