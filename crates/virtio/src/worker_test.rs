@@ -8,12 +8,19 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use super::*;
 use crate::{BufferAction, DeviceId, EpollBackend, EventFdIrq, Virtio};
 
-/// A device that panics on its first chain.
-struct Bomb;
+/// Test devices: `Bomb` panics on its first chain, `Filler` fills every chain itself (no I/O).
+enum TestDev {
+    Bomb,
+    Filler,
+}
+use TestDev::{Bomb, Filler};
 
-impl Virtio for Bomb {
+impl Virtio for TestDev {
     fn name(&self) -> &str {
-        "bomb0"
+        match self {
+            Bomb => "bomb0",
+            Filler => "filler0",
+        }
     }
     fn device_id(&self) -> DeviceId {
         DeviceId::Entropy
@@ -29,9 +36,12 @@ impl Virtio for Bomb {
     }
 }
 
-impl ChainHandler for Bomb {
+impl ChainHandler for TestDev {
     fn handle(&mut self, _q: u16, chain: &DescChain, _m: &GuestMemoryMmap) -> BufferAction {
-        panic!("boom on chain {}", chain.id());
+        match self {
+            Bomb => panic!("boom on chain {}", chain.id()),
+            Filler => BufferAction::Written(8),
+        }
     }
     fn complete(
         &mut self,
@@ -75,42 +85,6 @@ fn a_device_that_panics_needs_reset_and_its_failure_handler_hears_why() {
     // Stopping a worker whose thread is gone neither hangs nor panics.
     assert!(worker.reset().is_empty());
     worker.shutdown();
-}
-
-/// A device that fills every chain itself, without I/O.
-struct Filler;
-
-impl Virtio for Filler {
-    fn name(&self) -> &str {
-        "filler0"
-    }
-    fn device_id(&self) -> DeviceId {
-        DeviceId::Entropy
-    }
-    fn device_features(&self) -> u64 {
-        1 << VIRTIO_F_VERSION_1
-    }
-    fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![8]
-    }
-    fn config(&self) -> &[u8] {
-        &[]
-    }
-}
-
-impl ChainHandler for Filler {
-    fn handle(&mut self, _q: u16, _c: &DescChain, _m: &GuestMemoryMmap) -> BufferAction {
-        BufferAction::Written(8)
-    }
-    fn complete(
-        &mut self,
-        _q: u16,
-        _c: &DescChain,
-        _m: &GuestMemoryMmap,
-        _r: std::io::Result<usize>,
-    ) -> u32 {
-        0
-    }
 }
 
 /// A polling backend looks at the ring right after serving it, so notifications must stay

@@ -1,5 +1,13 @@
 use super::*;
 
+const KINDS: [ThreadKind; 5] = [
+    ThreadKind::Main,
+    ThreadKind::Vcpu,
+    ThreadKind::Worker,
+    ThreadKind::Input,
+    ThreadKind::Api,
+];
+
 /// Runs `f` on a new thread under `kind`'s filter, with EPERM (rather than SIGSYS) for what
 /// the filter forbids, so a test can see it.
 fn under(kind: ThreadKind, f: impl FnOnce() + Send + 'static) {
@@ -126,13 +134,7 @@ fn the_main_thread_may_build_machines_but_not_exec_trace_or_mount() {
 
 #[test]
 fn every_filter_compiles() {
-    for kind in [
-        ThreadKind::Main,
-        ThreadKind::Vcpu,
-        ThreadKind::Worker,
-        ThreadKind::Input,
-        ThreadKind::Api,
-    ] {
+    for kind in KINDS {
         for action in [SeccompAction::Trap, SeccompAction::Log] {
             assert!(!program(kind, action.clone()).unwrap().is_empty());
             let n = programs(kind, action).unwrap().len();
@@ -250,13 +252,7 @@ fn a_bucketed_filter_gives_every_syscall_the_verdict_of_the_flat_one() {
         0x5401_ae00,
         u32::MAX,
     ];
-    for kind in [
-        ThreadKind::Main,
-        ThreadKind::Vcpu,
-        ThreadKind::Worker,
-        ThreadKind::Input,
-        ThreadKind::Api,
-    ] {
+    for kind in KINDS {
         let flat = flat(kind);
         let bucketed = program(kind, SeccompAction::Trap).unwrap();
         assert_ne!(
