@@ -62,5 +62,6 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     };
     let Ok(kick) = EventFd::new(0) else { return };
     let mut aq = ActiveQueue::new(0, queue, Arc::new(kick));
-    let _ = process_queue(&mut dev, &mut aq, &mem, &mut execute_sync);
+    // Served as by a backend that sleeps next (notifications re-enabled at the end).
+    let _ = process_queue(&mut dev, &mut aq, &mem, false, &mut execute_sync);
 });
