@@ -21,6 +21,7 @@ mod fuzz;
 mod guest;
 mod net;
 mod snapshot;
+mod symbol_order;
 mod uml;
 mod vsock;
 
@@ -276,7 +277,8 @@ fn usage() -> ! {
          bench net [--secs N]  virtio-net frame rates vs a host-only process on the same tap\n  \
          bench vsock [--secs N]  virtio-vsock stream throughput vs a Unix socket pair on the host\n  \
          bench rate-limit [--secs N]  a rate-limited disk's in-guest IOPS next to its limit\n  \
-         bench startup [--no-peer]  exec -> first kit line / verdict / exit, vs upstream Alioth"
+         bench startup [--no-peer]  exec -> first kit line / verdict / exit, vs upstream Alioth\n  \
+         symbol-order [--fresh]  regenerate alioth-cli/symbol-order.txt (perf; valgrind for --fresh)"
     );
     std::process::exit(2);
 }
@@ -301,6 +303,7 @@ fn main() -> Result<()> {
         Some("conformance") => conformance::conformance(&workspace_root(), &args[1..]),
         Some("fuzz") => fuzz::fuzz(&workspace_root(), &args[1..]),
         Some("uml") => uml::uml(&workspace_root()),
+        Some("symbol-order") => symbol_order::symbol_order(&workspace_root(), &args[1..]),
         _ => usage(),
     }
 }
