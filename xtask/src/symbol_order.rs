@@ -101,7 +101,6 @@ fn segments(bin: &Path) -> Result<Vec<(u64, u64)>> {
             if p.first() != Some(&"LOAD") {
                 return None;
             }
-            let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
             Some((hex(p.get(1)?)?, hex(p.get(2)?)?))
         })
         .collect())
