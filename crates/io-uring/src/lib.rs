@@ -623,8 +623,11 @@ impl ActiveIoUring {
         // of budget waits for completions, not for its ring.
         let mut found = poller.poll(|| {
             !ring.completion().is_empty()
-                || ring.submission().taskrun()
-                || ring.submission().cq_overflow()
+                || {
+                    // Completion work the kernel holds until the worker enters it.
+                    let sq = ring.submission();
+                    sq.taskrun() || sq.cq_overflow()
+                }
                 || queues.iter().zip(paused).any(|(q, p)| {
                     !p && q.throttled.is_none() && q.queue.has_available(mem).unwrap_or(true)
                 })
